@@ -1,0 +1,108 @@
+"""The ``lorafed`` command line.
+
+Each verb parses its arguments, calls the library and prints. Input errors
+(:class:`~lorafed.errors.LorafedError`) print one message and give exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorafed.config import load_config
+from lorafed.errors import LorafedError
+
+EXIT_INPUT_ERROR = 2
+
+_OVERRIDES_HELP = (
+    "config overrides as dotted key=value pairs, values parsed as YAML, e.g. "
+    "federation.rounds=5 train.max_steps=20 model.precision=fp32 data.max_rows=2000"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every verb."""
+    parser = argparse.ArgumentParser(
+        prog="lorafed",
+        description=(
+            "Federated LoRA fine-tuning of BERT-family classifiers. Each client keeps a frozen "
+            "(8-bit by default) backbone and trains only LoRA adapters and the classifier head; "
+            "only those tensors travel, as safetensors, and the server averages them with "
+            "sample-weighted FedAvg."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'lorafed VERB --help' for the options of each verb.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run a whole federation in this process (all clients and the server)",
+        description=(
+            "Run R rounds in-process: sample clients, train each from the global adapter, write "
+            "their payloads, validate and aggregate them, and evaluate the global adapter on the "
+            "held-out test rows (round 0 is the untrained adapter). Results go to "
+            "OUTPUT_DIR/NAME/ (config.yaml, metrics.jsonl, summary.json, metrics.png, rounds/)."
+        ),
+        epilog="example: lorafed simulate --config configs/clothing_recommend.yaml federation.rounds=2",
+    )
+    sim.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    sim.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
+    sim.add_argument("--out", help="output folder (default: OUTPUT_DIR/NAME from the config)")
+    sim.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sim.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sim.set_defaults(func=_cmd_simulate)
+
+    part = sub.add_parser(
+        "partition",
+        help="show how a config deals rows to clients, without training",
+        description="Load the data of a config and print the client sizes and label histograms.",
+    )
+    part.add_argument("--config", required=True, help="YAML run config")
+    part.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
+    part.set_defaults(func=_cmd_partition)
+    return parser
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from lorafed.simulate import simulate
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(config.output_dir) / config.name
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise LorafedError(f"output folder {out} already exists; pass --overwrite or --out ELSEWHERE")
+        shutil.rmtree(out)
+    summary = simulate(config, out, progress=not args.no_progress)
+    print(f"results in {summary['output_dir']}")
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from lorafed.data import load_labeled
+    from lorafed.partition import client_table, partition
+
+    config = load_config(args.config, args.overrides)
+    pc = config.partition
+    data = load_labeled(config.data, config.seed, [pc.column] if pc.scheme == "natural" and pc.column else [])
+    for reason, count in data.dropped.items():
+        print(f"dropped {count} rows: {reason}")
+    print(client_table(partition(data, pc, config.seed), data.labels, data.label_names))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a verb and return the exit code (2 for input errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LorafedError as exc:
+        print(f"lorafed {args.verb}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

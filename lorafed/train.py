@@ -1,0 +1,106 @@
+"""Client training: from (model with the global adapter loaded, rows, settings) to an update.
+
+The caller decides where the update goes (a file, Flower, memory). A fresh AdamW runs each
+round over the trainable tensors only (LoRA and head): clients keep no optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lorafed.config import TrainConfig
+from lorafed.data import TokenizedRows
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training did.
+
+    Attributes:
+        num_examples: Training rows of the client (its FedAvg weight n_i).
+        steps: Optimizer steps taken.
+        samples: Samples processed (steps x batch, the last batch may be short).
+        mean_loss: Mean training loss over the steps.
+        seconds: Wall time of the training loop.
+    """
+
+    num_examples: int
+    steps: int
+    samples: int
+    mean_loss: float
+    seconds: float
+
+
+def planned_steps(n_rows: int, cfg: TrainConfig) -> int:
+    """Optimizer steps for a client of ``n_rows``: ``max_steps`` or epochs x ceil(n / batch)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return cfg.epochs * math.ceil(n_rows / cfg.batch_size)
+
+
+def train_local(
+    model: Any,
+    rows: TokenizedRows,
+    positions: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    desc: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the model's trainable tensors on ``rows[positions]``.
+
+    Linear warm-up over ``warmup_ratio`` of the steps, then a constant learning rate.
+
+    Args:
+        model: A peft model whose adapter holds the starting (global) weights.
+        rows: Tokenized rows.
+        positions: This client's training rows.
+        cfg: Training settings.
+        seed: Seeds batch order and dropout, so a client's round is reproducible.
+        desc: Progress-bar label.
+        progress: Show a progress bar over steps.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = planned_steps(len(positions), cfg)
+    warmup = int(total * cfg.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    torch.manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    samples = 0
+    epoch = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc=desc or "train", unit="step", leave=False, disable=not progress)
+    while len(losses) < total:
+        for batch in rows.batches(positions, cfg.batch_size, shuffle_seed=seed * 1000 + epoch):
+            out = model(**batch)
+            out.loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(out.loss.detach()))
+            samples += int(batch["labels"].shape[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if len(losses) >= total:
+                break
+        epoch += 1
+    bar.close()
+    model.eval()
+    return TrainResult(
+        num_examples=len(positions),
+        steps=len(losses),
+        samples=samples,
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        seconds=time.perf_counter() - start,
+    )

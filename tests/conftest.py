@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random BERT, a synthetic labelled table, and configs around them.
+
+The tiny model (hidden 32, 2 layers) uses the packaged MiniLM tokenizer, so real text works;
+with it most tests run in well under a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+
+from lorafed.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CLOTHING_CSV = SHARED_DATA / "womens-clothing-reviews" / "womens_clothing_ecommerce_reviews.csv"
+INTENTS_CSV = SHARED_DATA / "bitext-retail-intents" / "bitext_customer_service_intents.csv"
+
+_WORDS = {
+    "good": ["love", "great", "perfect", "beautiful", "comfortable", "soft", "flattering"],
+    "bad": ["awful", "cheap", "returned", "itchy", "tight", "ripped", "disappointed"],
+    "meh": ["okay", "fine", "average", "plain", "ordinary", "decent", "alright"],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random BertModel (hidden 32, 2 layers) saved with the packaged tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorafed.config import PACKAGED_BACKBONE
+    from lorafed.model import resolve_backbone
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_backbone(PACKAGED_BACKBONE))
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(1234)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_synthetic_csv(path: Path, n: int = 240, seed: int = 0, with_group: bool = True) -> Path:
+    """Three-class reviews whose label is signalled by keywords, with a 'shop' group column."""
+    rng = random.Random(seed)
+    labels = list(_WORDS)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["review", "title", "label", "shop"] if with_group else ["review", "title", "label"])
+        for i in range(n):
+            lab = labels[i % 3]
+            words = rng.sample(_WORDS[lab], 3) + rng.sample(["dress", "top", "size", "color", "fabric"], 2)
+            rng.shuffle(words)
+            row = [" ".join(words), f"title {i}", lab]
+            if with_group:
+                row.append(["north", "south", "east"][rng.randrange(3)])
+            w.writerow(row)
+    return path
+
+
+@pytest.fixture
+def synthetic_csv(tmp_path: Path) -> Path:
+    """A 240-row synthetic CSV (columns review, title, label, shop)."""
+    return write_synthetic_csv(tmp_path / "reviews.csv")
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_model_dir: Path, synthetic_csv: Path):
+    """Factory of tiny RunConfigs on the synthetic CSV and the tiny model, with overrides."""
+
+    def make(*overrides: str) -> RunConfig:
+        base = [
+            f"data.path={synthetic_csv}",
+            "data.text_column=review",
+            "data.label_column=label",
+            "data.max_rows=null",
+            f"model.name_or_path={tiny_model_dir}",
+            "model.precision=fp32",
+            f"output_dir={tmp_path / 'results'}",
+            "train.num_threads=1",
+        ]
+        return load_config(ROOT / "configs" / "tiny.yaml", [*base, *overrides])
+
+    return make
+
+
+def require_shared_data() -> None:
+    """Skip when ../shared/data is absent (it is present on every machine of this project and in CI)."""
+    if not CLOTHING_CSV.is_file() or not INTENTS_CSV.is_file():
+        pytest.skip(f"real data not found under {SHARED_DATA}")
