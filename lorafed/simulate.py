@@ -259,7 +259,8 @@ def _metrics_row(
 
 def format_final_table(rows: list[dict[str, Any]]) -> str:
     """A text table of the rounds' global metrics."""
-    head = f"{'round':>5}  {'clients':>7}  {'test loss':>9}  {'accuracy':>8}  {'macro-F1':>8}  {'KB up':>8}  {'seconds':>7}"
+    cols = ("round", "clients", "test loss", "accuracy", "macro-F1", "KB up", "seconds")
+    head = "  ".join(f"{c:>{w}}" for c, w in zip(cols, (5, 7, 9, 8, 8, 8, 7), strict=True))
     lines = [head, "-" * len(head)]
     for row in rows:
         secs = sum(row["seconds"].values())
