@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--config", required=True, help="YAML run config")
     part.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     part.set_defaults(func=_cmd_partition)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="show a payload's header and tensors; with --config, check it fits that federation",
+        description=(
+            "Print a payload's lorafed header (base fingerprint, LoRA config, labels, num_examples, round, "
+            "client) and its tensors. With --config, also load that config's base model and labels and "
+            "validate the payload against them, as the server would (exit code 2 if it would be refused)."
+        ),
+    )
+    insp.add_argument("payload", help="a .safetensors payload file")
+    insp.add_argument("--config", help="YAML run config whose federation the payload should fit")
+    insp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
+    insp.set_defaults(func=_cmd_inspect)
     return parser
 
 
@@ -94,10 +108,48 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from lorafed.payload import load_payload
+
+    payload = load_payload(args.payload)
+    m = payload.meta
+    print(f"{args.payload}: {m.kind} payload, format v{m.format_version}")
+    for key in ("client_id", "round", "num_examples", "dtype", "base_fingerprint"):
+        print(f"  {key:<16} {getattr(m, key)}")
+    print(f"  {'lora':<16} {m.lora}")
+    print(f"  {'labels':<16} {len(m.labels)}: {', '.join(m.labels[:10])}{' ...' if len(m.labels) > 10 else ''}")
+    total = sum(t.numel() for t in payload.tensors.values())
+    print(f"  tensors          {len(payload.tensors)} ({total:,} values)")
+    if args.config:
+        from lorafed.adapter import adapter_spec, get_adapter_state
+        from lorafed.data import load_labeled
+        from lorafed.model import load_client_model, lora_config_dict
+        from lorafed.validate import UpdateSpec, validate_update
+
+        config = load_config(args.config, args.overrides)
+        labels = config.data.labels or load_labeled(config.data, config.seed).label_names
+        client = load_client_model(config.model, labels, config.seed)
+        spec = UpdateSpec(
+            base_fingerprint=client.fingerprint,
+            lora=lora_config_dict(config.model.lora),
+            labels=tuple(labels),
+            tensors=adapter_spec(get_adapter_state(client.model)),
+        )
+        validate_update(payload, spec, args.payload)
+        print(f"valid for {args.config}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a verb and return the exit code (2 for input errors)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may follow options (argparse stops filling a positional list at them).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except LorafedError as exc:

@@ -212,8 +212,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             parsed = value
         _set_dotted(raw, key.strip().split("."), parsed)
     config = _build(RunConfig, raw, "", problems)
-    if not problems:
-        problems.extend(_check_ranges(config))
+    problems.extend(_check_ranges(config))
     if problems:
         raise ConfigError(problems, source)
     return config
@@ -251,6 +250,10 @@ def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+#: Returned by _coerce for a value it rejected; the field then keeps its default.
+_INVALID = object()
+
+
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     """Instantiate dataclass ``cls`` from a mapping, appending problems instead of raising."""
     where = prefix.rstrip(".") or "top level"
@@ -264,12 +267,14 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else f" (known: {', '.join(names)})"
             problems.append(f"unknown key {prefix}{key}{hint}")
     kwargs: dict[str, Any] = {}
     for name in names:
         if name in raw:
-            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", problems)
+            value = _coerce(hints[name], raw[name], f"{prefix}{name}", problems)
+            if value is not _INVALID:
+                kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - only if a coercion returned junk
@@ -290,33 +295,40 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     if origin is Literal:
         if value not in args:
             problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-            return args[0]
+            return _INVALID
         return value
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
             problems.append(f"{key}: expected a list, got {value!r}")
-            return ()
-        return tuple(_coerce(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+            return _INVALID
+        items = tuple(_coerce(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+        return _INVALID if _INVALID in items else items
     if tp is bool:
         if not isinstance(value, bool):
             problems.append(f"{key}: expected true or false, got {value!r}")
-        return bool(value)
+            return _INVALID
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{key}: expected an integer, got {value!r}")
-            return 0
+            return _INVALID
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {value!r}")
-            return 0.0
+            return _INVALID
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             problems.append(f"{key}: expected a string, got {value!r}")
-            return ""
+            return _INVALID
         return str(value)
     return value  # pragma: no cover - every annotation above is handled
 

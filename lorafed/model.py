@@ -134,7 +134,12 @@ def lora_config_dict(lora: LoraSettings) -> dict[str, Any]:
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
     """Hide the per-load report and known deprecation noise, for this block only."""
-    names = ["transformers.modeling_utils", "transformers.utils.loading_report", "bitsandbytes"]
+    names = [
+        "transformers.modeling_utils",
+        "transformers.utils.loading_report",
+        "transformers.distributed.tensor_parallel",
+        "bitsandbytes",
+    ]
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
