@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorafed import cli_download
 from lorafed.config import load_config
 from lorafed.errors import LorafedError
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--config", help="YAML run config whose federation the payload should fit")
     insp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     insp.set_defaults(func=_cmd_inspect)
+    cli_download.add_parser(sub)
     return parser
 
 

@@ -34,7 +34,7 @@ CHUNK_BYTES = 1 << 16
 DEFAULT_TIMEOUT_S = 60.0
 # Both sources are under 10 MB; a server sending 50x that is not the source we pinned.
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-USER_AGENT = "lorafed-download/0.1 (+https://github.com/)"
+USER_AGENT = "lorafed-download/0.1 (python urllib)"
 
 
 class DatasetError(LorafedError):
@@ -308,8 +308,8 @@ def _temp_path(folder: Path, name: str) -> Iterator[Path]:
 def _stream(url: str, dest: Path, *, desc: str, progress: bool, timeout: float, max_bytes: int) -> str:
     """Stream ``url`` into ``dest`` (fsynced) and return its sha256."""
     digest = hashlib.sha256()
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as fh:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
