@@ -231,26 +231,36 @@ def fetch(
     if final.is_file() and sha256_file(final) == source.sha256:
         return final
     src_url = url or source.url
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with _temp_path(folder, source.filename) as fetched:
-        got = _stream(src_url, fetched, desc=source.name, progress=progress, timeout=timeout, max_bytes=max_bytes)
-        if source.archive_member is not None:
-            with _temp_path(folder, source.filename) as member:
-                stage = f"zip member {_extract_member(fetched, source.archive_member, member, src_url, max_bytes)!r}"
-                _check(source, stage, source.sha256, sha256_file(member), src_url)
-                os.replace(member, final)
-            return final
-        if source.cleaning is not None:
-            _check(source, "download", source.raw_sha256 or got, got, src_url)
-            cleaned = clean_csv(fetched.read_bytes(), source.cleaning, source=src_url)
-            _check(source, "cleaned", source.sha256, hashlib.sha256(cleaned).hexdigest(), src_url)
-            if source.raw_filename:
-                os.replace(fetched, folder / source.raw_filename)
-            atomic_write_bytes(final, cleaned)
-            return final
-        _check(source, "download", source.sha256, got, src_url)
-        os.replace(fetched, final)
+    try:
+        with _temp_path(folder, source.filename) as fetched:
+            got = _stream(src_url, fetched, desc=source.name, progress=progress, timeout=timeout, max_bytes=max_bytes)
+            _place(source, fetched, got, final, src_url, max_bytes)
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # leave no empty folder behind a failed first download
+        raise
     return final
+
+
+def _place(source: DatasetSource, fetched: Path, got: str, final: Path, url: str, max_bytes: int) -> None:
+    """Extract, clean and verify the downloaded ``fetched`` (sha256 ``got``), then rename it to ``final``."""
+    if source.archive_member is not None:
+        with _temp_path(final.parent, final.name) as member:
+            name = _extract_member(fetched, source.archive_member, member, url, max_bytes)
+            _check(source, f"zip member {name!r}", source.sha256, sha256_file(member), url)
+            os.replace(member, final)
+    elif source.cleaning is not None:
+        _check(source, "download", source.raw_sha256 or got, got, url)
+        cleaned = clean_csv(fetched.read_bytes(), source.cleaning, source=url)
+        _check(source, "cleaned", source.sha256, hashlib.sha256(cleaned).hexdigest(), url)
+        if source.raw_filename:
+            os.replace(fetched, final.parent / source.raw_filename)
+        atomic_write_bytes(final, cleaned)
+    else:
+        _check(source, "download", source.sha256, got, url)
+        os.replace(fetched, final)
 
 
 def clean_csv(raw: bytes, cleaning: CsvCleaning, source: str = "<csv>") -> bytes:

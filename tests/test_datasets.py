@@ -139,8 +139,8 @@ def test_file_url_download(tmp_path: Path) -> None:
 def test_http_404_is_a_download_error(http_root: tuple[Path, str], tmp_path: Path) -> None:
     _, base = http_root
     with pytest.raises(DownloadError, match=r"missing\.csv: HTTP 404"):
-        fetch(_source(PAYLOAD), tmp_path, f"{base}/missing.csv", progress=False, timeout=5)
-    assert _leftovers(tmp_path) == []
+        fetch(_source(PAYLOAD), tmp_path / "data", f"{base}/missing.csv", progress=False, timeout=5)
+    assert list((tmp_path / "data").iterdir()) == []  # not even the empty data set folder
 
 
 def test_silent_server_times_out(tmp_path: Path) -> None:
