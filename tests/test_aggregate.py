@@ -25,7 +25,10 @@ def test_fedavg_matches_numpy_average_with_unequal_weights() -> None:
 
 def test_half_precision_inputs_are_accumulated_in_fp32() -> None:
     # 2049 in fp16 is not representable; an fp16 accumulator would lose the +1 steps.
-    ups = [({"w": torch.tensor([2048.0], dtype=torch.float16)}, 1.0), ({"w": torch.tensor([1.0], dtype=torch.float16)}, 1.0)]
+    ups = [
+        ({"w": torch.tensor([2048.0], dtype=torch.float16)}, 1.0),
+        ({"w": torch.tensor([1.0], dtype=torch.float16)}, 1.0),
+    ]
     assert fedavg(ups)["w"].item() == pytest.approx(1024.5)
 
 

@@ -36,7 +36,10 @@ def _run(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def test_missing_column(capsys, synthetic_csv: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    code, err = _run(capsys, ["simulate", "--config", TINY, *_base(synthetic_csv, tiny_model_dir, tmp_path), "data.label_column=stars"])
+    code, err = _run(
+        capsys,
+        ["simulate", "--config", TINY, *_base(synthetic_csv, tiny_model_dir, tmp_path), "data.label_column=stars"],
+    )
     assert code == 2
     assert "reviews.csv, column 'stars': column not found; the file has: review, title, label, shop" in err
 
@@ -65,9 +68,21 @@ def test_one_class_label_column(capsys, tiny_model_dir: Path, tmp_path: Path) ->
 def test_bad_config_lists_every_problem(capsys, synthetic_csv: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     code, err = _run(
         capsys,
-        ["simulate", "--config", TINY, *_base(synthetic_csv, tiny_model_dir, tmp_path), "federation.rounds=-1", "train.lr=1"],
+        [
+            "simulate",
+            "--config",
+            TINY,
+            *_base(synthetic_csv, tiny_model_dir, tmp_path),
+            "federation.rounds=-1",
+            "train.lr=1",
+        ],
     )
-    assert code == 2 and "2 problem(s)" in err and "federation.rounds: must be >= 0" in err and "unknown key train.lr" in err
+    assert (
+        code == 2
+        and "2 problem(s)" in err
+        and "federation.rounds: must be >= 0" in err
+        and "unknown key train.lr" in err
+    )
 
 
 def test_payload_from_another_base_model(capsys, synthetic_csv: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -77,7 +92,22 @@ def test_payload_from_another_base_model(capsys, synthetic_csv: Path, tiny_model
     from safetensors.torch import load_file, save_file
 
     base = _base(synthetic_csv, tiny_model_dir, tmp_path)
-    assert main(["simulate", "--config", TINY, *base, "federation.rounds=1", "train.max_steps=1", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--config",
+                TINY,
+                *base,
+                "federation.rounds=1",
+                "train.max_steps=1",
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     other = tmp_path / "other-base"
     shutil.copytree(tiny_model_dir, other)
     w = load_file(other / "model.safetensors")
@@ -95,10 +125,15 @@ def test_console_entry_exits_2_and_help_teaches(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     missing = subprocess.run(
         [sys.executable, "-m", "lorafed", "simulate", "--config", str(tmp_path / "none.yaml")],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert missing.returncode == 2 and "config file not found" in missing.stderr
-    helped = subprocess.run([sys.executable, "-m", "lorafed", "simulate", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    helped = subprocess.run(
+        [sys.executable, "-m", "lorafed", "simulate", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert helped.returncode == 0 and "federation.rounds=5" in helped.stdout and "round 0" in helped.stdout
 
 

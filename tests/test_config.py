@@ -22,8 +22,13 @@ def test_shipped_configs_load(name: str) -> None:
 def test_overrides_are_parsed_as_yaml() -> None:
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
-        ["federation.rounds=7", "train.learning_rate=1e-4", "model.lora.target_modules=[query,key,value]",
-         "data.max_rows=null", "data.labels=[a, b]"],
+        [
+            "federation.rounds=7",
+            "train.learning_rate=1e-4",
+            "model.lora.target_modules=[query,key,value]",
+            "data.max_rows=null",
+            "data.labels=[a, b]",
+        ],
     )
     assert cfg.federation.rounds == 7
     assert cfg.train.learning_rate == pytest.approx(1e-4)

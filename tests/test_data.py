@@ -33,9 +33,9 @@ def test_csv_jsonl_parquet_give_the_same_rows(tmp_path: Path, synthetic_csv: Pat
 
 def test_missing_rows_are_dropped_and_counted_or_raise(tmp_path: Path) -> None:
     p = tmp_path / "m.csv"
-    pd.DataFrame(
-        {"review": ["fine", None, "  ", "good", "bad"], "label": ["a", "b", "a", None, "b"]}
-    ).to_csv(p, index=False)
+    pd.DataFrame({"review": ["fine", None, "  ", "good", "bad"], "label": ["a", "b", "a", None, "b"]}).to_csv(
+        p, index=False
+    )
     data = load_labeled(_cfg(p), seed=0)
     assert data.texts == ["fine", "bad"]
     assert data.dropped == {"empty or missing text in 'review'": 2, "missing label in 'label'": 1}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import INTENTS_CSV, ROOT, require_shared_data
+
 from lorafed.config import load_config
 from lorafed.simulate import simulate
 
