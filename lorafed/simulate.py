@@ -8,6 +8,7 @@ adapter. The payloads are real files, the same bytes a remote client would send.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -201,7 +202,8 @@ def simulate(
     fed = prepare_federation(config, log)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    run_client = client_fn(train_client) if client_fn is not None else train_client
+    base_client: ClientFn = functools.partial(train_client, progress=progress)
+    run_client = client_fn(base_client) if client_fn is not None else base_client
     t0 = time.perf_counter()
     if resume:
         rows, state = resume_point(fed, out, log)
