@@ -47,9 +47,7 @@ def scale_update(clients: Collection[str], factor: float, rounds: Collection[int
     return wrap
 
 
-def fail_clients(
-    clients: Collection[str], rounds: Collection[int] | None = None, times: int | None = None
-) -> Wrapper:
+def fail_clients(clients: Collection[str], rounds: Collection[int] | None = None, times: int | None = None) -> Wrapper:
     """The chosen clients raise ``RuntimeError`` instead of training.
 
     Args:

@@ -83,7 +83,7 @@ def test_missing_tensor(tmp_path: Path) -> None:
     name = sorted(t)[0]
     del t[name]
     msg = reject(tmp_path, "cmiss", t)
-    assert f"client 'cmiss'" in msg and f"tensor {name}: expected present, received missing" in msg
+    assert "client 'cmiss'" in msg and f"tensor {name}: expected present, received missing" in msg
 
 
 def test_extra_tensor(tmp_path: Path) -> None:
@@ -245,8 +245,9 @@ def test_duplicate_client_in_one_round(tmp_path: Path) -> None:
     assert [m.client_id for _, m in outcome.accepted] == ["solo"]
     reasons = dict(outcome.rejected)
     for p in (a, b):
-        assert "client 'twin'" in reasons[str(p)] and "client_id: expected one update per round, received 2" in (
-            reasons[str(p)]
+        assert (
+            "client 'twin'" in reasons[str(p)]
+            and "client_id: expected one update per round, received 2" in (reasons[str(p)])
         )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_synthetic_csv
 from scipy.stats import trim_mean
 
 from lorafed.adapter import adapter_spec
@@ -17,8 +18,6 @@ from lorafed.robust import clip_update, coordinate_median, delta_norm, trimmed_m
 from lorafed.server import aggregate_files
 from lorafed.simulate import read_metrics, simulate
 from lorafed.validate import UpdateSpec
-
-from conftest import write_synthetic_csv
 
 
 def states(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
