@@ -60,7 +60,7 @@ def main() -> None:
     runs = []
     for attack, factor in ATTACKS.items():
         for defence, overrides in defences(args.clip).items():
-            cfg = load_config(config_path, [*base, *overrides, "train.num_threads=0"])
+            cfg = load_config(config_path, [*base, *overrides, "train.num_threads=1"])
             fn = scale_update(["client0"], factor) if factor is not None else None
             t = time.perf_counter()
             summary = simulate(cfg, work / f"{len(runs)}", progress=False, log=lambda _: None, client_fn=fn)
