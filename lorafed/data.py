@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,16 +61,19 @@ class LabeledData:
         return len(self.texts)
 
 
-def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> pd.DataFrame:
+def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8", bad_lines: str = "error") -> pd.DataFrame:
     """Read a CSV, JSONL or Parquet file into a DataFrame of strings and numbers.
 
     Args:
         path: The file.
         fmt: ``auto`` (from the extension), ``csv``, ``jsonl`` or ``parquet``.
         encoding: Text encoding for CSV and JSONL.
+        bad_lines: CSV lines with the wrong number of fields: ``error`` or ``skip``. Skipped
+            line numbers (1-based, header included) are in ``frame.attrs["skipped_lines"]``.
 
     Raises:
-        DataError: Missing file, unknown type, empty file, undecodable text, malformed rows.
+        DataError: Missing file, unknown type, empty file, undecodable text (naming the line),
+            malformed rows (naming the line).
     """
     p = Path(path)
     if not p.is_file():
@@ -86,23 +91,62 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> 
         raise DataError("file is empty", path=str(p))
     try:
         if kind == "csv":
-            sep = "\t" if p.suffix.lower() == ".tsv" else ","
-            return pd.read_csv(p, sep=sep, encoding=encoding, dtype=str, keep_default_na=True)
+            return _read_csv(p, "\t" if p.suffix.lower() == ".tsv" else ",", encoding, bad_lines)
         if kind == "jsonl":
             return _read_jsonl(p, encoding)
         return pd.read_parquet(p)
     except DataError:
         raise
     except UnicodeDecodeError as exc:
+        line = _first_undecodable_line(p, encoding)
+        where = f"at line {line}" if line is not None else f"near byte {exc.start}"
         raise DataError(
-            f"not valid {encoding} text near byte {exc.start}; set data.encoding (e.g. latin-1)", path=str(p)
+            f"not valid {encoding} text {where} ({exc.reason}); set data.encoding (e.g. latin-1)", path=str(p)
         ) from exc
+    except LookupError as exc:
+        raise DataError(f"unknown text encoding {encoding!r} (data.encoding)", path=str(p)) from exc
     except pd.errors.EmptyDataError as exc:
         raise DataError("file has no header or rows", path=str(p)) from exc
     except pd.errors.ParserError as exc:
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if m:
+            raise DataError(
+                f"malformed CSV at line {m.group(2)}: expected {m.group(1)} fields, saw {m.group(3)} "
+                "(quote fields that hold the separator, or set data.bad_lines: skip)",
+                path=str(p),
+            ) from exc
         raise DataError(f"malformed CSV: {exc}".strip(), path=str(p)) from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read as {kind}: {exc}", path=str(p)) from exc
+
+
+def _read_csv(p: Path, sep: str, encoding: str, bad_lines: str) -> pd.DataFrame:
+    if bad_lines == "error":
+        return pd.read_csv(p, sep=sep, encoding=encoding, dtype=str, keep_default_na=True)
+    # pandas reports skipped lines as one ParserWarning; record it here (this call only) to count them.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        frame = pd.read_csv(p, sep=sep, encoding=encoding, dtype=str, keep_default_na=True, on_bad_lines="warn")
+    skipped = [int(n) for w in caught for n in re.findall(r"Skipping line (\d+)", str(w.message))]
+    for w in caught:
+        if not issubclass(w.category, pd.errors.ParserWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    frame.attrs["skipped_lines"] = skipped
+    return frame
+
+
+def _first_undecodable_line(p: Path, encoding: str) -> int | None:
+    """1-based number of the first line that does not decode (None if lines cannot be told apart)."""
+    try:
+        with open(p, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    raw.decode(encoding)
+                except UnicodeDecodeError:
+                    return lineno
+    except (OSError, LookupError):
+        return None
+    return None
 
 
 def _read_jsonl(p: Path, encoding: str) -> pd.DataFrame:
@@ -135,7 +179,7 @@ def load_labeled(cfg: DataConfig, seed: int, extra_columns: Sequence[str] = ()) 
         DataError: For a missing column, rows with missing values under ``missing: error``,
             labels outside ``cfg.labels`` under ``missing: error``, no rows left, or one class.
     """
-    frame = read_table(cfg.path, cfg.format, cfg.encoding)
+    frame = read_table(cfg.path, cfg.format, cfg.encoding, cfg.bad_lines)
     path = str(cfg.path)
     wanted = [
         cfg.text_column,
@@ -151,13 +195,32 @@ def load_labeled(cfg: DataConfig, seed: int, extra_columns: Sequence[str] = ()) 
     texts = _as_text(frame[cfg.text_column])
     labels = [_label_str(v) for v in frame[cfg.label_column].tolist()]
     rows = np.arange(1, len(frame) + 1)
-    bad_text = np.array([t is None for t in texts])
-    bad_label = np.array([lab is None for lab in labels])
+    bad_text = np.array([t is None for t in texts], dtype=bool)
+    bad_label = np.array([lab is None for lab in labels], dtype=bool)
     dropped: dict[str, int] = {}
-    for mask, col, what in (
+    if frame.attrs.get("skipped_lines"):
+        lines = frame.attrs["skipped_lines"]
+        shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+        dropped[f"malformed CSV lines ({shown})"] = len(lines)
+    limit = cfg.max_chars_per_field
+    checks = [
         (bad_text, cfg.text_column, "empty or missing text"),
         (bad_label, cfg.label_column, "missing label"),
-    ):
+        (
+            np.array([t is not None and len(t) > limit for t in texts], dtype=bool),
+            cfg.text_column,
+            f"text over {limit} characters",
+        ),
+        (
+            np.array([x is not None and len(x) > limit for x in labels], dtype=bool),
+            cfg.label_column,
+            f"label over {limit} characters",
+        ),
+    ]
+    if cfg.text_pair_column:
+        pair_len = [p is not None and len(p) > limit for p in _as_text(frame[cfg.text_pair_column])]
+        checks.append((np.array(pair_len, dtype=bool), cfg.text_pair_column, f"text over {limit} characters"))
+    for mask, col, what in checks:
         if mask.any():
             if cfg.missing == "error":
                 first = int(rows[mask][0])
@@ -168,7 +231,7 @@ def load_labeled(cfg: DataConfig, seed: int, extra_columns: Sequence[str] = ()) 
                     field=col,
                 )
             dropped[f"{what} in {col!r}"] = int(mask.sum())
-    keep = ~(bad_text | bad_label)
+    keep = ~np.logical_or.reduce([mask for mask, _, _ in checks])
     if cfg.labels is not None:
         allowed = set(cfg.labels)
         unknown = np.array([lab is not None and lab not in allowed for lab in labels])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write one JSON line per record, atomically (the whole file is replaced)."""
+    return atomic_write_text(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in records))
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it, so a finished round is never lost."""
+    """Append one JSON line by rewriting the file atomically, so a kill never leaves a torn line.
+
+    The file is re-read on each call: fine for logs of rounds (hundreds of short lines).
+    """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    old = dest.read_bytes() if dest.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    atomic_write_bytes(dest, old + (json.dumps(record, sort_keys=False) + "\n").encode("utf-8"))

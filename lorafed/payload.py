@@ -83,12 +83,13 @@ def save_payload(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Pa
     return atomic_write_bytes(path, payload_to_bytes(tensors, meta))
 
 
-def load_payload(path: str | Path, max_bytes: int | None = None) -> Payload:
+def load_payload(path: str | Path, max_bytes: int | None = None, max_header_bytes: int = MAX_HEADER_BYTES) -> Payload:
     """Read and parse a payload file.
 
     Args:
         path: The ``.safetensors`` file.
         max_bytes: Refuse files larger than this.
+        max_header_bytes: Refuse a safetensors header larger than this, before parsing it.
 
     Raises:
         PayloadError: Missing, truncated, not safetensors (pickle, zip), oversized or corrupted
@@ -100,25 +101,33 @@ def load_payload(path: str | Path, max_bytes: int | None = None) -> Payload:
     size = p.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise PayloadError(f"file is {size} bytes, above the limit of {max_bytes}", path=str(p))
-    return payload_from_bytes(p.read_bytes(), source=str(p))
+    return payload_from_bytes(p.read_bytes(), source=str(p), max_header_bytes=max_header_bytes)
 
 
-def payload_from_bytes(data: bytes, source: str = "<bytes>") -> Payload:
+def payload_from_bytes(data: bytes, source: str = "<bytes>", max_header_bytes: int = MAX_HEADER_BYTES) -> Payload:
     """Parse payload bytes (see :func:`load_payload`)."""
-    _check_container(data, source)
+    header = _check_container(data, source, max_header_bytes)
+    meta = _parse_meta(_meta_string(header, source), source)
     try:
         tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
         raise PayloadError(f"corrupted safetensors data: {exc}", path=source) from exc
-    header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
-    meta_raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    return Payload(tensors, meta)
+
+
+def _meta_string(header: dict[str, Any], source: str) -> str:
+    """The lorafed JSON string in a safetensors header's ``__metadata__``."""
+    extra = header.get("__metadata__")
+    meta_raw = extra.get(_META_KEY) if isinstance(extra, dict) else None
     if meta_raw is None:
         raise PayloadError("a safetensors file, but not a lorafed payload (no 'lorafed' metadata)", path=source)
-    return Payload(tensors, _parse_meta(meta_raw, source))
+    if not isinstance(meta_raw, str):
+        raise PayloadError(f"lorafed metadata: expected a JSON string, got {type(meta_raw).__name__}", path=source)
+    return meta_raw
 
 
-def _check_container(data: bytes, source: str) -> None:
-    """Recognise non-safetensors files by their first bytes, before anything is parsed."""
+def _check_container(data: bytes, source: str, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Recognise non-safetensors files by their first bytes, before anything is parsed; return the header."""
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
         raise PayloadError("this is a Python pickle, not safetensors; refused without loading it", path=source)
     if data[:4] == b"PK\x03\x04":
@@ -128,8 +137,8 @@ def _check_container(data: bytes, source: str) -> None:
     if len(data) < 8:
         raise PayloadError(f"truncated: {len(data)} bytes, not even a safetensors header length", path=source)
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES:
-        raise PayloadError(f"header of {n} bytes exceeds the bound of {MAX_HEADER_BYTES}", path=source)
+    if n > max_header_bytes:
+        raise PayloadError(f"header of {n} bytes exceeds the bound of {max_header_bytes}", path=source)
     if 8 + n > len(data):
         raise PayloadError(f"truncated: header says {n} bytes but the file has {len(data) - 8}", path=source)
     try:
@@ -138,6 +147,7 @@ def _check_container(data: bytes, source: str) -> None:
         raise PayloadError(f"corrupted header: not JSON ({exc})", path=source) from exc
     if not isinstance(header, dict):
         raise PayloadError("corrupted header: not a JSON object", path=source)
+    return header
 
 
 def _parse_meta(raw: str, source: str) -> PayloadMeta:
@@ -168,6 +178,8 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
             )
     if not all(isinstance(x, str) for x in obj["labels"]):
         raise PayloadError("metadata field labels: expected a list of strings", path=source)
+    if not isinstance(obj.get("metrics") or {}, dict):
+        raise PayloadError(f"metadata field metrics: expected an object, got {obj['metrics']!r}", path=source)
     return PayloadMeta(
         base_fingerprint=obj["base_fingerprint"],
         lora=obj["lora"],
@@ -182,7 +194,7 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
     )
 
 
-def read_meta(path: str | Path) -> PayloadMeta:
+def read_meta(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> PayloadMeta:
     """Read only a payload's header (no tensors), e.g. to sort a round's files before loading them.
 
     Raises:
@@ -195,10 +207,6 @@ def read_meta(path: str | Path) -> PayloadMeta:
         head = fh.read(8)
         if len(head) == 8:
             (n,) = struct.unpack("<Q", head)
-            head += fh.read(min(n, MAX_HEADER_BYTES + 1))
-    _check_container(head, str(p))
-    header = json.loads(head[8:])
-    meta_raw = (header.get("__metadata__") or {}).get(_META_KEY)
-    if meta_raw is None:
-        raise PayloadError("a safetensors file, but not a lorafed payload (no 'lorafed' metadata)", path=str(p))
-    return _parse_meta(meta_raw, str(p))
+            head += fh.read(min(n, max_header_bytes + 1))
+    header = _check_container(head, str(p), max_header_bytes)
+    return _parse_meta(_meta_string(header, str(p)), str(p))

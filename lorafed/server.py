@@ -7,6 +7,7 @@ a time (plus the fp32 accumulator), so memory stays flat in the number of client
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch
 
 from lorafed.aggregate import WeightedMean
-from lorafed.config import Weighting
+from lorafed.config import Robust, Weighting
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
 from lorafed.payload import PayloadMeta, load_payload, read_meta
+from lorafed.robust import clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.validate import UpdateSpec, validate_update
 
 
@@ -29,12 +31,17 @@ class RoundOutcome:
         accepted: ``(source, header)`` of every update averaged.
         rejected: ``(source, reason)`` of every update refused; none of it was averaged.
         bytes_in: Total size of the accepted update files.
+        norms: Client id -> L2 norm of its delta from the reference (global) adapter, before
+            any clipping; empty when no reference was given.
+        clipped: Client ids whose delta was scaled down to ``clip_update_norm``.
     """
 
     state: dict[str, torch.Tensor] | None
     accepted: list[tuple[str, PayloadMeta]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     bytes_in: int = 0
+    norms: dict[str, float] = field(default_factory=dict)
+    clipped: list[str] = field(default_factory=list)
 
     @property
     def num_examples(self) -> int:
@@ -47,21 +54,42 @@ def aggregate_files(
     spec: UpdateSpec,
     weighting: Weighting = "samples",
     min_clients: int = 1,
+    *,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    clip_update_norm: float | None = None,
+    robust: Robust = "none",
+    trim_ratio: float = 0.2,
 ) -> RoundOutcome:
     """Validate and average a round's update files.
 
     A client id that appears in more than one file is refused in all of them (which one is
-    genuine cannot be told). Every other file is loaded, validated, added, and dropped.
+    genuine cannot be told). Every other file is loaded, validated, (clipped,) added, and
+    dropped, so memory stays flat, except with ``robust`` ``trimmed_mean`` or ``median``, which
+    are coordinate-wise and keep every valid update of the round in memory.
 
     Args:
         paths: The update files.
         spec: What every update must match.
-        weighting: ``samples`` (w_i = num_examples) or ``uniform`` (w_i = 1).
+        weighting: ``samples`` (w_i = num_examples) or ``uniform`` (w_i = 1); ignored by the
+            robust rules, which are unweighted.
         min_clients: Fewest valid updates for the round to produce a global adapter.
+        reference: The global adapter the clients started from; needed for ``clip_update_norm``
+            and used to record each update's delta norm.
+        clip_update_norm: Scale each delta from ``reference`` down to this L2 norm (see
+            :func:`lorafed.robust.clip_update`).
+        robust: ``none`` (weighted mean), ``trimmed_mean`` or ``median`` (coordinate-wise).
+        trim_ratio: Share cut from each end by ``trimmed_mean``.
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
+
+    Raises:
+        AggregationError: ``clip_update_norm`` without a ``reference``.
     """
+    if robust not in typing.get_args(Robust):
+        raise AggregationError(f"robust: expected one of {typing.get_args(Robust)}, got {robust!r}")
+    if clip_update_norm is not None and reference is None:
+        raise AggregationError("clip_update_norm needs the reference (global) adapter the clients started from")
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
     readable: list[str] = []
@@ -73,6 +101,7 @@ def aggregate_files(
             out.rejected.append((p, str(exc)))
     dupes = {p for files in owners.values() if len(files) > 1 for p in files}
     acc = WeightedMean()
+    kept: list[Mapping[str, torch.Tensor]] = []
     for p in readable:
         if p in dupes:
             cid = next(c for c, files in owners.items() if p in files)
@@ -90,11 +119,27 @@ def aggregate_files(
         except (PayloadError, PayloadValidationError) as exc:
             out.rejected.append((p, str(exc)))
             continue
-        acc.add(payload.tensors, update_weight(payload.meta, weighting))
+        tensors: Mapping[str, torch.Tensor] = payload.tensors
+        cid = payload.meta.client_id
+        if reference is not None:
+            out.norms[cid] = delta_norm(tensors, reference)
+            if clip_update_norm is not None:
+                tensors, norm = clip_update(tensors, reference, clip_update_norm)
+                if norm > clip_update_norm:
+                    out.clipped.append(cid)
+        if robust == "none":
+            acc.add(tensors, update_weight(payload.meta, weighting))
+        else:
+            kept.append(tensors)
         out.accepted.append((p, payload.meta))
         out.bytes_in += Path(p).stat().st_size
-    if acc.count >= min_clients:
-        out.state = acc.result()
+    if len(out.accepted) >= min_clients and out.accepted:
+        if robust == "trimmed_mean":
+            out.state = trimmed_mean(kept, trim_ratio)
+        elif robust == "median":
+            out.state = coordinate_median(kept)
+        else:  # "none", checked above
+            out.state = acc.result()
     return out
 
 

@@ -8,9 +8,11 @@ adapter. The payloads are real files, the same bytes a remote client would send.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -25,16 +27,16 @@ from tqdm.auto import tqdm
 from lorafed.adapter import adapter_spec, get_adapter_state, set_adapter_state
 from lorafed.config import RunConfig, save_config
 from lorafed.data import LabeledData, Split, TokenizedRows, load_labeled, split_indices
-from lorafed.errors import ConfigError
+from lorafed.errors import AggregationError, ConfigError, LorafedError
 from lorafed.evaluate import EvalResult, evaluate
-from lorafed.io import append_jsonl, atomic_write_json
+from lorafed.io import atomic_write_json, atomic_write_jsonl
 from lorafed.model import ClientModel, load_client_model, lora_config_dict
 from lorafed.partition import Partition, client_table, partition
-from lorafed.payload import PayloadMeta, save_payload
+from lorafed.payload import PayloadMeta, load_payload, save_payload
 from lorafed.plots import plot_rounds
-from lorafed.server import aggregate_files, require_enough
+from lorafed.server import aggregate_files
 from lorafed.train import TrainResult, train_local
-from lorafed.validate import UpdateSpec
+from lorafed.validate import UpdateSpec, validate_update
 
 Log = Callable[[str], None]
 
@@ -71,6 +73,7 @@ class Federation:
             labels=self.data.label_names,
             tensors=adapter_spec(self.initial_state),
             round=round_,
+            max_num_examples=self.config.federation.max_num_examples,
         )
 
     def meta(self, client_id: str, round_: int, num_examples: int, kind: str = "update", **metrics: Any) -> PayloadMeta:
@@ -157,69 +160,72 @@ def evaluate_state(fed: Federation, state: dict[str, torch.Tensor], positions: n
     return evaluate(fed.client.model, fed.rows, pos, fed.config.train.eval_batch_size, fed.data.label_names)
 
 
-def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log: Log = print) -> dict[str, Any]:
+ClientFn = Callable[["Federation", dict[str, torch.Tensor], int, int], tuple[dict[str, torch.Tensor], TrainResult]]
+"""A client's round: ``(fed, global_state, client_index, round) -> (adapter tensors, TrainResult)``."""
+
+
+def simulate(
+    config: RunConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    log: Log = print,
+    *,
+    resume: bool = False,
+    client_fn: Callable[[ClientFn], ClientFn] | None = None,
+) -> dict[str, Any]:
     """Run a whole federated simulation and write its results to ``out_dir``.
 
     Writes ``config.yaml``, ``metrics.jsonl`` (one line per round, round 0 included),
-    ``rounds/global_rN.safetensors`` and ``rounds/rN/<client>.safetensors``, and ``summary.json``.
+    ``rounds/global_rN.safetensors`` and ``rounds/rN/<client>.safetensors``, and ``summary.json``,
+    every one through a temporary file and a rename. A round's global adapter is written before
+    its metrics line, so a line in ``metrics.jsonl`` means the round is complete on disk.
+
+    Args:
+        config: The run config.
+        out_dir: The run folder.
+        progress: Show progress bars.
+        log: Where messages go.
+        resume: Continue the run in ``out_dir`` from its last completed round (a round that was
+            interrupted is redone from scratch). Each client's round is seeded by (seed, round,
+            client) only, so a resumed run ends with the same adapter as an uninterrupted one.
+        client_fn: Wraps the client's round (:func:`train_client`), e.g. to inject faults or
+            attacks; it receives the real one and returns the function to call instead.
 
     Returns:
         The summary (also written to ``summary.json``).
 
     Raises:
-        LorafedError: For bad config, data or a round without enough valid updates.
+        LorafedError: For bad config, data, a run folder that cannot be resumed, or a round
+            without enough valid updates after its retries.
     """
     out = Path(out_dir)
     fed = prepare_federation(config, log)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    fcfg = config.federation
-    state = fed.initial_state
+    base_client: ClientFn = functools.partial(train_client, progress=progress)
+    run_client = client_fn(base_client) if client_fn is not None else base_client
     t0 = time.perf_counter()
-    first = evaluate_state(fed, state)
-    g_path = save_payload(out / "rounds" / "global_r0.safetensors", state, fed.meta("server", 0, 1, kind="global"))
-    rows = [_metrics_row(0, first, [], 0, 0, {"eval": time.perf_counter() - t0})]
-    append_jsonl(metrics_path, rows[-1])
-    log(f"round 0 (untrained): accuracy {first.accuracy:.4f}  macro-F1 {first.macro_f1:.4f}")
-    last = first
-    for r in tqdm(range(1, fcfg.rounds + 1), desc="rounds", unit="round", disable=not progress):
-        times: dict[str, float] = {}
-        t = time.perf_counter()
-        chosen = sample_clients(len(fed.partition.client_ids), fcfg.fraction, fcfg.min_clients, config.seed, r)
-        bytes_down = g_path.stat().st_size * len(chosen)
-        update_dir = out / "rounds" / f"r{r}"
-        if update_dir.exists():
-            shutil.rmtree(update_dir)
-        paths, losses = [], []
-        for k in chosen:
-            tensors, res = train_client(fed, state, k, r, progress)
-            cid = fed.partition.client_ids[k]
-            meta = fed.meta(cid, r, res.num_examples, loss=res.mean_loss, steps=res.steps, seconds=res.seconds)
-            paths.append(save_payload(update_dir / f"{cid}.safetensors", tensors, meta))
-            losses.append((res.mean_loss, res.num_examples))
-        times["train"] = time.perf_counter() - t
-        t = time.perf_counter()
-        outcome = aggregate_files(paths, fed.spec(r), fcfg.weighting, fcfg.min_clients)
-        for src, reason in outcome.rejected:
-            log(f"round {r}: rejected {src}: {reason}")
-        state = dict(require_enough(outcome, fcfg.min_clients, r))
-        g_path = save_payload(
-            out / "rounds" / f"global_r{r}.safetensors",
-            state,
-            fed.meta("server", r, outcome.num_examples, kind="global"),
-        )
-        times["aggregate"] = time.perf_counter() - t
-        t = time.perf_counter()
-        last = evaluate_state(fed, state)
-        times["eval"] = time.perf_counter() - t
-        train_loss = sum(loss * n for loss, n in losses) / max(sum(n for _, n in losses), 1)
-        row = _metrics_row(r, last, [m.client_id for _, m in outcome.accepted], outcome.bytes_in, bytes_down, times)
-        row["train_loss"] = train_loss
-        row["rejected"] = [reason for _, reason in outcome.rejected]
+    if resume:
+        rows, state = resume_point(fed, out, log)
+    else:
+        rows, state = [], fed.initial_state
+        _clear_run(out)
+    if not rows:
+        first = evaluate_state(fed, state)
+        save_payload(_global_path(out, 0), state, fed.meta("server", 0, 1, kind="global"))
+        rows.append(_metrics_row(0, first, [], 0, 0, {"eval": time.perf_counter() - t0}))
+        atomic_write_jsonl(out / "metrics.jsonl", rows)
+        log(f"round 0 (untrained): accuracy {first.accuracy:.4f}  macro-F1 {first.macro_f1:.4f}")
+    start = rows[-1]["round"] + 1
+    last: EvalResult | None = None
+    fcfg = config.federation
+    for r in tqdm(range(start, fcfg.rounds + 1), desc="rounds", unit="round", disable=not progress):
+        state, last, row = run_round(fed, state, r, out, run_client, progress, log)
         rows.append(row)
-        append_jsonl(metrics_path, row)
+        atomic_write_jsonl(out / "metrics.jsonl", rows)
+    if last is None:  # nothing left to run (resumed a finished run, or rounds=0): score the state held
+        last = evaluate_state(fed, state)
+    g_path = _global_path(out, rows[-1]["round"])
     summary = {
         "run": config.name,
         "output_dir": str(out),
@@ -228,18 +234,197 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
         "labels": list(fed.data.label_names),
         "clients": dict(zip(fed.partition.client_ids, fed.partition.sizes(), strict=True)),
         "test_rows": len(fed.test_positions),
-        "round0": first.summary(),
+        "round0": {"loss": rows[0]["test_loss"], "accuracy": rows[0]["accuracy"], "macro_f1": rows[0]["macro_f1"]},
         "final": last.summary(),
-        "final_round": fcfg.rounds,
+        "final_round": rows[-1]["round"],
         "per_class": last.per_class,
         "confusion": last.confusion,
         "adapter_bytes": int(g_path.stat().st_size),
         "wall_seconds": time.perf_counter() - t0,
+        "resumed": resume,
     }
     atomic_write_json(out / "summary.json", summary)
     plot_rounds(rows, out / "metrics.png")
     log(format_final_table(rows))
     return summary
+
+
+def run_round(
+    fed: Federation,
+    state: dict[str, torch.Tensor],
+    r: int,
+    out: Path,
+    run_client: ClientFn,
+    progress: bool = True,
+    log: Log = print,
+) -> tuple[dict[str, torch.Tensor], EvalResult, dict[str, Any]]:
+    """One round: sampled clients train, the server validates and aggregates, the result is scored.
+
+    Clients that raise or exceed ``federation.client_timeout_s`` are recorded in the row's
+    ``failed`` list and nothing of theirs is averaged. With fewer than ``min_clients`` valid
+    updates the round is retried (same clients, same seeds) up to ``federation.round_retries``
+    times, then abandoned.
+
+    Returns:
+        The new global state, its evaluation and the ``metrics.jsonl`` row.
+
+    Raises:
+        AggregationError: Still too few valid updates after every retry.
+    """
+    fcfg = fed.config.federation
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    chosen = sample_clients(len(fed.partition.client_ids), fcfg.fraction, fcfg.min_clients, fed.config.seed, r)
+    bytes_down = _global_path(out, r - 1).stat().st_size * len(chosen)
+    failed: list[dict[str, Any]] = []
+    rejected: list[str] = []
+    attempts = fcfg.round_retries + 1
+    for attempt in range(1, attempts + 1):
+        paths, losses, failures = train_round_clients(
+            fed, state, r, chosen, out / "rounds" / f"r{r}", run_client, progress
+        )
+        failed += [{**f, "attempt": attempt} for f in failures]
+        for f in failures:
+            log(f"round {r}: client {f['client']} dropped (attempt {attempt}): {f['reason']}")
+        times["train"] = times.get("train", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        outcome = aggregate_files(
+            paths,
+            fed.spec(r),
+            fcfg.weighting,
+            fcfg.min_clients,
+            reference=state,
+            clip_update_norm=fcfg.clip_update_norm,
+            robust=fcfg.robust,
+            trim_ratio=fcfg.trim_ratio,
+        )
+        times["aggregate"] = times.get("aggregate", 0.0) + time.perf_counter() - t
+        rejected += [reason for _, reason in outcome.rejected]
+        for src, reason in outcome.rejected:
+            log(f"round {r}: rejected {src}: {reason}")
+        if outcome.state is not None:
+            break
+        if attempt < attempts:
+            log(f"round {r}: {len(outcome.accepted)} valid update(s) < min_clients={fcfg.min_clients}; retrying")
+        t = time.perf_counter()
+    if outcome.state is None:
+        dropped = "; ".join(f"{f['client']}: {f['reason']}" for f in failed) or "none"
+        raise AggregationError(
+            f"round {r} abandoned after {attempts} attempt(s): {len(outcome.accepted)} valid update(s), fewer than "
+            f"federation.min_clients={fcfg.min_clients}. Failed clients: {dropped}. Rejected updates: "
+            f"{'; '.join(rejected) or 'none'}. The run folder holds rounds 0..{r - 1}; fix the cause and resume."
+        )
+    new_state = outcome.state
+    g_path = save_payload(_global_path(out, r), new_state, fed.meta("server", r, outcome.num_examples, kind="global"))
+    t = time.perf_counter()
+    result = evaluate_state(fed, new_state)
+    times["eval"] = time.perf_counter() - t
+    accepted = {m.client_id for _, m in outcome.accepted}
+    used = [(loss, n) for cid, loss, n in losses if cid in accepted]
+    row = _metrics_row(r, result, [m.client_id for _, m in outcome.accepted], outcome.bytes_in, bytes_down, times)
+    row["train_loss"] = sum(loss * n for loss, n in used) / max(sum(n for _, n in used), 1)
+    row["rejected"] = rejected
+    row["failed"] = failed
+    row["attempts"] = attempt
+    row["update_norms"] = {k: round(v, 6) for k, v in outcome.norms.items()}
+    row["clipped"] = outcome.clipped
+    row["global_bytes"] = int(g_path.stat().st_size)
+    return new_state, result, row
+
+
+def train_round_clients(
+    fed: Federation,
+    state: dict[str, torch.Tensor],
+    r: int,
+    chosen: list[int],
+    update_dir: Path,
+    run_client: ClientFn,
+    progress: bool = True,
+) -> tuple[list[Path], list[tuple[str, float, int]], list[dict[str, Any]]]:
+    """Let each chosen client train and write its update file; record the ones that fail.
+
+    A client fails when ``run_client`` raises, or when it takes longer than
+    ``federation.client_timeout_s`` (in one process the simulator cannot pre-empt a client, so a
+    late update is discarded once it arrives, as a server would ignore it after its deadline).
+
+    Returns:
+        The update files, ``(client, mean loss, examples)`` of each success, and
+        ``{"client", "reason"}`` of each failure.
+    """
+    if update_dir.exists():
+        shutil.rmtree(update_dir)
+    timeout = fed.config.federation.client_timeout_s
+    paths: list[Path] = []
+    losses: list[tuple[str, float, int]] = []
+    failures: list[dict[str, Any]] = []
+    for k in chosen:
+        cid = fed.partition.client_ids[k]
+        t = time.perf_counter()
+        try:
+            tensors, res = run_client(fed, state, k, r)
+        except Exception as exc:  # any client fault is recorded; the round decides what follows
+            failures.append({"client": cid, "reason": f"raised {type(exc).__name__}: {exc}"})
+            continue
+        took = time.perf_counter() - t
+        if timeout is not None and took > timeout:
+            failures.append({"client": cid, "reason": f"timed out: took {took:.2f} s, over client_timeout_s={timeout}"})
+            continue
+        meta = fed.meta(cid, r, res.num_examples, loss=res.mean_loss, steps=res.steps, seconds=res.seconds)
+        paths.append(save_payload(update_dir / f"{cid}.safetensors", tensors, meta))
+        losses.append((cid, res.mean_loss, res.num_examples))
+    return paths, losses, failures
+
+
+def resume_point(fed: Federation, out: Path, log: Log = print) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """The completed rounds of the run in ``out`` and the global adapter of the last one.
+
+    ``metrics.jsonl`` is the record of completed rounds: its rows must be rounds 0, 1, ..., k,
+    and ``rounds/global_rk.safetensors`` must exist and match this federation. Files of rounds
+    after k (an interrupted round) are removed so the round is redone from scratch.
+
+    Raises:
+        LorafedError: No run to resume in ``out``, rounds out of order, or a global adapter that is
+            missing or does not match the config (another base model, LoRA config or labels).
+    """
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file():  # killed before round 0 was recorded
+        log(f"{out}: no round completed yet; starting from round 0")
+        _clear_run(out)
+        return [], fed.initial_state
+    rows = read_metrics(metrics)
+    for i, row in enumerate(rows):
+        if row.get("round") != i:
+            raise LorafedError(f"{metrics}: line {i + 1} is round {row.get('round')!r}, expected round {i}")
+    if not rows:
+        _clear_run(out)
+        return [], fed.initial_state
+    last = rows[-1]["round"]
+    g_path = _global_path(out, last)
+    payload = load_payload(g_path)
+    validate_update(payload, fed.spec(None), str(g_path))
+    _remove_rounds_after(out, last)
+    log(f"resuming {out} after round {last} of {fed.config.federation.rounds}")
+    return rows, {k: v.to(torch.float32) for k, v in payload.tensors.items()}
+
+
+def _global_path(out: Path, r: int) -> Path:
+    return out / "rounds" / f"global_r{r}.safetensors"
+
+
+def _clear_run(out: Path) -> None:
+    """Remove the files a previous run left (a fresh run starts from nothing)."""
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    if (out / "rounds").exists():
+        shutil.rmtree(out / "rounds")
+
+
+def _remove_rounds_after(out: Path, last: int) -> None:
+    rounds = out / "rounds"
+    for p in rounds.iterdir() if rounds.exists() else ():
+        m = re.fullmatch(r"(?:global_)?r(\d+)(?:\.safetensors)?", p.name)
+        if m and int(m.group(1)) > last:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _metrics_row(
@@ -276,5 +461,20 @@ def format_final_table(rows: list[dict[str, Any]]) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read a ``metrics.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Read a ``metrics.jsonl``.
+
+    Raises:
+        LorafedError: A line that is not a JSON object (naming the line).
+    """
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LorafedError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise LorafedError(f"{path}: line {i} is not a JSON object")
+        rows.append(row)
+    return rows

@@ -60,7 +60,13 @@ def validate_update(payload: Payload, spec: UpdateSpec, source: str = "") -> Non
             m.base_fingerprint[:23] + "... (trained on another base model)",
         )
     if dict(m.lora) != dict(spec.lora):
-        fail("lora config", dict(spec.lora), dict(m.lora))
+        keys = sorted(set(m.lora) | set(spec.lora), key=str)
+        diff = [k for k in keys if m.lora.get(k, "<absent>") != spec.lora.get(k, "<absent>")]
+        fail(
+            f"lora config {', '.join(map(str, diff))}",
+            {k: spec.lora.get(k, "<absent>") for k in diff},
+            {k: m.lora.get(k, "<absent>") for k in diff},
+        )
     if tuple(m.labels) != tuple(spec.labels):
         fail("labels", list(spec.labels), list(m.labels))
     if spec.round is not None and m.round != spec.round:

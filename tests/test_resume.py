@@ -1,0 +1,119 @@
+"""Crash safety: SIGKILL the simulator at random moments, resume, and get the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from lorafed.cli import main
+from lorafed.config import save_config
+from lorafed.errors import LorafedError
+from lorafed.payload import load_payload
+from lorafed.simulate import read_metrics, simulate
+
+ROUNDS = 8
+RUN = (f"federation.rounds={ROUNDS}", "train.max_steps=12", "partition.num_clients=3", "federation.min_clients=2")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return load_payload(run / "rounds" / f"global_r{ROUNDS}.safetensors").tensors
+
+
+def test_sigkill_and_resume_match_an_uninterrupted_run(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(*RUN)
+    simulate(cfg, tmp_path / "ref", progress=False, log=lambda _: None)
+    save_config(cfg, tmp_path / "run.yaml")
+    run = tmp_path / "run"
+    start = [sys.executable, "-m", "lorafed", "simulate", "--config", str(tmp_path / "run.yaml"), "--out", str(run)]
+    resume = [sys.executable, "-m", "lorafed", "simulate", "--resume", str(run)]
+    rng = random.Random(7)
+    kills = []
+    for attempt in range(3):
+        before = _lines(run / "metrics.jsonl")
+        proc = subprocess.Popen(
+            [*(start if attempt == 0 else resume), "--no-progress"],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 120
+        # Wait for progress (a new completed round), then kill at a random moment of what follows.
+        while _lines(run / "metrics.jsonl") <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        delay = rng.uniform(0.0, 0.4)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills.append((_lines(run / "metrics.jsonl"), round(delay, 3)))
+        err = proc.communicate(timeout=60)[1].decode()
+        assert proc.returncode in (0, -signal.SIGKILL), err
+    assert len(kills) >= 2, f"the run finished before it could be killed: {kills}"
+    done = subprocess.run([*resume, "--no-progress"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    ref_rows = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in ref_rows]
+    got, want = _final(run), _final(tmp_path / "ref")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{name}: max diff {(got[name] - want[name]).abs().max()}"
+    assert json.loads((run / "summary.json").read_text())["final_round"] == ROUNDS
+    assert not list(run.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_resume_redoes_a_partial_round(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config("federation.rounds=3")
+    simulate(cfg, tmp_path / "ref", progress=False, log=lambda _: None)
+    run = tmp_path / "run"
+    simulate(cfg, run, progress=False, log=lambda _: None)
+    # Simulate a crash inside round 3: its metrics line is gone, its files half there.
+    rows = read_metrics(run / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (run / "rounds" / "r3" / "client0.safetensors").write_bytes(b"garbage")
+    messages: list[str] = []
+    simulate(cfg, run, progress=False, log=messages.append, resume=True)
+    assert "resuming" in messages[-3] or any(m.startswith(f"resuming {run} after round 2") for m in messages)
+    assert [r["round"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1, 2, 3]
+    got = load_payload(run / "rounds" / "global_r3.safetensors").tensors
+    want = load_payload(tmp_path / "ref" / "rounds" / "global_r3.safetensors").tensors
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_resume_errors(tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no config.yaml, so not a run folder" in capsys.readouterr().err
+    cfg = tiny_config("federation.rounds=1")
+    run = tmp_path / "run"
+    simulate(cfg, run, progress=False, log=lambda _: None)
+    rows = read_metrics(run / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(LorafedError, match=r"metrics.jsonl: line 1 is round 1, expected round 0"):
+        simulate(cfg, run, progress=False, log=lambda _: None, resume=True)
+    (run / "metrics.jsonl").write_text('{"round": 0\n')
+    with pytest.raises(LorafedError, match=r"metrics.jsonl: line 1 is not valid JSON"):
+        simulate(cfg, run, progress=False, log=lambda _: None, resume=True)
+    # A global adapter from another LoRA config is refused, naming the field.
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LorafedError, match=r"global_r1.safetensors\) rejected: lora config r: expected \{'r': 8\}"):
+        simulate(tiny_config("federation.rounds=1", "model.lora.r=8"), run, progress=False, resume=True)
