@@ -72,7 +72,7 @@ def test_payload_from_another_base_is_refused_with_reason(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("change", "pattern"),
     [
-        ({"lora": {**LORA, "r": 8}}, r"lora config: expected \{.*'r': 4"),
+        ({"lora": {**LORA, "r": 8}}, r"lora config r: expected \{'r': 4\}, received \{'r': 8\}"),
         ({"labels": ("pos", "neg")}, r"labels: expected \['neg', 'pos'\], received \['pos', 'neg'\]"),
         ({"round": 2}, r"round: expected 3, received 2"),
         ({"num_examples": 0}, r"num_examples: expected an integer in \[1, "),
