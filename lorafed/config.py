@@ -133,6 +133,9 @@ class TrainConfig:
         max_grad_norm: Gradient clipping norm; ``null`` disables clipping.
         eval_batch_size: Batch size for evaluation.
         num_threads: Torch intra-op threads; 0 uses every core.
+        class_weighting: ``none``, or ``balanced``: each client weights its loss by
+            n / (k * n_c) from its own training labels (for imbalanced labels; no label counts
+            leave the client).
     """
 
     batch_size: int = 16
@@ -144,6 +147,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     eval_batch_size: int = 64
     num_threads: int = 0
+    class_weighting: Literal["none", "balanced"] = "none"
 
 
 @dataclass(frozen=True)

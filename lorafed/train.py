@@ -45,6 +45,25 @@ def planned_steps(n_rows: int, cfg: TrainConfig) -> int:
     return cfg.epochs * math.ceil(n_rows / cfg.batch_size)
 
 
+def balanced_class_weights(labels: torch.Tensor, model: Any) -> torch.Tensor:
+    """Weights n / (k * n_c) for the labels a client holds (k = labels it has); absent labels get 0.
+
+    With these, every label present contributes equally to the client's loss, as in
+    scikit-learn's ``class_weight="balanced"``.
+    """
+    num_labels = int(model.config.num_labels)
+    counts = torch.bincount(labels, minlength=num_labels).float()
+    present = counts > 0
+    weights = torch.zeros(num_labels)
+    weights[present] = labels.numel() / (int(present.sum()) * counts[present])
+    return weights
+
+
+def client_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy in fp32; with class weights, sum_i w_yi * ce_i / sum_i w_yi."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=class_weights)
+
+
 def train_local(
     model: Any,
     rows: TokenizedRows,
@@ -68,6 +87,11 @@ def train_local(
         progress: Show a progress bar over steps.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    class_weights = (
+        balanced_class_weights(rows.labels[torch.as_tensor(positions)], model)
+        if cfg.class_weighting == "balanced"
+        else None
+    )
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = planned_steps(len(positions), cfg)
     warmup = int(total * cfg.warmup_ratio)
@@ -81,15 +105,17 @@ def train_local(
     bar = tqdm(total=total, desc=desc or "train", unit="step", leave=False, disable=not progress)
     while len(losses) < total:
         for batch in rows.batches(positions, cfg.batch_size, shuffle_seed=seed * 1000 + epoch):
-            out = model(**batch)
-            out.loss.backward()
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            loss = client_loss(logits, labels, class_weights)
+            loss.backward()
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(out.loss.detach()))
-            samples += int(batch["labels"].shape[0])
+            losses.append(float(loss.detach()))
+            samples += int(labels.shape[0])
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if len(losses) >= total:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lorafed.adapter import get_adapter_state, set_adapter_state
@@ -42,3 +43,32 @@ def test_same_seed_same_update(tiny_config) -> None:
 def test_planned_steps(tiny_config) -> None:
     cfg = tiny_config("train.max_steps=null", "train.epochs=2", "train.batch_size=8")
     assert planned_steps(17, cfg.train) == 2 * 3
+
+
+def test_balanced_class_weights_match_sklearn() -> None:
+    from types import SimpleNamespace
+
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from lorafed.train import balanced_class_weights
+
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 2, 2, 3])
+    model = SimpleNamespace(config=SimpleNamespace(num_labels=5))
+    got = balanced_class_weights(labels, model)
+    expected = compute_class_weight("balanced", classes=np.array([0, 2, 3]), y=labels.numpy())
+    np.testing.assert_allclose(got[[0, 2, 3]].numpy(), expected, rtol=1e-6)
+    assert got[1] == 0 and got[4] == 0
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_row_cross_entropy() -> None:
+    from lorafed.train import client_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, generator=g)
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])
+    w = torch.tensor([0.5, 2.0, 2.0])
+    log_p = torch.log_softmax(logits, dim=1).numpy()
+    per_row = -log_p[np.arange(6), labels.numpy()]
+    expected = (w.numpy()[labels.numpy()] * per_row).sum() / w.numpy()[labels.numpy()].sum()
+    assert float(client_loss(logits, labels, w)) == pytest.approx(expected, rel=1e-6)
+    assert float(client_loss(logits, labels, None)) == pytest.approx(per_row.mean(), rel=1e-6)
