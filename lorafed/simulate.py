@@ -28,11 +28,12 @@ from lorafed.data import LabeledData, Split, TokenizedRows, load_labeled, split_
 from lorafed.errors import ConfigError
 from lorafed.evaluate import EvalResult, evaluate
 from lorafed.io import append_jsonl, atomic_write_json
+from lorafed.lora_modes import round_keys, round_roles, select, trainable_roles
 from lorafed.model import ClientModel, load_client_model, lora_config_dict
 from lorafed.partition import Partition, client_table, partition
 from lorafed.payload import PayloadMeta, save_payload
 from lorafed.plots import plot_rounds
-from lorafed.server import aggregate_files, require_enough
+from lorafed.server import aggregate_files, next_global, require_enough
 from lorafed.train import TrainResult, train_local
 from lorafed.validate import UpdateSpec
 
@@ -63,13 +64,17 @@ class Federation:
     test_positions: np.ndarray
     initial_state: dict[str, torch.Tensor]
 
+    def sent_keys(self, round_: int | None) -> list[str]:
+        """The adapter tensors trained and sent in ``round_`` (all of them for ``None``)."""
+        return round_keys(self.config.federation.aggregation, round_, self.initial_state)
+
     def spec(self, round_: int | None) -> UpdateSpec:
-        """What updates of ``round_`` must match."""
+        """What updates of ``round_`` must match: exactly the tensors sent in that round."""
         return UpdateSpec(
             base_fingerprint=self.client.fingerprint,
             lora=lora_config_dict(self.config.model.lora),
             labels=self.data.label_names,
-            tensors=adapter_spec(self.initial_state),
+            tensors=adapter_spec(select(self.initial_state, self.sent_keys(round_))),
             round=round_,
         )
 
@@ -135,19 +140,23 @@ def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: in
 def train_client(
     fed: Federation, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Client ``k`` trains one round from ``global_state``; returns its adapter tensors."""
+    """Client ``k`` trains one round from ``global_state``; returns the tensors it sends.
+
+    Only the tensors of the round's roles (see :mod:`lorafed.lora_modes`) are trained and returned.
+    """
     model = fed.client.model
     set_adapter_state(model, global_state)
-    result = train_local(
-        model,
-        fed.rows,
-        fed.splits[k].train,
-        fed.config.train,
-        client_seed(fed.config.seed, round_, k),
-        desc=f"r{round_} {fed.partition.client_ids[k]}",
-        progress=progress,
-    )
-    return get_adapter_state(model), result
+    with trainable_roles(model, round_roles(fed.config.federation.aggregation, round_)):
+        result = train_local(
+            model,
+            fed.rows,
+            fed.splits[k].train,
+            fed.config.train,
+            client_seed(fed.config.seed, round_, k),
+            desc=f"r{round_} {fed.partition.client_ids[k]}",
+            progress=progress,
+        )
+    return select(get_adapter_state(model), fed.sent_keys(round_)), result
 
 
 def evaluate_state(fed: Federation, state: dict[str, torch.Tensor], positions: np.ndarray | None = None) -> EvalResult:
@@ -177,6 +186,7 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
     metrics_path.unlink(missing_ok=True)
     fcfg = config.federation
     state = fed.initial_state
+    server_opt = None
     t0 = time.perf_counter()
     first = evaluate_state(fed, state)
     g_path = save_payload(out / "rounds" / "global_r0.safetensors", state, fed.meta("server", 0, 1, kind="global"))
@@ -204,7 +214,7 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
         outcome = aggregate_files(paths, fed.spec(r), fcfg.weighting, fcfg.min_clients)
         for src, reason in outcome.rejected:
             log(f"round {r}: rejected {src}: {reason}")
-        state = dict(require_enough(outcome, fcfg.min_clients, r))
+        state, server_opt = next_global(state, require_enough(outcome, fcfg.min_clients, r), fcfg, server_opt)
         g_path = save_payload(
             out / "rounds" / f"global_r{r}.safetensors",
             state,

@@ -1,7 +1,9 @@
 """Client training: from (model with the global adapter loaded, rows, settings) to an update.
 
 The caller decides where the update goes (a file, Flower, memory). A fresh AdamW runs each
-round over the trainable tensors only (LoRA and head): clients keep no optimizer state.
+round over the trainable tensors only (LoRA and head): clients keep no optimizer state. With
+``prox_mu > 0`` the loss gets FedProx's proximal term mu/2 * ||w - w_global||^2, w_global being
+the trainable tensors as loaded at the start of the round.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def planned_steps(n_rows: int, cfg: TrainConfig) -> int:
     return cfg.epochs * math.ceil(n_rows / cfg.batch_size)
 
 
+def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * sum_j ||w_j - anchor_j||^2 (its gradient is mu * (w - anchor))."""
+    total = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+    return 0.5 * mu * total
+
+
 def train_local(
     model: Any,
     rows: TokenizedRows,
@@ -56,7 +64,8 @@ def train_local(
 ) -> TrainResult:
     """Train the model's trainable tensors on ``rows[positions]``.
 
-    Linear warm-up over ``warmup_ratio`` of the steps, then a constant learning rate.
+    Linear warm-up over ``warmup_ratio`` of the steps, then a constant learning rate. With
+    ``cfg.prox_mu > 0`` the FedProx term toward the starting weights is added to the loss.
 
     Args:
         model: A peft model whose adapter holds the starting (global) weights.
@@ -68,6 +77,7 @@ def train_local(
         progress: Show a progress bar over steps.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = planned_steps(len(positions), cfg)
     warmup = int(total * cfg.warmup_ratio)
@@ -82,7 +92,8 @@ def train_local(
     while len(losses) < total:
         for batch in rows.batches(positions, cfg.batch_size, shuffle_seed=seed * 1000 + epoch):
             out = model(**batch)
-            out.loss.backward()
+            loss = out.loss + proximal_term(params, anchors, cfg.prox_mu) if anchors else out.loss
+            loss.backward()
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
