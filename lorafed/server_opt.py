@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from lorafed.config import ServerOptimizer
-from lorafed.errors import AggregationError
+from lorafed.errors import AggregationError, PayloadError
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,32 @@ def server_step(
             v[key] = b2 * v_prev + (1 - b2) * d2
         new_state[key] = x + settings.lr * m[key] / (v[key].sqrt() + tau)
     return new_state, ServerOptState(m=m, v=v, step=opt.step + 1)
+
+
+def save_server_opt(path: str | Path, opt: ServerOptState) -> Path:
+    """Write the optimizer state as a safetensors file (atomically), for resuming a run."""
+    from safetensors.torch import save as st_save
+
+    from lorafed.io import atomic_write_bytes
+
+    return atomic_write_bytes(Path(path), st_save({k: t.contiguous() for k, t in opt.to_tensors().items()}))
+
+
+def load_server_opt(path: str | Path) -> ServerOptState:
+    """Read a state written by :func:`save_server_opt` (safetensors only, nothing is unpickled).
+
+    Raises:
+        PayloadError: The file is missing or is not a safetensors file.
+        AggregationError: It holds tensors that are not an optimizer state.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    p = Path(path)
+    try:
+        tensors = st_load(p.read_bytes())
+    except FileNotFoundError as exc:
+        raise PayloadError(f"server optimizer state not found: {p}") from exc
+    except (SafetensorError, ValueError) as exc:
+        raise PayloadError(f"{p}: not a safetensors file ({exc})") from exc
+    return ServerOptState.from_tensors(tensors)

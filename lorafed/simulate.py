@@ -34,6 +34,7 @@ from lorafed.partition import Partition, client_table, partition
 from lorafed.payload import PayloadMeta, save_payload
 from lorafed.plots import plot_rounds
 from lorafed.server import aggregate_files, next_global, require_enough
+from lorafed.server_opt import save_server_opt
 from lorafed.train import TrainResult, train_local
 from lorafed.validate import UpdateSpec
 
@@ -215,6 +216,8 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
         for src, reason in outcome.rejected:
             log(f"round {r}: rejected {src}: {reason}")
         state, server_opt = next_global(state, require_enough(outcome, fcfg.min_clients, r), fcfg, server_opt)
+        if server_opt is not None:  # FedAdam/FedYogi moments, needed to resume the run
+            save_server_opt(out / "rounds" / f"server_opt_r{r}.safetensors", server_opt)
         g_path = save_payload(
             out / "rounds" / f"global_r{r}.safetensors",
             state,

@@ -9,9 +9,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lorafed.config import FederationConfig
-from lorafed.errors import AggregationError
+from lorafed.errors import AggregationError, PayloadError
 from lorafed.server import next_global
-from lorafed.server_opt import ServerOptSettings, ServerOptState, server_step
+from lorafed.server_opt import ServerOptSettings, ServerOptState, load_server_opt, save_server_opt, server_step
 
 
 def _numpy_reference(kind: str, x0: np.ndarray, targets: list[np.ndarray], s: ServerOptSettings) -> np.ndarray:
@@ -89,3 +89,24 @@ def test_next_global_without_optimizer_is_the_average_over_the_global() -> None:
     assert opt is None and state["a"].tolist() == [2.0, 2.0] and state["b"].tolist() == [1.0, 1.0]
     state, opt = next_global(g, {"a": torch.full((2,), 2.0)}, FederationConfig(server_optimizer="fedadam"))
     assert opt is not None and opt.step == 1 and 0 < state["a"][0].item() < 2.0
+
+
+def test_simulate_with_fedyogi_saves_a_resumable_state(tiny_config, tmp_path) -> None:
+    from lorafed.payload import load_payload
+    from lorafed.simulate import simulate
+
+    simulate(tiny_config("federation.server_optimizer=fedyogi"), tmp_path / "run", progress=False, log=lambda _: None)
+    opt = load_server_opt(tmp_path / "run" / "rounds" / "server_opt_r2.safetensors")
+    g1 = load_payload(tmp_path / "run" / "rounds" / "global_r1.safetensors").tensors
+    assert opt.step == 2 and set(opt.m) == set(opt.v) == set(g1)
+
+
+def test_load_server_opt_refuses_missing_and_foreign_files(tmp_path) -> None:
+    with pytest.raises(PayloadError, match="server optimizer state not found"):
+        load_server_opt(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle header
+    with pytest.raises(PayloadError, match="not a safetensors file"):
+        load_server_opt(bad)
+    path = save_server_opt(tmp_path / "ok.safetensors", ServerOptState(m={"w": torch.ones(2)}, v={}, step=3))
+    assert load_server_opt(path).step == 3
