@@ -65,7 +65,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seeds": [0],
         "own_test_rows": 150,
         "overrides": {
-            "a": ["federation.rounds=3", "train.max_steps=6", "federation.max_test_rows=400"],
+            "a": ["federation.rounds=3", "train.max_steps=4", "federation.max_test_rows=400"],
             "b": ["federation.rounds=3", "train.max_steps=6", "federation.max_test_rows=600"],
             "c": ["federation.rounds=3", "train.max_steps=6", "federation.max_test_rows=600"],
         },
@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "profile": profile_name,
         "seeds": profile["seeds"],
-        "command": "flock /tmp/lorafed-heavy.lock python " + shlex.join(["scripts/bench_quality.py", *sys.argv[1:]]),
+        "command": "flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python "
+        + shlex.join(["scripts/bench_quality.py", *sys.argv[1:]]),
         "machine": {
             "where": f"{platform.node()} ({os.cpu_count()} CPU cores, no GPU, shared with other jobs)",
             "python": platform.python_version(),
