@@ -22,7 +22,10 @@ from lorafed.errors import ConfigError
 
 Precision = Literal["int8", "bf16", "fp32"]
 Scheme = Literal["natural", "iid", "dirichlet"]
-Aggregation = Literal["fedavg"]
+#: Aggregation modes, the one place their names are defined (see :mod:`lorafed.lora_modes`).
+Aggregation = Literal["fedavg", "ffa", "rolora"]
+#: Server optimizers applied to the aggregated adapter delta (see :mod:`lorafed.server_opt`).
+ServerOptimizer = Literal["none", "fedadam", "fedyogi"]
 Weighting = Literal["samples", "uniform"]
 Robust = Literal["none", "trimmed_mean", "median"]
 
@@ -136,6 +139,8 @@ class TrainConfig:
         class_weighting: ``none``, or ``balanced``: each client weights its loss by
             n / (k * n_c) from its own training labels (for imbalanced labels; no label counts
             leave the client).
+        prox_mu: FedProx proximal weight: adds mu/2 * ||w - w_global||^2 over the trainable
+            tensors to the loss (0 disables it; Li et al. 2020 use 0.001-1).
     """
 
     batch_size: int = 16
@@ -148,6 +153,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     num_threads: int = 0
     class_weighting: Literal["none", "balanced"] = "none"
+    prox_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,10 @@ class FederationConfig:
         rounds: Number of federated rounds.
         fraction: Share of clients sampled in each round (at least ``min_clients``).
         min_clients: Fewest valid updates a round needs.
-        aggregation: Aggregation rule (``fedavg``: A and B averaged separately).
+        aggregation: Which tensors are trained, sent and averaged each round: ``fedavg`` (all;
+            A and B averaged separately, so the result is not the mean of the B_i A_i),
+            ``ffa`` (FFA-LoRA: A frozen at the shared seeded init, B and head trained and sent;
+            exact), ``rolora`` (RoLoRA: odd rounds B and head, even rounds A and head; exact).
         weighting: ``samples`` weights client i by n_i / n; ``uniform`` by 1 / K.
         max_test_rows: Evaluate the global model on at most this many test rows (seeded sample).
         max_num_examples: An update claiming more training examples than this is refused.
@@ -170,6 +179,12 @@ class FederationConfig:
         client_timeout_s: A client whose update takes longer than this is dropped from the round.
         round_retries: How often a round with fewer than ``min_clients`` valid updates is retried
             before the run is abandoned.
+        server_optimizer: ``none`` (the global adapter is the average), or ``fedadam`` /
+            ``fedyogi`` (Reddi et al. 2021) on the pseudo-gradient average - global.
+        server_lr: Server optimizer step size (eta).
+        server_beta1: First-moment decay.
+        server_beta2: Second-moment decay.
+        server_tau: Adaptivity constant (also the initial sqrt of the second moment).
     """
 
     rounds: int = 3
@@ -184,6 +199,11 @@ class FederationConfig:
     clip_update_norm: float | None = None
     client_timeout_s: float | None = None
     round_retries: int = 0
+    server_optimizer: ServerOptimizer = "none"
+    server_lr: float = 1e-2
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -393,9 +413,14 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm: must be > 0 or null")
     need(t.eval_batch_size >= 1, f"train.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
     need(t.num_threads >= 0, f"train.num_threads: must be >= 0, got {t.num_threads}")
+    need(t.prox_mu >= 0, f"train.prox_mu: must be >= 0, got {t.prox_mu}")
     need(f.rounds >= 0, f"federation.rounds: must be >= 0, got {f.rounds}")
     need(0 < f.fraction <= 1, f"federation.fraction: must be in (0, 1], got {f.fraction}")
     need(f.min_clients >= 1, f"federation.min_clients: must be >= 1, got {f.min_clients}")
+    need(f.server_lr > 0, f"federation.server_lr: must be > 0, got {f.server_lr}")
+    need(0 <= f.server_beta1 < 1, f"federation.server_beta1: must be in [0, 1), got {f.server_beta1}")
+    need(0 <= f.server_beta2 < 1, f"federation.server_beta2: must be in [0, 1), got {f.server_beta2}")
+    need(f.server_tau > 0, f"federation.server_tau: must be > 0, got {f.server_tau}")
     need(
         f.max_test_rows is None or f.max_test_rows > 0,
         f"federation.max_test_rows: must be > 0, got {f.max_test_rows}",

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from lorafed.aggregate import WeightedMean
-from lorafed.config import Robust, Weighting
+from lorafed.config import FederationConfig, Robust, Weighting
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
+from lorafed.lora_modes import merge_round
 from lorafed.payload import PayloadMeta, load_payload, read_meta
 from lorafed.robust import clip_update, coordinate_median, delta_norm, trimmed_mean
+from lorafed.server_opt import ServerOptSettings, ServerOptState, server_step
 from lorafed.validate import UpdateSpec, validate_update
 
 
@@ -161,3 +163,35 @@ def require_enough(outcome: RoundOutcome, min_clients: int, round_: int) -> Mapp
             f"nothing was written. Rejected: {reasons}"
         )
     return outcome.state
+
+
+def server_settings(fcfg: FederationConfig) -> ServerOptSettings | None:
+    """The server optimizer of a federation, or ``None`` for plain averaging."""
+    if fcfg.server_optimizer == "none":
+        return None
+    return ServerOptSettings(
+        fcfg.server_optimizer, fcfg.server_lr, fcfg.server_beta1, fcfg.server_beta2, fcfg.server_tau
+    )
+
+
+def next_global(
+    global_state: Mapping[str, torch.Tensor],
+    averaged: Mapping[str, torch.Tensor],
+    fcfg: FederationConfig,
+    opt: ServerOptState | None = None,
+) -> tuple[dict[str, torch.Tensor], ServerOptState | None]:
+    """The global adapter after a round: the average (of the tensors sent) or a server-optimizer step.
+
+    Args:
+        global_state: The global adapter before the round (every tensor).
+        averaged: The round's average; with ``ffa``/``rolora`` only the tensors sent this round.
+        fcfg: The federation settings (``server_optimizer`` and its hyper-parameters).
+        opt: The server optimizer state from the previous round (``None``: fresh).
+
+    Returns:
+        The new global adapter (every tensor) and the server optimizer state (``None`` without one).
+    """
+    settings = server_settings(fcfg)
+    if settings is None:
+        return merge_round(global_state, averaged), None
+    return server_step(global_state, averaged, opt or ServerOptState(), settings)

@@ -30,11 +30,13 @@ from lorafed.data import LabeledData, Split, TokenizedRows, load_labeled, split_
 from lorafed.errors import AggregationError, ConfigError, LorafedError
 from lorafed.evaluate import EvalResult, evaluate
 from lorafed.io import atomic_write_json, atomic_write_jsonl
+from lorafed.lora_modes import round_keys, round_roles, select, trainable_roles
 from lorafed.model import ClientModel, load_client_model, lora_config_dict
 from lorafed.partition import Partition, client_table, partition
 from lorafed.payload import PayloadMeta, load_payload, save_payload
 from lorafed.plots import plot_rounds
-from lorafed.server import aggregate_files
+from lorafed.server import aggregate_files, next_global
+from lorafed.server_opt import ServerOptState, load_server_opt, save_server_opt
 from lorafed.train import TrainResult, train_local
 from lorafed.validate import UpdateSpec, validate_update
 
@@ -64,14 +66,19 @@ class Federation:
     client: ClientModel
     test_positions: np.ndarray
     initial_state: dict[str, torch.Tensor]
+    server_opt: ServerOptState | None = None
+
+    def sent_keys(self, round_: int | None) -> list[str]:
+        """The adapter tensors trained and sent in ``round_`` (all of them for ``None``)."""
+        return round_keys(self.config.federation.aggregation, round_, self.initial_state)
 
     def spec(self, round_: int | None) -> UpdateSpec:
-        """What updates of ``round_`` must match."""
+        """What updates of ``round_`` must match: exactly the tensors sent in that round."""
         return UpdateSpec(
             base_fingerprint=self.client.fingerprint,
             lora=lora_config_dict(self.config.model.lora),
             labels=self.data.label_names,
-            tensors=adapter_spec(self.initial_state),
+            tensors=adapter_spec(select(self.initial_state, self.sent_keys(round_))),
             round=round_,
             max_num_examples=self.config.federation.max_num_examples,
         )
@@ -138,19 +145,23 @@ def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: in
 def train_client(
     fed: Federation, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Client ``k`` trains one round from ``global_state``; returns its adapter tensors."""
+    """Client ``k`` trains one round from ``global_state``; returns the tensors it sends.
+
+    Only the tensors of the round's roles (see :mod:`lorafed.lora_modes`) are trained and returned.
+    """
     model = fed.client.model
     set_adapter_state(model, global_state)
-    result = train_local(
-        model,
-        fed.rows,
-        fed.splits[k].train,
-        fed.config.train,
-        client_seed(fed.config.seed, round_, k),
-        desc=f"r{round_} {fed.partition.client_ids[k]}",
-        progress=progress,
-    )
-    return get_adapter_state(model), result
+    with trainable_roles(model, round_roles(fed.config.federation.aggregation, round_)):
+        result = train_local(
+            model,
+            fed.rows,
+            fed.splits[k].train,
+            fed.config.train,
+            client_seed(fed.config.seed, round_, k),
+            desc=f"r{round_} {fed.partition.client_ids[k]}",
+            progress=progress,
+        )
+    return select(get_adapter_state(model), fed.sent_keys(round_)), result
 
 
 def evaluate_state(fed: Federation, state: dict[str, torch.Tensor], positions: np.ndarray | None = None) -> EvalResult:
@@ -314,7 +325,9 @@ def run_round(
             f"federation.min_clients={fcfg.min_clients}. Failed clients: {dropped}. Rejected updates: "
             f"{'; '.join(rejected) or 'none'}. The run folder holds rounds 0..{r - 1}; fix the cause and resume."
         )
-    new_state = outcome.state
+    new_state, fed.server_opt = next_global(state, outcome.state, fcfg, fed.server_opt)
+    if fed.server_opt is not None:  # FedAdam/FedYogi moments, written before the round counts as done
+        save_server_opt(_server_opt_path(out, r), fed.server_opt)
     g_path = save_payload(_global_path(out, r), new_state, fed.meta("server", r, outcome.num_examples, kind="global"))
     t = time.perf_counter()
     result = evaluate_state(fed, new_state)
@@ -403,8 +416,14 @@ def resume_point(fed: Federation, out: Path, log: Log = print) -> tuple[list[dic
     payload = load_payload(g_path)
     validate_update(payload, fed.spec(None), str(g_path))
     _remove_rounds_after(out, last)
+    if fed.config.federation.server_optimizer != "none" and last > 0:
+        fed.server_opt = load_server_opt(_server_opt_path(out, last))
     log(f"resuming {out} after round {last} of {fed.config.federation.rounds}")
     return rows, {k: v.to(torch.float32) for k, v in payload.tensors.items()}
+
+
+def _server_opt_path(out: Path, r: int) -> Path:
+    return out / "rounds" / f"server_opt_r{r}.safetensors"
 
 
 def _global_path(out: Path, r: int) -> Path:

@@ -1,7 +1,9 @@
 """Client training: from (model with the global adapter loaded, rows, settings) to an update.
 
 The caller decides where the update goes (a file, Flower, memory). A fresh AdamW runs each
-round over the trainable tensors only (LoRA and head): clients keep no optimizer state.
+round over the trainable tensors only (LoRA and head): clients keep no optimizer state. With
+``prox_mu > 0`` the loss gets FedProx's proximal term mu/2 * ||w - w_global||^2, w_global being
+the trainable tensors as loaded at the start of the round.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def client_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch
     return torch.nn.functional.cross_entropy(logits.float(), labels, weight=class_weights)
 
 
+def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * sum_j ||w_j - anchor_j||^2 (its gradient is mu * (w - anchor))."""
+    total = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+    return 0.5 * mu * total
+
+
 def train_local(
     model: Any,
     rows: TokenizedRows,
@@ -75,7 +83,8 @@ def train_local(
 ) -> TrainResult:
     """Train the model's trainable tensors on ``rows[positions]``.
 
-    Linear warm-up over ``warmup_ratio`` of the steps, then a constant learning rate.
+    Linear warm-up over ``warmup_ratio`` of the steps, then a constant learning rate. With
+    ``cfg.prox_mu > 0`` the FedProx term toward the starting weights is added to the loss.
 
     Args:
         model: A peft model whose adapter holds the starting (global) weights.
@@ -92,6 +101,7 @@ def train_local(
         if cfg.class_weighting == "balanced"
         else None
     )
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = planned_steps(len(positions), cfg)
     warmup = int(total * cfg.warmup_ratio)
@@ -107,14 +117,15 @@ def train_local(
         for batch in rows.batches(positions, cfg.batch_size, shuffle_seed=seed * 1000 + epoch):
             labels = batch.pop("labels")
             logits = model(**batch).logits
-            loss = client_loss(logits, labels, class_weights)
+            task_loss = client_loss(logits, labels, class_weights)
+            loss = task_loss + proximal_term(params, anchors, cfg.prox_mu) if anchors else task_loss
             loss.backward()
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(float(task_loss.detach()))
             samples += int(labels.shape[0])
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
