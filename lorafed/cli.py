@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorafed.cli_silo import add_silo_verbs
 from lorafed.config import load_config
 from lorafed.errors import LorafedError
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--config", required=True, help="YAML run config")
     part.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     part.set_defaults(func=_cmd_partition)
+    add_silo_verbs(sub)
     return parser
 
 
