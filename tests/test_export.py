@@ -34,7 +34,9 @@ def test_merged_export_matches_adapter_and_loads_without_lorafed(adapter, tiny_m
     out = tmp_path / "merged"
     report = export_adapter(adapter, out, str(tiny_model_dir))
     assert report.max_abs_diff <= 1e-4
-    assert {"config.json", "model.safetensors", "tokenizer.json", "lorafed_export.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "lorafed_export.json"} <= {
+        p.name for p in out.iterdir()
+    }
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["id2label"] == {str(i): lab for i, lab in enumerate(LABELS)}
     assert cfg["label2id"] == {lab: i for i, lab in enumerate(LABELS)}
@@ -57,7 +59,9 @@ def test_merged_export_matches_adapter_and_loads_without_lorafed(adapter, tiny_m
         "print(json.dumps({'logits': logits.tolist(), 'bad': bad, 'labels': m.config.id2label}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["bad"] == []
@@ -85,14 +89,19 @@ def test_peft_export_loads_with_peftmodel(adapter, tiny_model_dir, tmp_path) -> 
 def test_export_cli_fp16_predict_and_evaluate(adapter, tiny_model_dir, tmp_path, capsys) -> None:
     src = save_payload(tmp_path / "global.safetensors", adapter.tensors, adapter.meta)
     out = tmp_path / "merged16"
-    assert main(["export", "--adapter", str(src), "--out", str(out), "--base", str(tiny_model_dir), "--dtype", "fp16"]) == 0
+    assert (
+        main(["export", "--adapter", str(src), "--out", str(out), "--base", str(tiny_model_dir), "--dtype", "fp16"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "logit difference" in text and "after casting to fp16" in text
     # Running it twice replaces the earlier export.
     assert main(["export", "--adapter", str(src), "--out", str(out), "--base", str(tiny_model_dir)]) == 0
     capsys.readouterr()
     rows = tmp_path / "rows.csv"
-    rows.write_text("text,label\nlove this soft dress,good\nawful itchy top,bad\nplain okay size,meh\n", encoding="utf-8")
+    rows.write_text(
+        "text,label\nlove this soft dress,good\nawful itchy top,bad\nplain okay size,meh\n", encoding="utf-8"
+    )
     preds = tmp_path / "preds.jsonl"
     assert main(["predict", "--model", str(out), "--input", str(rows), "--out", str(preds)]) == 0
     records = [json.loads(line) for line in preds.read_text().splitlines()]
