@@ -57,7 +57,7 @@ def test_client_cli_uses_the_global_label_list_and_counts_training_rows(tiny_con
 
 def test_client_errors(tiny_config, tmp_path, capsys) -> None:
     data = _two_class_file(tmp_path / "c.csv")
-    with pytest.raises(ConfigError, match="data.labels: required when no global adapter"):
+    with pytest.raises(ConfigError, match=r"data\.labels: required when no global adapter"):
         run_client_round(tiny_config(f"data.path={data}"), "c", **QUIET)
     with pytest.raises(ConfigError, match="client id 'a b'"):
         run_client_round(tiny_config(f"data.path={data}", "data.labels=[bad,good,meh]"), "a b", **QUIET)
@@ -68,7 +68,7 @@ def test_client_errors(tiny_config, tmp_path, capsys) -> None:
     with pytest.raises(ConfigError, match="differs from the global adapter's labels"):
         run_client_round(tiny_config(f"data.path={data}", "data.labels=[good,bad,meh]"), "c", g, **QUIET)
     alien = save_payload(tmp_path / "alien.safetensors", u.tensors, replace(u.meta, base_fingerprint="sha256:ff"))
-    with pytest.raises(PayloadError, match="does not fit this client's config.*base_fingerprint"):
+    with pytest.raises(PayloadError, match=r"does not fit this client's config.*base_fingerprint"):
         run_client_round(tiny_config(f"data.path={data}"), "c", alien, **QUIET)
     cfg = tmp_path / "fed.yaml"
     save_config(tiny_config(), cfg)
