@@ -164,3 +164,31 @@ def run_client_round(
         metrics=metrics,
     )
     return ClientUpdate(tensors, meta, result, val)
+
+
+def write_client_files(config: RunConfig, out_dir: str | Path, log: Log = print) -> dict[str, Path]:
+    """Write each client of ``config``'s partition to its own CSV (all original columns, file order).
+
+    For trying the cross-silo workflow on one machine: every file then plays one company's data,
+    and ``run_client_round`` on it reproduces that client of the simulation.
+
+    Returns:
+        Client id -> CSV path.
+
+    Raises:
+        DataError, ConfigError: As :func:`lorafed.simulate.prepare_federation` for the data part.
+    """
+    from lorafed.data import read_table
+    from lorafed.io import atomic_write_text
+    from lorafed.partition import partition
+
+    pc = config.partition
+    data = load_labeled(config.data, config.seed, [pc.column] if pc.scheme == "natural" and pc.column else [])
+    part = partition(data, pc, config.seed)
+    frame = read_table(config.data.path, config.data.format, config.data.encoding)
+    out: dict[str, Path] = {}
+    for cid, idx in zip(part.client_ids, part.indices, strict=True):
+        rows = frame.iloc[data.source_rows[idx] - 1]
+        out[cid] = atomic_write_text(Path(out_dir) / f"{cid}.csv", rows.to_csv(index=False))
+        log(f"{cid}: {len(rows)} rows -> {out[cid]}")
+    return out

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from lorafed.cli import main
-from lorafed.client import run_client_round
+from lorafed.client import run_client_round, write_client_files
 from lorafed.config import save_config
 from lorafed.payload import load_payload, save_payload
-from lorafed.simulate import prepare_federation, simulate
+from lorafed.simulate import simulate
 from tests.conftest import ROOT
 
 FED = ("data.labels=[bad,good,meh]", "partition.num_clients=3", "federation.rounds=2", "federation.min_clients=3")
@@ -20,21 +19,6 @@ FED = ("data.labels=[bad,good,meh]", "partition.num_clients=3", "federation.roun
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-def _write_client_files(config, folder: Path) -> dict[str, Path]:
-    """Each simulated client's rows, in the simulator's order, as its own CSV."""
-    fed = prepare_federation(config, log=lambda _: None)
-    files = {}
-    for cid, idx in zip(fed.partition.client_ids, fed.partition.indices, strict=True):
-        path = folder / f"{cid}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["review", "label"])
-            for i in idx:
-                w.writerow([fed.data.texts[i], fed.data.label_names[fed.data.labels[i]]])
-        files[cid] = path
-    return files
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -47,7 +31,7 @@ def test_client_processes_and_aggregate_equal_the_simulation(tiny_config, tmp_pa
     config = tiny_config(*FED)
     sim_dir = tmp_path / "sim"
     simulate(config, sim_dir, progress=False, log=lambda _: None)
-    files = _write_client_files(config, tmp_path)
+    files = write_client_files(config, tmp_path / "silo", log=lambda _: None)
     cfg_path = tmp_path / "federation.yaml"
     save_config(config, cfg_path)
 
