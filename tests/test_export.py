@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -146,7 +147,7 @@ def test_export_refuses_wrong_base_and_foreign_folder(adapter, tiny_model_dir, t
         export_adapter(short, tmp_path / "y", str(tiny_model_dir))
 
 
-def test_predict_rejects_peft_dir_and_missing_column(adapter, tiny_model_dir, tmp_path, capsys) -> None:
+def test_predict_rejects_peft_dir_and_missing_column(adapter, tiny_model_dir, tmp_path, capsys, monkeypatch) -> None:
     peft_dir = tmp_path / "peft"
     export_adapter(adapter, peft_dir, str(tiny_model_dir), fmt="peft")
     rows = tmp_path / "rows.csv"
@@ -159,6 +160,10 @@ def test_predict_rejects_peft_dir_and_missing_column(adapter, tiny_model_dir, tm
     assert "text column None not found" in capsys.readouterr().err
     assert main(["predict", "--model", str(merged), "--input", str(rows), "--text-column", "body"]) == 0
     assert json.loads(capsys.readouterr().out)["row"] == 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n\nsecond line\n"))
+    assert main(["predict", "--model", str(merged), "--input", "-"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["row"] for r in lines] == [1, 2] and all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in lines)
     labelled = tmp_path / "lab.csv"
     labelled.write_text("text,label\nhello,unknown\n", encoding="utf-8")
     assert main(["evaluate", "--model", str(merged), "--input", str(labelled), "--out", str(tmp_path / "e")]) == 2
