@@ -243,7 +243,9 @@ def _reload_peft(client: ClientModel, adapter_dir: Path, labels: Sequence[str]) 
         label2id={lab: i for i, lab in enumerate(labels)},
         dtype=torch.float32,
     )
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (FutureWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def _check_destination(out: Path) -> None:
