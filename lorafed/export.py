@@ -31,7 +31,7 @@ from lorafed.adapter import adapter_spec, get_adapter_state, set_adapter_state
 from lorafed.config import DataConfig, LoraSettings, ModelConfig
 from lorafed.errors import LorafedError, ModelError, PayloadValidationError
 from lorafed.io import atomic_write_json
-from lorafed.model import ClientModel, load_client_model
+from lorafed.model import ClientModel, _quiet_loading, load_client_model
 from lorafed.payload import Payload
 
 ExportFormat = Literal["merged", "peft"]
@@ -236,15 +236,14 @@ def _reload_peft(client: ClientModel, adapter_dir: Path, labels: Sequence[str]) 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(
-        client.model_dir,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)},
-        dtype=torch.float32,
-    )
-    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (FutureWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    with _quiet_loading():  # the fresh head is reported "missing" (expected: the adapter carries it)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            client.model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            dtype=torch.float32,
+        )
         return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
