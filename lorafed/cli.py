@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorafed import cli_download
+from lorafed.cli_silo import add_silo_verbs
 from lorafed.config import load_config
 from lorafed.errors import LorafedError
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     insp.set_defaults(func=_cmd_inspect)
     cli_download.add_parser(sub)
+    add_silo_verbs(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,8 @@ def prepare_federation(config: RunConfig, log: Log = print) -> Federation:
         log(f"dropped {count} rows: {reason}")
     part = partition(data, part_cfg, config.seed)
     splits = [
-        split_indices(idx, config.data.val_fraction, config.data.test_fraction, config.seed + 7919 * (k + 1))
-        for k, idx in enumerate(part.indices)
+        split_indices(idx, config.data.val_fraction, config.data.test_fraction, split_seed(config.seed, cid))
+        for cid, idx in zip(part.client_ids, part.indices, strict=True)
     ]
     log(f"{len(data)} rows, {len(data.label_names)} labels, {len(part.client_ids)} clients ({part_cfg.scheme}):")
     log(client_table(part, data.labels, data.label_names))
@@ -128,9 +129,23 @@ def prepare_federation(config: RunConfig, log: Log = print) -> Federation:
     return Federation(config, data, part, splits, rows, client, test, get_adapter_state(client.model))
 
 
-def client_seed(seed: int, round_: int, client_index: int) -> int:
-    """A distinct, reproducible seed for one client's round."""
-    return (seed * 1_000_003 + round_ * 10_007 + client_index) % (2**31 - 1)
+def _id_hash(client_id: str) -> int:
+    """A stable 32-bit hash of a client id (crc32: the same in every process and Python version)."""
+    return zlib.crc32(client_id.encode("utf-8"))
+
+
+def client_seed(seed: int, round_: int, client_id: str) -> int:
+    """A distinct, reproducible seed for one client's round.
+
+    It depends on the client's id, not its position in the partition, so a client training
+    alone in its own process (``lorafed client train``) draws exactly what the simulator draws.
+    """
+    return (seed * 1_000_003 + round_ * 10_007 + _id_hash(client_id)) % (2**31 - 1)
+
+
+def split_seed(seed: int, client_id: str) -> int:
+    """The seed of a client's train/validation/test split (by client id, see :func:`client_seed`)."""
+    return (seed + 7919 * (_id_hash(client_id) + 1)) % (2**31 - 1)
 
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round_: int) -> list[int]:
@@ -157,7 +172,7 @@ def train_client(
             fed.rows,
             fed.splits[k].train,
             fed.config.train,
-            client_seed(fed.config.seed, round_, k),
+            client_seed(fed.config.seed, round_, fed.partition.client_ids[k]),
             desc=f"r{round_} {fed.partition.client_ids[k]}",
             progress=progress,
         )

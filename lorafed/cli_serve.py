@@ -1,0 +1,218 @@
+"""Command-line verbs at the end of a federation: ``merge``, ``export``, ``predict``, ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lorafed.errors import LorafedError
+
+_MERGE_MATH = """\
+math (w_i = weights normalised to sum 1, s_i = alpha_i / r_i, delta_i = s_i B_i A_i):
+  fedavg  tensor FedAvg: A = sum_i w_i A_i, B = sum_i w_i B_i, each separately (what FedAvg
+          does). The merged delta B A is NOT sum_i w_i delta_i. Needs equal r and alpha.
+  cat     exact: A = [A_1; ...; A_k] (rows), B = [w_1 s_1 B_1 | ... | w_k s_k B_k] (columns),
+          so B A = sum_i w_i delta_i exactly; r = sum_i r_i and alpha = r (scaling 1).
+  svd     exact up to truncation: sum_i w_i delta_i = U S V^T cut to rank --rank (default: the
+          largest input r): B = U_k S_k^1/2, A = S_k^1/2 V_k^T, alpha = r = k; prints each
+          module's relative Frobenius error ||S_>k|| / ||S||.
+  The classification head (a full weight) is the weighted mean sum_i w_i H_i in every mode.
+"""
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``merge``, ``export``, ``predict`` and ``evaluate``."""
+    merge = sub.add_parser(
+        "merge",
+        help="combine several adapters into one, with weights (tensor FedAvg or exact delta merge)",
+        description="Merge lorafed adapters trained on the same base, labels and target modules.",
+        epilog=_MERGE_MATH + "\nexample: lorafed merge runA/global_r3.safetensors runB/global_r3.safetensors "
+        "--mode cat --weights 0.7,0.3 --out merged.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("adapters", nargs="+", help="adapter files (.safetensors)")
+    merge.add_argument("--out", required=True, help="where to write the merged adapter")
+    merge.add_argument("--mode", required=True, choices=["fedavg", "cat", "svd"], help="merge math (see below)")
+    merge.add_argument("--weights", help="comma-separated weights, one per adapter (default: num_examples)")
+    merge.add_argument("--rank", type=int, help="target rank of --mode svd")
+    merge.set_defaults(func=_cmd_merge)
+
+    export = sub.add_parser(
+        "export",
+        help="merge an adapter into its fp32 base and save a transformers model (or a peft adapter)",
+        description=(
+            "Reload the base in fp32 (never int8), apply the adapter, check on a fixed sample that the "
+            "exported model's logits equal the adapter model's within 1e-4 (printed), and write "
+            "--format merged (a plain transformers directory: config with id2label/label2id, safetensors "
+            "weights, tokenizer; loads with AutoModelForSequenceClassification) or --format peft "
+            "(adapter_model.safetensors + adapter_config.json; loads with PeftModel.from_pretrained). "
+            "The base must have the fingerprint recorded in the adapter's header."
+        ),
+        epilog=(
+            "example: lorafed export --adapter results/run/rounds/global_r3.safetensors "
+            "--config configs/clothing_recommend.yaml --out merged/"
+        ),
+    )
+    export.add_argument("--adapter", required=True, help="the adapter to export (.safetensors)")
+    export.add_argument("--out", required=True, help="output directory (an earlier export there is replaced)")
+    export.add_argument("--config", help="run config: gives the base (model.name_or_path) and the text columns")
+    export.add_argument("--base", help="base model directory or name (default: the config's, else the packaged MiniLM)")
+    export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved weight dtype (merged)")
+    export.add_argument("--format", dest="fmt", choices=["merged", "peft"], default="merged", help="what to write")
+    export.add_argument("--sample", help="CSV/JSONL/Parquet whose first 32 texts join the parity sample")
+    export.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    export.set_defaults(func=_cmd_export)
+
+    for name, helptext in (
+        ("predict", "classify the texts of a file (or stdin) with an exported model; writes JSONL"),
+        ("evaluate", "score an exported model on a labelled file: accuracy, macro-F1, per-class, confusion PNG"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--model", required=True, help="a directory written by 'lorafed export' (merged format)")
+        p.add_argument(
+            "--input",
+            required=True,
+            help="CSV, JSONL or Parquet file" + (", or - (one text per line)" if name == "predict" else ""),
+        )
+        p.add_argument(
+            "--text-column", help="the text column (default: the export's, else 'text', else the only column)"
+        )
+        p.add_argument("--pair-column", help="second text column (default: the export's, if the file has it)")
+        p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
+        if name == "predict":
+            p.add_argument("--out", default="-", help="JSONL output file, or - for stdout (default)")
+            p.set_defaults(func=_cmd_predict)
+        else:
+            p.add_argument("--label-column", help="the gold label column (default: the export's, else 'label')")
+            p.add_argument("--out", required=True, help="folder for metrics.json and confusion.png")
+            p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from lorafed.merge import merge_payloads
+    from lorafed.payload import load_payload, save_payload
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError as exc:
+            raise LorafedError(f"--weights {args.weights!r}: expected comma-separated numbers") from exc
+    if args.rank is not None and args.mode != "svd":
+        raise LorafedError(f"--rank applies to --mode svd, not --mode {args.mode}")
+    payloads = [load_payload(p) for p in args.adapters]
+    tensors, meta, result = merge_payloads(payloads, args.adapters, args.mode, weights, args.rank)
+    path = save_payload(args.out, tensors, meta)
+    ws = ", ".join(f"{w:.4f}" for w in meta.metrics["weights"])  # type: ignore[union-attr]
+    print(f"merged {len(payloads)} adapters ({args.mode}, weights {ws}): r={result.r}, alpha={meta.lora['alpha']}")
+    if result.truncation:
+        worst = max(result.truncation, key=result.truncation.__getitem__)
+        print(
+            f"svd truncation to rank {result.r}: relative Frobenius error max {result.truncation[worst]:.3e} "
+            f"({worst}), mean {sum(result.truncation.values()) / len(result.truncation):.3e}"
+        )
+    print(f"written to {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lorafed.config import PACKAGED_BACKBONE, load_config
+    from lorafed.export import export_adapter
+    from lorafed.payload import load_payload
+
+    if args.overrides and not args.config:
+        raise LorafedError(f"--set {args.overrides} needs --config")
+    config = load_config(args.config, args.overrides) if args.config else None
+    base = args.base or (config.model.name_or_path if config else PACKAGED_BACKBONE)
+    texts: list[str] = []
+    if args.sample:
+        from lorafed.data import read_table
+
+        frame = read_table(args.sample)
+        col = config.data.text_column if config else "text"
+        if col not in frame.columns:
+            raise LorafedError(
+                f"{args.sample}: text column {col!r} not found (columns: {', '.join(map(str, frame.columns))})"
+            )
+        texts = [str(t) for t in frame[col].dropna().tolist()[:32] if str(t).strip()]
+    payload = load_payload(args.adapter)
+    report = export_adapter(
+        payload, args.out, base, args.fmt, args.dtype, texts, config.data if config else None, args.adapter
+    )
+    print(
+        f"parity ({report.sample_rows} sequences): max |{report.format} - adapter| logit difference "
+        f"{report.max_abs_diff:.3e} (tolerance 1e-4)"
+    )
+    if report.cast_max_abs_diff is not None:
+        print(f"after casting to {report.dtype}: max logit difference {report.cast_max_abs_diff:.3e}")
+    print(f"{report.format} model ({len(report.labels)} labels, {report.dtype}) written to {report.out}")
+    return 0
+
+
+def _open_out(path: str) -> Any:
+    if path == "-":
+        return sys.stdout
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w", encoding="utf-8")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from lorafed.infer import load_serving_model, predict_proba, prediction_records, read_texts
+    from lorafed.io import atomic_write_text
+
+    _check_batch(args.batch_size)
+    sm = load_serving_model(args.model)
+    _, texts, pairs = read_texts(args.input, sm, args.text_column, args.pair_column)
+    probs = predict_proba(sm, texts, pairs, args.batch_size)
+    lines = "".join(json.dumps(r) + "\n" for r in prediction_records(probs, sm.labels))
+    if args.out == "-":
+        sys.stdout.write(lines)
+    else:
+        atomic_write_text(args.out, lines)
+        print(f"{len(texts)} predictions written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from lorafed.data import _label_str
+    from lorafed.errors import DataError
+    from lorafed.infer import format_report, load_serving_model, predict_proba, read_texts, score_labels
+    from lorafed.io import atomic_write_json
+    from lorafed.plots import plot_confusion
+
+    _check_batch(args.batch_size)
+    if args.input == "-":
+        raise LorafedError("--input -: evaluate needs a labelled file, not stdin")
+    sm = load_serving_model(args.model)
+    frame, texts, pairs = read_texts(args.input, sm, args.text_column, args.pair_column)
+    col = args.label_column or sm.text.get("label_column") or "label"
+    if col not in frame.columns:
+        raise DataError(
+            f"label column not found (columns: {', '.join(map(str, frame.columns))}); pass --label-column",
+            path=args.input,
+            field=col,
+        )
+    gold = [_label_str(v) or "" for v in frame[col].tolist()]
+    probs = predict_proba(sm, texts, pairs, args.batch_size)
+    scores = score_labels(probs, gold, sm.labels, args.input, col)
+    out = Path(args.out)
+    atomic_write_json(
+        out / "metrics.json",
+        {**asdict(scores), "labels": list(scores.labels), "model": str(args.model), "input": args.input},
+    )
+    plot_confusion(scores.confusion, scores.labels, out / "confusion.png")
+    print(format_report(scores))
+    print(f"metrics.json and confusion.png written to {out}")
+    return 0
+
+
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:
+        raise LorafedError(f"--batch-size: must be >= 1, got {batch_size}")
