@@ -133,7 +133,7 @@ def run_centralized(fed: Federation, cfg: RunConfig) -> dict[str, Any]:
     model = fed.client.model
     for r in range(1, cfg.federation.rounds + 1):
         set_adapter_state(model, state)
-        train_local(model, fed.rows, pooled, train, client_seed(cfg.seed, r, 0), progress=False)
+        train_local(model, fed.rows, pooled, train, client_seed(cfg.seed, r, "centralized"), progress=False)
         state = get_adapter_state(model)
         ev = evaluate_state(fed, state)
         curve.append({"round": r, "macro_f1": ev.macro_f1, "accuracy": ev.accuracy, "bytes_up_cum": 0})
