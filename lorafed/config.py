@@ -140,6 +140,28 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Client-level differential privacy at the server (DP-FedAvg; see :mod:`lorafed.privacy`).
+
+    Attributes:
+        enabled: Clip each client's update delta, add Gaussian noise to the sum, average uniformly.
+        clip_norm: C, the bound on the L2 norm of each client's delta (all tensors together).
+        noise_multiplier: z; noise std on the sum is z * C. Give this or ``target_epsilon``.
+        target_epsilon: Pick the smallest z whose epsilon after all rounds is at most this.
+        delta: The delta of the (epsilon, delta) guarantee (well below 1 / number of clients).
+        noise_seed: Seed of the noise generator, for reproducible experiments only; ``null``
+            (the default) seeds it from the operating system, so the noise cannot be predicted.
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    noise_seed: int | None = None
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """The server side of a run.
 
@@ -150,6 +172,7 @@ class FederationConfig:
         aggregation: Aggregation rule (``fedavg``: A and B averaged separately).
         weighting: ``samples`` weights client i by n_i / n; ``uniform`` by 1 / K.
         max_test_rows: Evaluate the global model on at most this many test rows (seeded sample).
+        dp: Client-level differential privacy (off by default).
     """
 
     rounds: int = 3
@@ -158,6 +181,7 @@ class FederationConfig:
     aggregation: Aggregation = "fedavg"
     weighting: Weighting = "samples"
     max_test_rows: int | None = None
+    dp: DPConfig = field(default_factory=DPConfig)
 
 
 @dataclass(frozen=True)
@@ -374,4 +398,25 @@ def _check_ranges(c: RunConfig) -> list[str]:
         f.max_test_rows is None or f.max_test_rows > 0,
         f"federation.max_test_rows: must be > 0, got {f.max_test_rows}",
     )
+    dp = f.dp
+    if dp.enabled:
+        need(dp.clip_norm > 0, f"federation.dp.clip_norm: must be > 0, got {dp.clip_norm}")
+        need(0 < dp.delta < 1, f"federation.dp.delta: must be in (0, 1), got {dp.delta}")
+        need(
+            (dp.noise_multiplier is None) != (dp.target_epsilon is None),
+            "federation.dp: give exactly one of noise_multiplier and target_epsilon",
+        )
+        need(
+            dp.noise_multiplier is None or dp.noise_multiplier > 0,
+            f"federation.dp.noise_multiplier: must be > 0, got {dp.noise_multiplier}",
+        )
+        need(
+            dp.target_epsilon is None or dp.target_epsilon > 0,
+            f"federation.dp.target_epsilon: must be > 0, got {dp.target_epsilon}",
+        )
+        need(
+            f.weighting == "uniform",
+            "federation.weighting: must be uniform with federation.dp.enabled (sample weights break the "
+            f"sensitivity bound of client-level DP), got {f.weighting}",
+        )
     return p

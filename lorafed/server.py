@@ -17,6 +17,7 @@ from lorafed.aggregate import WeightedMean
 from lorafed.config import Weighting
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
 from lorafed.payload import PayloadMeta, load_payload, read_meta
+from lorafed.privacy import DPSum
 from lorafed.validate import UpdateSpec, validate_update
 
 
@@ -47,6 +48,7 @@ def aggregate_files(
     spec: UpdateSpec,
     weighting: Weighting = "samples",
     min_clients: int = 1,
+    accumulator: WeightedMean | DPSum | None = None,
 ) -> RoundOutcome:
     """Validate and average a round's update files.
 
@@ -58,6 +60,8 @@ def aggregate_files(
         spec: What every update must match.
         weighting: ``samples`` (w_i = num_examples) or ``uniform`` (w_i = 1).
         min_clients: Fewest valid updates for the round to produce a global adapter.
+        accumulator: Where valid updates are added (default: a fresh :class:`WeightedMean`;
+            a :class:`~lorafed.privacy.DPSum` for client-level DP, with ``weighting="uniform"``).
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
@@ -72,7 +76,7 @@ def aggregate_files(
         except PayloadError as exc:
             out.rejected.append((p, str(exc)))
     dupes = {p for files in owners.values() if len(files) > 1 for p in files}
-    acc = WeightedMean()
+    acc = accumulator if accumulator is not None else WeightedMean()
     for p in readable:
         if p in dupes:
             cid = next(c for c, files in owners.items() if p in files)

@@ -9,7 +9,6 @@ adapter. The payloads are real files, the same bytes a remote client would send.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -32,7 +31,7 @@ from lorafed.model import ClientModel, load_client_model, lora_config_dict
 from lorafed.partition import Partition, client_table, partition
 from lorafed.payload import PayloadMeta, save_payload
 from lorafed.plots import plot_rounds
-from lorafed.server import aggregate_files, require_enough
+from lorafed.rounds import RoundPolicy, client_seed, sample_clients  # noqa: F401 (re-exported)
 from lorafed.train import TrainResult, train_local
 from lorafed.validate import UpdateSpec
 
@@ -118,24 +117,19 @@ def prepare_federation(config: RunConfig, log: Log = print) -> Federation:
     return Federation(config, data, part, splits, rows, client, test, get_adapter_state(client.model))
 
 
-def client_seed(seed: int, round_: int, client_index: int) -> int:
-    """A distinct, reproducible seed for one client's round."""
-    return (seed * 1_000_003 + round_ * 10_007 + client_index) % (2**31 - 1)
-
-
-def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round_: int) -> list[int]:
-    """Sorted indices of the clients that train in ``round_`` (at least ``min_clients``)."""
-    k = min(num_clients, max(min_clients, math.ceil(fraction * num_clients)))
-    if k >= num_clients:
-        return list(range(num_clients))
-    rng = np.random.default_rng([seed, round_])
-    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
-
-
 def train_client(
-    fed: Federation, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
+    fed: Federation,
+    global_state: dict[str, torch.Tensor],
+    k: int,
+    round_: int,
+    progress: bool = True,
+    seed_index: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Client ``k`` trains one round from ``global_state``; returns its adapter tensors."""
+    """Client ``k`` trains one round from ``global_state``; returns its adapter tensors.
+
+    ``seed_index`` (default ``k``) picks the client's seed stream, for a client whose data is
+    its own one-client federation (a Flower node or silo with its own file).
+    """
     model = fed.client.model
     set_adapter_state(model, global_state)
     result = train_local(
@@ -143,7 +137,7 @@ def train_client(
         fed.rows,
         fed.splits[k].train,
         fed.config.train,
-        client_seed(fed.config.seed, round_, k),
+        client_seed(fed.config.seed, round_, k if seed_index is None else seed_index),
         desc=f"r{round_} {fed.partition.client_ids[k]}",
         progress=progress,
     )
@@ -177,6 +171,7 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
     metrics_path.unlink(missing_ok=True)
     fcfg = config.federation
     state = fed.initial_state
+    policy = RoundPolicy(fcfg, len(fed.partition.client_ids), config.seed)
     t0 = time.perf_counter()
     first = evaluate_state(fed, state)
     g_path = save_payload(out / "rounds" / "global_r0.safetensors", state, fed.meta("server", 0, 1, kind="global"))
@@ -187,7 +182,7 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
     for r in tqdm(range(1, fcfg.rounds + 1), desc="rounds", unit="round", disable=not progress):
         times: dict[str, float] = {}
         t = time.perf_counter()
-        chosen = sample_clients(len(fed.partition.client_ids), fcfg.fraction, fcfg.min_clients, config.seed, r)
+        chosen = policy.choose(r)
         bytes_down = g_path.stat().st_size * len(chosen)
         update_dir = out / "rounds" / f"r{r}"
         if update_dir.exists():
@@ -201,10 +196,11 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
             losses.append((res.mean_loss, res.num_examples))
         times["train"] = time.perf_counter() - t
         t = time.perf_counter()
-        outcome = aggregate_files(paths, fed.spec(r), fcfg.weighting, fcfg.min_clients)
+        result = policy.aggregate(paths, fed.spec(r), state, r)
+        outcome = result.outcome
         for src, reason in outcome.rejected:
             log(f"round {r}: rejected {src}: {reason}")
-        state = dict(require_enough(outcome, fcfg.min_clients, r))
+        state = result.state
         g_path = save_payload(
             out / "rounds" / f"global_r{r}.safetensors",
             state,
@@ -218,6 +214,8 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
         row = _metrics_row(r, last, [m.client_id for _, m in outcome.accepted], outcome.bytes_in, bytes_down, times)
         row["train_loss"] = train_loss
         row["rejected"] = [reason for _, reason in outcome.rejected]
+        if result.privacy:
+            row["privacy"] = result.privacy
         rows.append(row)
         append_jsonl(metrics_path, row)
     summary = {
