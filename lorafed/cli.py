@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--config", help="YAML run config whose federation the payload should fit")
     insp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     insp.set_defaults(func=_cmd_inspect)
+    __import__("lorafed.cli_remote").cli_remote.add_parser(sub)  # flower, coordinate, poll
     return parser
 
 

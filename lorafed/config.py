@@ -217,13 +217,30 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise ConfigError([f"config file not found: {p.resolve()}"], source)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
-        raw = loaded or {}
+        raw = _parse_yaml(p.read_text(encoding="utf-8"), source)
+    return _from_raw(raw, overrides, source)
+
+
+def parse_config(text: str, source: str = "config", overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Like :func:`load_config`, from YAML text (e.g. a config that travelled in a message).
+
+    Raises:
+        ConfigError: As :func:`load_config`.
+    """
+    return _from_raw(_parse_yaml(text, source), overrides, source)
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
+    return loaded or {}
+
+
+def _from_raw(raw: dict[str, Any], overrides: typing.Sequence[str], source: str) -> RunConfig:
     problems: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")
