@@ -1,4 +1,4 @@
-"""Verbs for federations across machines: `lorafed flower ...` (Flower deployment engine), `coordinate` and `poll` (file drop)."""
+"""Verbs for federations across machines: `flower ...` (Flower deployment engine), `coordinate`, `poll` (file drop)."""
 
 from __future__ import annotations
 

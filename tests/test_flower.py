@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import ROOT
+
 from lorafed.payload import load_payload
 from lorafed.simulate import simulate
 

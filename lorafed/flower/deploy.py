@@ -9,6 +9,7 @@ port. Runtime dependency installation is disabled everywhere (no registry access
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -185,10 +186,8 @@ class LocalDeployment:
         """``ip:port`` of every listening socket of the processes started here (and their children)."""
         out = []
         for p in self._tree():
-            try:
+            with contextlib.suppress(psutil.Error):
                 out += [f"{c.laddr.ip}:{c.laddr.port}" for c in p.net_connections("tcp") if c.status == "LISTEN"]
-            except psutil.Error:
-                pass
         return sorted(set(out))
 
     def _tree(self) -> list[psutil.Process]:
@@ -205,16 +204,12 @@ class LocalDeployment:
         """Terminate every process started here and all its descendants; kill survivors."""
         tree = self._tree()
         for p in tree:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.terminate()
-            except psutil.NoSuchProcess:
-                pass
         _, alive = psutil.wait_procs(tree, timeout=grace)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(alive, timeout=grace)
         for proc in self.procs:
             if proc.poll() is None:
