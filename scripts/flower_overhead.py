@@ -66,8 +66,9 @@ def main() -> int:
     sim_wall = time.perf_counter() - t
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lorafed", "flower", "run", "--config", str(config), "--nodes", "3",
-                    "--out", str(work / "flower"), "--timeout", "900", *over], env=env, check=True, timeout=1000)  # fmt: skip
+    cmd = [sys.executable, "-m", "lorafed", "flower", "run", "--config", str(config), "--nodes", "3",
+           "--out", str(work / "flower"), "--timeout", "900", *over]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True, timeout=1000)
     fl_wall = time.perf_counter() - t
     sim, fl = _round_seconds(work / "sim" / "metrics.jsonl"), _round_seconds(work / "flower" / "metrics.jsonl")
     result = {
