@@ -47,6 +47,47 @@ def add_parser(sub: Any) -> None:
     app.add_argument("--run-out", default="lorafed-flower-run", help="output folder on the SuperLink machine")
     app.set_defaults(func=_cmd_app)
 
+    co = sub.add_parser(
+        "coordinate",
+        help="file-drop federation: aggregate the updates clients drop into a folder or object store",
+        description=(
+            "Publish global_r0.safetensors into DIR, then for each round N wait for DIR/round_N/*.safetensors, "
+            "validate each update, aggregate once --min-clients valid updates arrived or --deadline-s passed "
+            "(with at least one), and publish global_rN.safetensors atomically. DIR may be an fsspec URL "
+            "(s3://..., gs://...). A local record goes to --out."
+        ),
+        epilog="example: lorafed coordinate --dir /shared/fed --config configs/tiny.yaml --min-clients 3",
+    )
+    co.add_argument("--dir", required=True, help="the drop: a folder, or an fsspec URL")
+    co.add_argument("--config", required=True, help="YAML run config")
+    co.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES)
+    co.add_argument("--min-clients", type=int, default=2, help="aggregate once this many valid updates arrived")
+    co.add_argument("--deadline-s", type=float, default=3600.0, help="or this many seconds after a round opened")
+    co.add_argument("--rounds", type=int, help="rounds (default federation.rounds)")
+    co.add_argument("--num-clients", type=int, help="clients expected (DP divisor; default --min-clients)")
+    co.add_argument("--poll-s", type=float, default=1.0, help="seconds between listings of the drop")
+    co.add_argument("--out", help="local record folder (default OUTPUT_DIR/NAME-coordinator)")
+    co.set_defaults(func=_cmd_coordinate)
+
+    po = sub.add_parser(
+        "poll",
+        help="file-drop client: poll for global adapters, train on them, drop the updates",
+        description=(
+            "Client K of the config's partition (or, with --data-path, a client with its own file) waits for "
+            "each global_rN.safetensors in DIR, validates it against its own model, trains one round and "
+            "writes DIR/round_{N+1}/<client>.safetensors atomically, until done.json or federation.rounds."
+        ),
+    )
+    po.add_argument("--dir", required=True, help="the drop: a folder, or an fsspec URL")
+    po.add_argument("--config", required=True, help="YAML run config")
+    po.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES)
+    po.add_argument("--client", type=int, required=True, help="client index K (also picks the seed stream)")
+    po.add_argument("--data-path", help="this client's own data file instead of partition slice K")
+    po.add_argument("--client-id", help="name in the update header (default: the partition's client id)")
+    po.add_argument("--poll-s", type=float, default=1.0, help="seconds between checks")
+    po.add_argument("--timeout-s", type=float, default=3600.0, help="give up after this long without a new adapter")
+    po.set_defaults(func=_cmd_poll)
+
 
 def resolved_yaml(config: RunConfig) -> str:
     """The config as YAML text, with a relative data path or model folder made absolute (apps run elsewhere)."""
@@ -120,4 +161,32 @@ def _cmd_app(args: argparse.Namespace) -> int:
             {"config-yaml": resolved_yaml(config), "out-dir": args.run_out, "num-nodes": args.nodes},
         )
         print(f"run config: {rc}\nsubmit with: flwr run {app_dir} <connection> --run-config {rc}")
+    return 0
+
+
+def _cmd_coordinate(args: argparse.Namespace) -> int:
+    from lorafed.coordinate import coordinate
+    from lorafed.storage import open_storage
+
+    config = load_config(args.config, args.overrides)
+    if args.min_clients < 1:
+        raise LorafedError(f"--min-clients: must be >= 1, got {args.min_clients}")
+    out = Path(args.out) if args.out else Path(config.output_dir) / f"{config.name}-coordinator"
+    summary = coordinate(
+        config, open_storage(args.dir), out, args.min_clients, args.deadline_s, args.rounds, args.num_clients,
+        args.poll_s,
+    )  # fmt: skip
+    print(f"done: {summary['final']} in {args.dir}; record in {out}")
+    return 0
+
+
+def _cmd_poll(args: argparse.Namespace) -> int:
+    from lorafed.coordinate import poll_and_train
+    from lorafed.storage import open_storage
+
+    config = load_config(args.config, args.overrides)
+    n = poll_and_train(
+        config, open_storage(args.dir), args.client, args.data_path, args.client_id, args.poll_s, args.timeout_s
+    )
+    print(f"client {args.client}: {n} round(s) trained")
     return 0

@@ -8,6 +8,7 @@ adapter. The payloads are real files, the same bytes a remote client would send.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -115,6 +116,18 @@ def prepare_federation(config: RunConfig, log: Log = print) -> Federation:
     client = load_client_model(config.model, data.label_names, config.seed)
     rows = TokenizedRows(data, client.tokenizer, config.data.max_length, config.data.pair_mode)
     return Federation(config, data, part, splits, rows, client, test, get_adapter_state(client.model))
+
+
+def single_client_config(config: RunConfig, data_path: str) -> RunConfig:
+    """The config of a client that holds its own file: one client over all of its rows.
+
+    The labels must match the federation's; set ``data.labels`` so every client agrees.
+    """
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, path=data_path, max_rows=None),
+        partition=dataclasses.replace(config.partition, scheme="iid", num_clients=1, min_client_size=1),
+    )
 
 
 def train_client(

@@ -9,17 +9,16 @@ never trains from an adapter made for another backbone.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from lorafed.config import PartitionConfig, RunConfig, parse_config
+from lorafed.config import parse_config
 from lorafed.errors import ConfigError
 from lorafed.flower.records import payload_record, record_bytes
 from lorafed.payload import payload_from_bytes, payload_to_bytes
-from lorafed.simulate import Federation, prepare_federation, train_client
+from lorafed.simulate import Federation, prepare_federation, single_client_config, train_client
 from lorafed.validate import validate_update
 
 app = ClientApp()
@@ -30,17 +29,8 @@ def _federation(config_yaml: str, data_path: str) -> Federation:
     """The node's prepared data and model (cached: a long-lived executor pays this once)."""
     config = parse_config(config_yaml, "config from the server")
     if data_path:
-        config = _own_file(config, data_path)
+        config = single_client_config(config, data_path)
     return prepare_federation(config, log=lambda _: None)
-
-
-def _own_file(config: RunConfig, data_path: str) -> RunConfig:
-    """The config of a node that holds its own file: one client over all of its rows."""
-    return dataclasses.replace(
-        config,
-        data=dataclasses.replace(config.data, path=data_path, max_rows=None),
-        partition=PartitionConfig(scheme="iid", num_clients=1, min_client_size=1),
-    )
 
 
 def node_client(context: Context, fed: Federation) -> tuple[int, str, int]:
