@@ -43,6 +43,8 @@ def node_client(context: Context, fed: Federation) -> tuple[int, str, int]:
     k = int(nc.get("partition-id", 0))
     if nc.get("data-path"):
         return 0, str(nc.get("client-id", f"node{context.node_id}")), k
+    if "partition-id" not in nc:
+        raise ConfigError(["node config: set partition-id=K (client K of the config's partition) or data-path=FILE"])
     n = len(fed.partition.client_ids)
     if not 0 <= k < n:
         raise ConfigError([f"node config partition-id: expected 0..{n - 1} (the config has {n} clients), got {k}"])
