@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -61,4 +62,10 @@ def test_flower_deployment_matches_the_simulation(tiny_config, synthetic_csv, ti
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert len(list((out / "rounds" / "r2").glob("node-*.safetensors"))) == 3
+    fl_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    sim_rows = [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in fl_rows] == [0, 1, 2]
+    for a, b in zip(fl_rows, sim_rows, strict=True):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
     print(f"flower run wall {wall:.1f} s")
