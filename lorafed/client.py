@@ -26,7 +26,8 @@ from lorafed.errors import ConfigError, DataError, PayloadError, PayloadValidati
 from lorafed.evaluate import EvalResult, evaluate
 from lorafed.model import load_client_model, lora_config_dict
 from lorafed.payload import Payload, PayloadMeta, load_payload
-from lorafed.simulate import client_seed, set_threads, split_seed
+from lorafed.rounds import client_seed, split_seed
+from lorafed.simulate import set_threads
 from lorafed.specs import federation_labels
 from lorafed.train import TrainResult, train_local
 from lorafed.validate import UpdateSpec, validate_update

@@ -19,6 +19,7 @@ from lorafed.config import FederationConfig, Robust, Weighting
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
 from lorafed.lora_modes import merge_round
 from lorafed.payload import PayloadMeta, load_payload, read_meta
+from lorafed.privacy import DPSum
 from lorafed.robust import clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.server_opt import ServerOptSettings, ServerOptState, server_step
 from lorafed.validate import UpdateSpec, validate_update
@@ -61,6 +62,7 @@ def aggregate_files(
     clip_update_norm: float | None = None,
     robust: Robust = "none",
     trim_ratio: float = 0.2,
+    accumulator: WeightedMean | DPSum | None = None,
 ) -> RoundOutcome:
     """Validate and average a round's update files.
 
@@ -81,6 +83,8 @@ def aggregate_files(
             :func:`lorafed.robust.clip_update`).
         robust: ``none`` (weighted mean), ``trimmed_mean`` or ``median`` (coordinate-wise).
         trim_ratio: Share cut from each end by ``trimmed_mean``.
+        accumulator: Where valid updates are added (default: a fresh :class:`WeightedMean`;
+            a :class:`~lorafed.privacy.DPSum` for client-level DP, with ``weighting="uniform"``).
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
@@ -102,7 +106,7 @@ def aggregate_files(
         except PayloadError as exc:
             out.rejected.append((p, str(exc)))
     dupes = {p for files in owners.values() if len(files) > 1 for p in files}
-    acc = WeightedMean()
+    acc = accumulator if accumulator is not None else WeightedMean()
     kept: list[Mapping[str, torch.Tensor]] = []
     for p in readable:
         if p in dupes:

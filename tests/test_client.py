@@ -16,7 +16,7 @@ from lorafed.config import save_config
 from lorafed.data import split_indices
 from lorafed.errors import ConfigError, PayloadError
 from lorafed.payload import Payload, load_payload, save_payload
-from lorafed.simulate import split_seed
+from lorafed.rounds import split_seed
 from tests.helpers_adapter import random_adapter
 
 QUIET = {"progress": False, "log": lambda _: None}
