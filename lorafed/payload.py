@@ -2,8 +2,11 @@
 
 The header (under the safetensors metadata key ``lorafed``, as JSON) holds the format
 version, the base-model fingerprint, the LoRA config, the label list, ``num_examples``, the
-round, the client id and the tensor dtype. Reading never unpickles anything: a pickle or
-``torch.save`` archive renamed ``.safetensors`` is recognised by its first bytes and refused.
+round, the client id and the transport encoding (``dtype``: float32, float16, bfloat16, int8 or
+int8_block, see :mod:`lorafed.compress`). Writing encodes fp32 tensors; reading returns the wire
+tensors as sent, so validation checks what travelled, and :meth:`Payload.decoded` gives fp32.
+Reading never unpickles anything: a pickle or ``torch.save`` archive renamed ``.safetensors``
+is recognised by its first bytes and refused.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lorafed.compress import TRANSPORTS, decode, encode
 from lorafed.errors import PayloadError
 from lorafed.io import atomic_write_bytes
 
@@ -27,7 +31,6 @@ FORMAT_VERSION = 1
 #: Refuse headers above this size before parsing them (a real header is a few KB).
 MAX_HEADER_BYTES = 1 << 20
 _META_KEY = "lorafed"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,11 @@ class PayloadMeta:
         num_examples: Training examples behind this update (the FedAvg weight n_i).
         round: The round this update belongs to (for a global adapter: rounds completed).
         client_id: Who produced it (``server`` for global adapters).
-        dtype: Transport dtype of the tensors.
+        dtype: Transport encoding of the tensors (one of :data:`lorafed.compress.TRANSPORTS`).
         kind: ``update`` (from a client) or ``global`` (from the server).
         metrics: Optional training metrics (loss, steps...).
         format_version: The payload format version.
+        block_size: Elements per scale when ``dtype`` is ``int8_block`` (else ``None``).
     """
 
     base_fingerprint: str
@@ -57,24 +61,36 @@ class PayloadMeta:
     kind: str = "update"
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    block_size: int | None = None
 
 
 @dataclass(frozen=True)
 class Payload:
-    """Adapter tensors with their header."""
+    """Adapter tensors as they travelled (wire encoding), with their header."""
 
     tensors: dict[str, torch.Tensor]
     meta: PayloadMeta
 
+    def decoded(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors in fp32 (validate the payload first: decoding trusts its scales)."""
+        return decode(self.tensors, self.meta.dtype, self.meta.block_size or 0)
+
 
 def payload_to_bytes(tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> bytes:
-    """Serialize to safetensors bytes, casting tensors to ``meta.dtype``."""
-    dtype = _DTYPES.get(meta.dtype)
-    if dtype is None:
-        raise PayloadError(f"unsupported transport dtype {meta.dtype!r}; expected one of {sorted(_DTYPES)}")
+    """Serialize to safetensors bytes, encoding the (fp32) tensors as ``meta.dtype`` says.
+
+    Raises:
+        PayloadError: Unknown transport, or ``int8_block`` without a ``block_size`` >= 1.
+    """
+    if meta.dtype not in TRANSPORTS:
+        raise PayloadError(f"unsupported transport dtype {meta.dtype!r}; expected one of {list(TRANSPORTS)}")
+    if meta.dtype == "int8_block" and (meta.block_size is None or meta.block_size < 1):
+        raise PayloadError(f"transport int8_block needs block_size >= 1, got {meta.block_size!r}")
     header = asdict(meta)
     header["labels"] = list(meta.labels)
-    data = {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
+    if meta.dtype != "int8_block":
+        del header["block_size"]  # float and per-tensor payloads keep the original header fields
+    data = encode(tensors, meta.dtype, meta.block_size or 0)
     return st_save(data, metadata={_META_KEY: json.dumps(header, sort_keys=True)})
 
 
@@ -105,20 +121,19 @@ def load_payload(path: str | Path, max_bytes: int | None = None) -> Payload:
 
 def payload_from_bytes(data: bytes, source: str = "<bytes>") -> Payload:
     """Parse payload bytes (see :func:`load_payload`)."""
-    _check_container(data, source)
+    header = _check_container(data, source)
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise PayloadError(f"corrupted safetensors data: {exc}", path=source) from exc
-    header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
     meta_raw = (header.get("__metadata__") or {}).get(_META_KEY)
     if meta_raw is None:
         raise PayloadError("a safetensors file, but not a lorafed payload (no 'lorafed' metadata)", path=source)
     return Payload(tensors, _parse_meta(meta_raw, source))
 
 
-def _check_container(data: bytes, source: str) -> None:
-    """Recognise non-safetensors files by their first bytes, before anything is parsed."""
+def _check_container(data: bytes, source: str) -> dict[str, Any]:
+    """Recognise non-safetensors files by their first bytes, before anything is parsed; return the header."""
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
         raise PayloadError("this is a Python pickle, not safetensors; refused without loading it", path=source)
     if data[:4] == b"PK\x03\x04":
@@ -138,6 +153,7 @@ def _check_container(data: bytes, source: str) -> None:
         raise PayloadError(f"corrupted header: not JSON ({exc})", path=source) from exc
     if not isinstance(header, dict):
         raise PayloadError("corrupted header: not a JSON object", path=source)
+    return header
 
 
 def _parse_meta(raw: str, source: str) -> PayloadMeta:
@@ -168,6 +184,11 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
             )
     if not all(isinstance(x, str) for x in obj["labels"]):
         raise PayloadError("metadata field labels: expected a list of strings", path=source)
+    block_size = obj.get("block_size")
+    if obj["dtype"] == "int8_block" and (
+        not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1
+    ):
+        raise PayloadError(f"metadata field block_size: expected an integer >= 1, got {block_size!r}", path=source)
     return PayloadMeta(
         base_fingerprint=obj["base_fingerprint"],
         lora=obj["lora"],
@@ -179,6 +200,7 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
         kind=obj["kind"],
         metrics=obj.get("metrics") or {},
         format_version=version,
+        block_size=block_size if obj["dtype"] == "int8_block" else None,
     )
 
 
@@ -196,8 +218,7 @@ def read_meta(path: str | Path) -> PayloadMeta:
         if len(head) == 8:
             (n,) = struct.unpack("<Q", head)
             head += fh.read(min(n, MAX_HEADER_BYTES + 1))
-    _check_container(head, str(p))
-    header = json.loads(head[8:])
+    header = _check_container(head, str(p))
     meta_raw = (header.get("__metadata__") or {}).get(_META_KEY)
     if meta_raw is None:
         raise PayloadError("a safetensors file, but not a lorafed payload (no 'lorafed' metadata)", path=str(p))

@@ -90,7 +90,7 @@ def aggregate_files(
         except (PayloadError, PayloadValidationError) as exc:
             out.rejected.append((p, str(exc)))
             continue
-        acc.add(payload.tensors, update_weight(payload.meta, weighting))
+        acc.add(payload.decoded(), update_weight(payload.meta, weighting))
         out.accepted.append((p, payload.meta))
         out.bytes_in += Path(p).stat().st_size
     if acc.count >= min_clients:

@@ -74,7 +74,9 @@ class Federation:
         )
 
     def meta(self, client_id: str, round_: int, num_examples: int, kind: str = "update", **metrics: Any) -> PayloadMeta:
-        """A payload header for this federation."""
+        """A payload header for this federation; client updates use the configured transport."""
+        fcfg = self.config.federation
+        wire = fcfg.transport if kind == "update" else "float32"
         return PayloadMeta(
             base_fingerprint=self.client.fingerprint,
             lora=lora_config_dict(self.config.model.lora),
@@ -84,6 +86,8 @@ class Federation:
             client_id=client_id,
             kind=kind,
             metrics=metrics,
+            dtype=wire,
+            block_size=fcfg.transport_block_size if wire == "int8_block" else None,
         )
 
 
