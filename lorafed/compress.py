@@ -100,7 +100,7 @@ def decode(wire: Mapping[str, torch.Tensor], transport: str, block_size: int = 6
     only (:func:`lorafed.validate.validate_update` checks codes and scales first).
     """
     if transport in FLOAT_TRANSPORTS:
-        return {k: v.to(torch.float32) for k, v in wire.items()}
+        return {k: v if v.dtype == torch.float32 else v.to(torch.float32) for k, v in wire.items()}
     if transport not in QUANTIZED:
         raise ValueError(f"unknown transport {transport!r}; expected one of {TRANSPORTS}")
     out: dict[str, torch.Tensor] = {}

@@ -12,6 +12,7 @@ is recognised by its first bytes and refused.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lorafed.compress import TRANSPORTS, decode, encode
@@ -31,6 +30,19 @@ FORMAT_VERSION = 1
 #: Refuse headers above this size before parsing them (a real header is a few KB).
 MAX_HEADER_BYTES = 1 << 20
 _META_KEY = "lorafed"
+#: safetensors dtype codes read back (any other code is refused as corrupted).
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 @dataclass(frozen=True)
@@ -66,10 +78,17 @@ class PayloadMeta:
 
 @dataclass(frozen=True)
 class Payload:
-    """Adapter tensors as they travelled (wire encoding), with their header."""
+    """Adapter tensors as they travelled (wire encoding), with their header.
+
+    Attributes:
+        tensors: Name -> wire tensor.
+        meta: The lorafed header.
+        nbytes: Size of the serialized payload (0 when it was not read from bytes).
+    """
 
     tensors: dict[str, torch.Tensor]
     meta: PayloadMeta
+    nbytes: int = 0
 
     def decoded(self) -> dict[str, torch.Tensor]:
         """The adapter tensors in fp32 (validate the payload first: decoding trusts its scales)."""
@@ -99,12 +118,30 @@ def save_payload(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Pa
     return atomic_write_bytes(path, payload_to_bytes(tensors, meta))
 
 
-def load_payload(path: str | Path, max_bytes: int | None = None) -> Payload:
+@dataclass(frozen=True)
+class PayloadHeader:
+    """A payload's parsed header, as :func:`read_header` found it.
+
+    Attributes:
+        raw: The header bytes (length prefix included), to recognise the same header later.
+        fields: The parsed safetensors header (tensor entries and ``__metadata__``).
+        meta: The lorafed metadata.
+    """
+
+    raw: bytes
+    fields: dict[str, Any]
+    meta: PayloadMeta
+
+
+def load_payload(path: str | Path, max_bytes: int | None = None, header: PayloadHeader | None = None) -> Payload:
     """Read and parse a payload file.
 
     Args:
         path: The ``.safetensors`` file.
         max_bytes: Refuse files larger than this.
+        header: This file's header from an earlier :func:`read_header`; when the file still
+            starts with the same bytes it is not parsed again (the server reads every header
+            first, to find duplicate clients, then each file once).
 
     Raises:
         PayloadError: Missing, truncated, not safetensors (pickle, zip), oversized or corrupted
@@ -116,23 +153,78 @@ def load_payload(path: str | Path, max_bytes: int | None = None) -> Payload:
     size = p.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise PayloadError(f"file is {size} bytes, above the limit of {max_bytes}", path=str(p))
-    return payload_from_bytes(p.read_bytes(), source=str(p))
+    data = bytearray(size)
+    with open(p, "rb") as fh:
+        got = fh.readinto(data)
+    if got != size:
+        data = data[:got]
+    if header is not None and data[: len(header.raw)] == header.raw:
+        return Payload(_tensors_from_buffer(header.fields, data, len(header.raw), str(p)), header.meta, len(data))
+    return payload_from_bytes(data, source=str(p))
 
 
-def payload_from_bytes(data: bytes, source: str = "<bytes>") -> Payload:
-    """Parse payload bytes (see :func:`load_payload`)."""
+def payload_from_bytes(data: bytes | bytearray, source: str = "<bytes>") -> Payload:
+    """Parse payload bytes (see :func:`load_payload`).
+
+    The tensors are zero-copy views into ``data`` (copied once into a ``bytearray`` if it is
+    read-only ``bytes``): one read of the file and one parse of its header per payload.
+    """
     header = _check_container(data, source)
-    try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise PayloadError(f"corrupted safetensors data: {exc}", path=source) from exc
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    tensors = _tensors_from_buffer(header, buf, 8 + struct.unpack("<Q", data[:8])[0], source)
     meta_raw = (header.get("__metadata__") or {}).get(_META_KEY)
     if meta_raw is None:
         raise PayloadError("a safetensors file, but not a lorafed payload (no 'lorafed' metadata)", path=source)
-    return Payload(tensors, _parse_meta(meta_raw, source))
+    return Payload(tensors, _parse_meta(meta_raw, source), len(data))
 
 
-def _check_container(data: bytes, source: str) -> dict[str, Any]:
+def _tensors_from_buffer(header: dict[str, Any], buf: bytearray, start: int, source: str) -> dict[str, torch.Tensor]:
+    """Tensors described by a safetensors header, as views into ``buf``; the data must be tiled exactly.
+
+    Raises:
+        PayloadError: Unknown dtype, bad shape or offsets, tensors that overlap, leave gaps or
+            do not end where the file ends.
+    """
+    body = len(buf) - start
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PayloadError(f"corrupted safetensors header: tensor {name!r}: {exc!r}", path=source) from exc
+        if any(type(d) is not int or d < 0 for d in shape) or type(begin) is not int or type(end) is not int:
+            raise PayloadError(f"corrupted safetensors header: tensor {name!r}: bad shape or offsets", path=source)
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if not 0 <= begin <= end <= body or end - begin != nbytes:
+            raise PayloadError(
+                f"corrupted safetensors data: tensor {name!r} of shape {shape} ({nbytes} bytes) "
+                f"claims bytes [{begin}, {end}) of a {body}-byte data section",
+                path=source,
+            )
+        spans.append((begin, end, name))
+        if numel:
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start + begin).view(shape)
+        else:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise PayloadError(
+                f"corrupted safetensors data: tensor {name!r} starts at {begin}, expected {pos}", path=source
+            )
+        pos = end
+    if pos != body:
+        raise PayloadError(f"corrupted safetensors data: {body - pos} bytes after the last tensor", path=source)
+    return tensors
+
+
+def _check_container(data: bytes | bytearray, source: str) -> dict[str, Any]:
     """Recognise non-safetensors files by their first bytes, before anything is parsed; return the header."""
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
         raise PayloadError("this is a Python pickle, not safetensors; refused without loading it", path=source)
@@ -210,6 +302,15 @@ def read_meta(path: str | Path) -> PayloadMeta:
     Raises:
         PayloadError: As :func:`load_payload`, for the header part.
     """
+    return read_header(path).meta
+
+
+def read_header(path: str | Path) -> PayloadHeader:
+    """Read and parse only a payload's header (see :func:`read_meta`).
+
+    Raises:
+        PayloadError: As :func:`load_payload`, for the header part.
+    """
     p = Path(path)
     if not p.is_file():
         raise PayloadError("payload file not found", path=str(p))
@@ -222,4 +323,4 @@ def read_meta(path: str | Path) -> PayloadMeta:
     meta_raw = (header.get("__metadata__") or {}).get(_META_KEY)
     if meta_raw is None:
         raise PayloadError("a safetensors file, but not a lorafed payload (no 'lorafed' metadata)", path=str(p))
-    return _parse_meta(meta_raw, str(p))
+    return PayloadHeader(bytes(head), header, _parse_meta(meta_raw, str(p)))

@@ -16,7 +16,7 @@ import torch
 from lorafed.aggregate import WeightedMean
 from lorafed.config import Weighting
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
-from lorafed.payload import PayloadMeta, load_payload, read_meta
+from lorafed.payload import PayloadHeader, PayloadMeta, load_payload, read_header
 from lorafed.validate import UpdateSpec, validate_update
 
 
@@ -64,16 +64,17 @@ def aggregate_files(
     """
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
-    readable: list[str] = []
+    readable: list[tuple[str, PayloadHeader]] = []
     for p in map(str, paths):
         try:
-            owners.setdefault(read_meta(p).client_id, []).append(p)
-            readable.append(p)
+            head = read_header(p)
+            owners.setdefault(head.meta.client_id, []).append(p)
+            readable.append((p, head))
         except PayloadError as exc:
             out.rejected.append((p, str(exc)))
     dupes = {p for files in owners.values() if len(files) > 1 for p in files}
     acc = WeightedMean()
-    for p in readable:
+    for p, head in readable:
         if p in dupes:
             cid = next(c for c, files in owners.items() if p in files)
             out.rejected.append(
@@ -85,14 +86,14 @@ def aggregate_files(
             )
             continue
         try:
-            payload = load_payload(p)
+            payload = load_payload(p, header=head)
             validate_update(payload, spec, p)
         except (PayloadError, PayloadValidationError) as exc:
             out.rejected.append((p, str(exc)))
             continue
         acc.add(payload.decoded(), update_weight(payload.meta, weighting))
         out.accepted.append((p, payload.meta))
-        out.bytes_in += Path(p).stat().st_size
+        out.bytes_in += payload.nbytes
     if acc.count >= min_clients:
         out.state = acc.result()
     return out

@@ -161,8 +161,13 @@ def evaluate_state(fed: Federation, state: dict[str, torch.Tensor], positions: n
     return evaluate(fed.client.model, fed.rows, pos, fed.config.train.eval_batch_size, fed.data.label_names)
 
 
-def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log: Log = print) -> dict[str, Any]:
+def simulate(
+    config: RunConfig, out_dir: str | Path, progress: bool = True, log: Log = print, fed: Federation | None = None
+) -> dict[str, Any]:
     """Run a whole federated simulation and write its results to ``out_dir``.
+
+    ``fed``, if given, is a federation already prepared for ``config`` (benchmarks reuse one
+    across runs that differ only in the server or transport settings).
 
     Writes ``config.yaml``, ``metrics.jsonl`` (one line per round, round 0 included),
     ``rounds/global_rN.safetensors`` and ``rounds/rN/<client>.safetensors``, and ``summary.json``.
@@ -174,7 +179,7 @@ def simulate(config: RunConfig, out_dir: str | Path, progress: bool = True, log:
         LorafedError: For bad config, data or a round without enough valid updates.
     """
     out = Path(out_dir)
-    fed = prepare_federation(config, log)
+    fed = prepare_federation(config, log) if fed is None else fed
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     metrics_path = out / "metrics.jsonl"

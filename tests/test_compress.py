@@ -262,3 +262,24 @@ def test_simulation_sends_int8_updates(tiny_config, tmp_path) -> None:
     p = load_payload(update)
     assert p.meta.dtype == "int8" and all(t.dtype in (torch.int8, torch.float32) for t in p.tensors.values())
     assert any(k.endswith(":scale") for k in p.tensors)
+
+
+def test_corrupted_tensor_offsets_are_refused(tmp_path) -> None:
+    """The zero-copy reader checks what safetensors checks: offsets tile the data exactly."""
+    data = bytearray(payload_to_bytes(_state(), _meta("float32")))
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = "m.lora_A.weight"
+    b, e = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [b, e + 4]
+    raw = json.dumps(header).encode()
+    bad = len(raw).to_bytes(8, "little") + raw + bytes(data[8 + n :])
+    with pytest.raises(PayloadError, match=r"tensor 'm\.lora_A\.weight' of shape \(2, 37\) \(296 bytes\) claims"):
+        payload_from_bytes(bad, source="x.safetensors")
+    header[name]["data_offsets"] = [b, e]
+    header[name]["shape"] = [2, "37"]
+    raw = json.dumps(header).encode()
+    with pytest.raises(PayloadError, match=r"tensor 'm\.lora_A\.weight': bad shape or offsets"):
+        payload_from_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data[8 + n :]))
+    with pytest.raises(PayloadError, match="4 bytes after the last tensor"):
+        payload_from_bytes(bytes(data) + b"\0\0\0\0")
