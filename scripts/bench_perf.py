@@ -226,6 +226,26 @@ def memcpy_bandwidth(reps: int, nbytes: int = 256 << 20) -> dict[str, Any]:
     return stats(bw)
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's RSS high-water mark (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # not Linux: the peak then includes the imports (same for every N, so still comparable)
+
+
+def peak_rss() -> int:
+    """RSS high-water mark in bytes since the last reset (VmHWM), or ru_maxrss where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def agg_worker(args: argparse.Namespace) -> None:
     """One N in a fresh process: time the file path and the in-memory path, report RSS high-water."""
     import psutil
@@ -241,6 +261,7 @@ def agg_worker(args: argparse.Namespace) -> None:
     paths = sorted(Path(args.files).glob("*.safetensors"))[: args.n]
     torch.set_num_threads(1)
     rss0 = psutil.Process().memory_info().rss
+    reset_peak_rss()  # imports peak above rss0 and free again; measure from here
     file_bytes = sum(p.stat().st_size for p in paths)
     files_t = []
     for _ in range(args.reps + 1):  # first run warms the page cache
@@ -249,7 +270,7 @@ def agg_worker(args: argparse.Namespace) -> None:
         files_t.append(time.perf_counter() - t)
         if len(out.accepted) != args.n:
             raise RuntimeError(f"{len(out.rejected)} rejected: {out.rejected[:1]}")
-    peak_files = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_files = peak_rss()
     bw = memcpy_bandwidth(args.reps)  # after the peak was read: its 512 MB of buffers are not the aggregation's
     # In memory: a pool of distinct updates cycled N times (the updates themselves are the caller's memory).
     pool = [out.state] + [{k: torch.randn(s) for k, (s, _) in spec.tensors.items()} for _ in range(min(args.n, 64) - 1)]
