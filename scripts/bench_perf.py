@@ -36,7 +36,7 @@ from lorafed.aggregate import WeightedMean  # noqa: E402
 from lorafed.compress import TRANSPORTS  # noqa: E402
 from lorafed.config import RunConfig, load_config  # noqa: E402
 from lorafed.io import atomic_write_json, atomic_write_text  # noqa: E402
-from lorafed.model import load_client_model  # noqa: E402
+from lorafed.model import load_client_model, lora_config_dict  # noqa: E402
 from lorafed.payload import PayloadMeta, payload_to_bytes, save_payload  # noqa: E402
 from lorafed.server import aggregate_files  # noqa: E402
 from lorafed.simulate import prepare_federation, set_threads, simulate  # noqa: E402
@@ -77,15 +77,17 @@ def comm_sizes(config: RunConfig, block_size: int) -> dict[str, Any]:
     rows = []
     for variant, tensors in (("A+B+head", state), ("B+head (A frozen)", b_only)):
         for transport in TRANSPORTS:
+            # The header a simulated client writes (same fields, realistic metric values).
             meta = PayloadMeta(
                 full.fingerprint,
-                {"r": config.model.lora.r, "alpha": config.model.lora.alpha},
+                lora_config_dict(config.model.lora),
                 labels,
-                1000,
+                10_490,
                 1,
-                "client-0001",
+                "Intimate",
                 dtype=transport,
                 block_size=block_size if transport == "int8_block" else None,
+                metrics={"loss": 0.4182394, "steps": 12, "seconds": 9.532148},
             )
             n = len(payload_to_bytes(tensors, meta))
             rows.append(
