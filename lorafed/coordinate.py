@@ -197,7 +197,7 @@ def poll_and_train(
             continue
         glob = payload_from_bytes(storage.read(global_name(r - 1)), global_name(r - 1))
         validate_update(glob, fed.spec(None), global_name(r - 1))
-        tensors, res = train_client(fed, glob.tensors, k, r, progress=False, client_id=cid)
+        tensors, res = train_client(fed, glob.decoded(), k, r, progress=False, client_id=cid)
         meta = fed.meta(cid, r, res.num_examples, loss=res.mean_loss, steps=res.steps)
         storage.write(f"round_{r}/{_safe(cid)}.safetensors", payload_to_bytes(tensors, meta))
         log(f"{cid}: round {r} update dropped (loss {res.mean_loss:.4f})")

@@ -83,7 +83,9 @@ class Federation:
         )
 
     def meta(self, client_id: str, round_: int, num_examples: int, kind: str = "update", **metrics: Any) -> PayloadMeta:
-        """A payload header for this federation."""
+        """A payload header for this federation; client updates use the configured transport."""
+        fcfg = self.config.federation
+        wire = fcfg.transport if kind == "update" else "float32"
         return PayloadMeta(
             base_fingerprint=self.client.fingerprint,
             lora=lora_config_dict(self.config.model.lora),
@@ -93,6 +95,8 @@ class Federation:
             client_id=client_id,
             kind=kind,
             metrics=metrics,
+            dtype=wire,
+            block_size=fcfg.transport_block_size if wire == "int8_block" else None,
         )
 
 
@@ -189,6 +193,7 @@ def simulate(
     *,
     resume: bool = False,
     client_fn: Callable[[ClientFn], ClientFn] | None = None,
+    fed: Federation | None = None,
 ) -> dict[str, Any]:
     """Run a whole federated simulation and write its results to ``out_dir``.
 
@@ -207,6 +212,8 @@ def simulate(
             client) only, so a resumed run ends with the same adapter as an uninterrupted one.
         client_fn: Wraps the client's round (:func:`train_client`), e.g. to inject faults or
             attacks; it receives the real one and returns the function to call instead.
+        fed: A federation already prepared for ``config`` (benchmarks reuse one across runs
+            that differ only in the server or transport settings).
 
     Returns:
         The summary (also written to ``summary.json``).
@@ -216,7 +223,7 @@ def simulate(
             without enough valid updates after its retries.
     """
     out = Path(out_dir)
-    fed = prepare_federation(config, log)
+    fed = prepare_federation(config, log) if fed is None else fed
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     base_client: ClientFn = functools.partial(train_client, progress=progress)
@@ -424,7 +431,7 @@ def resume_point(
     if policy is not None and fed.config.federation.server_optimizer != "none" and last > 0:
         policy.server_opt = load_server_opt(_server_opt_path(out, last))
     log(f"resuming {out} after round {last} of {fed.config.federation.rounds}")
-    return rows, {k: v.to(torch.float32) for k, v in payload.tensors.items()}
+    return rows, {k: v.to(torch.float32) for k, v in payload.decoded().items()}
 
 
 def _server_opt_path(out: Path, r: int) -> Path:

@@ -60,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     k, cid = node_client(context, fed)
     glob = payload_from_bytes(record_bytes(msg, "global"), source=f"global adapter of round {round_ - 1}")
     validate_update(glob, fed.spec(None), "global adapter from the server")
-    tensors, res = train_client(fed, glob.tensors, k, round_, progress=False, client_id=cid)
+    tensors, res = train_client(fed, glob.decoded(), k, round_, progress=False, client_id=cid)
     meta = fed.meta(cid, round_, res.num_examples, loss=res.mean_loss, steps=res.steps, seconds=res.seconds)
     content = RecordDict(
         {
