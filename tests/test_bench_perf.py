@@ -8,22 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_overrides
 
 
 def test_bench_perf_quick_writes_json_markdown_and_plot(
     tmp_path: Path, tiny_model_dir: Path, synthetic_csv: Path
 ) -> None:
     out = tmp_path / "perf"
-    sets = [
-        f"data.path={synthetic_csv}",
-        "data.text_column=review",
-        "data.label_column=label",
-        "data.max_rows=null",
-        f"model.name_or_path={tiny_model_dir}",
-        "model.precision=fp32",
-        "train.num_threads=1",
-    ]
+    sets = tiny_overrides(synthetic_csv, tiny_model_dir)
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_perf.py"), "--quick", "--out", str(out)]
     cmd += ["--config", str(ROOT / "configs" / "tiny.yaml")] + [x for s in sets for x in ("--set", s)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_overrides
 
 from lorafed.payload import load_payload
 from lorafed.simulate import simulate
@@ -22,13 +22,7 @@ pytest.importorskip("flwr")
 
 def _overrides(csv: Path, model_dir: Path) -> list[str]:
     return [
-        f"data.path={csv}",
-        "data.text_column=review",
-        "data.label_column=label",
-        "data.max_rows=null",
-        f"model.name_or_path={model_dir}",
-        "model.precision=fp32",
-        "train.num_threads=1",
+        *tiny_overrides(csv, model_dir),
         "partition.num_clients=3",
         "federation.rounds=2",
         "federation.min_clients=3",

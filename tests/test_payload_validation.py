@@ -109,7 +109,8 @@ def test_wrong_dtype(tmp_path: Path) -> None:
     p = tmp_path / "cdtype.safetensors"
     p.write_bytes(st_save(t, metadata={"lorafed": json.dumps(header)}))
     reason = aggregate_files([p], SPEC).rejected[0][1]
-    assert "client 'cdtype'" in reason and f"tensor {name} dtype: expected float32 (transport float32), received float16" in reason
+    assert "client 'cdtype'" in reason
+    assert f"tensor {name} dtype: expected float32 (transport float32), received float16" in reason
 
 
 def test_integer_tensors_refused(tmp_path: Path) -> None:
