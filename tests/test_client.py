@@ -143,7 +143,10 @@ def test_aggregate_cli_refuses_server_settings_it_cannot_apply(tiny_config, tmp_
 def test_client_train_writes_the_configured_transport(tiny_config, tmp_path) -> None:
     data = _two_class_file(tmp_path / "shopA.csv")
     update = run_client_round(
-        tiny_config(f"data.path={data}", "data.labels=[bad,good,meh]", "federation.transport=int8"), "shopA", None, **QUIET
+        tiny_config(f"data.path={data}", "data.labels=[bad,good,meh]", "federation.transport=int8"),
+        "shopA",
+        None,
+        **QUIET,
     )
     path = save_payload(tmp_path / "u.safetensors", update.tensors, update.meta)
     sent = load_payload(path)
