@@ -430,6 +430,9 @@ def write_report(res: dict[str, Any], out: Path) -> None:
                 f"{r['memory_vs_bound']:.2f}x | {r['peak_rss_files_bytes'] / 2**20:.0f} |"
             )
         lines.append("")
+    flower = out / "flower_overhead.md"  # written by scripts/flower_overhead.py (issue: Flower path cost)
+    if flower.is_file():
+        lines += ["", flower.read_text().rstrip(), ""]
     atomic_write_text(out / "perf.md", "\n".join(lines))
 
 
