@@ -3,7 +3,8 @@
 The caller decides where the update goes (a file, Flower, memory). A fresh AdamW runs each
 round over the trainable tensors only (LoRA and head): clients keep no optimizer state. With
 ``prox_mu > 0`` the loss gets FedProx's proximal term mu/2 * ||w - w_global||^2, w_global being
-the trainable tensors as loaded at the start of the round.
+the trainable tensors as loaded at the start of the round. With ``gradient_checkpointing`` each
+layer is recomputed in backward (about half the peak memory, one more forward pass per step).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lorafed.config import TrainConfig
 from lorafed.data import TokenizedRows
+from lorafed.model import enable_gradient_checkpointing
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ def train_local(
         desc: Progress-bar label.
         progress: Show a progress bar over steps.
     """
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     class_weights = (
         balanced_class_weights(rows.labels[torch.as_tensor(positions)], model)
