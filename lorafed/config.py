@@ -118,10 +118,10 @@ class ModelConfig:
         precision: Backbone precision: ``int8`` (frozen int8 weights, see ``int8_backend``),
             ``bf16`` or ``fp32``.
         lora: LoRA settings.
-        int8_backend: With ``precision: int8``: ``lorafed`` (row-wise absmax int8 layers that keep
-            no fp32 weight copy for backward; about 0.7x the peak memory of ``bitsandbytes`` in
-            training) or ``bitsandbytes`` (LLM.int8 ``Linear8bitLt``, which on CPU holds an fp32
-            copy of every linear weight from forward to backward).
+        int8_backend: With ``precision: int8``: ``lorafed`` (:mod:`lorafed.int8`, row-wise absmax
+            int8 layers that keep neither an fp32 weight copy nor their input for backward) or
+            ``bitsandbytes`` (LLM.int8 ``Linear8bitLt``; its CPU training path keeps each layer's
+            input and peaks above fp32). Peak memory and speed of both: ``results/memory.md``.
         quantize_embeddings: With ``precision: int8``: store the embedding tables in int8 too
             (either backend; BERT's word table is 47 MB in fp32 for MiniLM, 94 MB for bert-base).
             Ignored for other precisions.

@@ -1,9 +1,11 @@
 """Frozen int8 linear and embedding layers for LoRA training on CPU, without fp32 weight copies.
 
-bitsandbytes' ``Linear8bitLt`` on CPU dequantizes its whole int8 weight to fp32 on every forward
-and keeps that copy alive for backward, so a training step holds an fp32 copy of every linear
-weight next to the int8 one (MiniLM at batch 32 x length 64: 1.5x the fp32 model's peak). The
-layers here never keep a dequantized weight:
+bitsandbytes' ``Linear8bitLt`` trains on CPU through ``MatMul8bitFp`` (bitsandbytes 0.50): it
+dequantizes the whole weight to fp32 in forward and again in backward, and keeps every layer's
+float *input* on its autograd node although the frozen weight needs no gradient (for BERT's
+``output.dense`` that is the 4x-wide GELU output). With the glibc churn of those full-size
+temporaries, stock int8 training peaks above fp32 (``results/memory.md``). The layers here keep
+neither a dequantized weight nor their input:
 
 * :class:`Int8Linear` is an ``nn.Linear`` whose ``weight`` is a frozen int8 tensor with one
   absmax scale per output row. Its autograd function saves only the int8 weight and scales

@@ -552,7 +552,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, axes = _figure(1, 2, figsize=(11, 4.2))
     names = list(report["models"])
-    variants = [v for v in VARIANTS if any(v in m["by_variant"] for m in report["models"].values())]
+    present = {r["variant"] for m in report["models"].values() for r in m["variants"] if "error" not in r}
+    variants = [v for v in VARIANTS if v in present]
     width = 0.8 / max(1, len(names))
     x = np.arange(len(variants))
     for ax, key, target, title in (
@@ -560,7 +561,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         (axes[1], "time_ratio", TARGET_TIME, "step time / fp32"),
     ):
         for i, name in enumerate(names):
-            by = report["models"][name]["by_variant"]
+            by = {r["variant"]: r for r in report["models"][name]["variants"] if "error" not in r}
             vals = [by.get(v, {}).get(key, np.nan) for v in variants]
             bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
             ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
@@ -579,7 +580,6 @@ def summarize(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     return {
         "steps": steps,
         "variants": rows,
-        "by_variant": {r["variant"]: r for r in rows if "error" not in r},
         "targets": judge_targets(rows),
         "changes": what_each_change_bought(rows),
     }
@@ -591,7 +591,6 @@ def write_reports(report: dict[str, Any], out: Path, with_plot: bool = True) -> 
 
     slim = json.loads(json.dumps(report))
     for m in slim["models"].values():
-        m.pop("by_variant")
         for r in m["variants"]:
             r.pop("initial_logits", None)
     atomic_write_json(out / "memory.json", slim)
@@ -606,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lorafed" / "bench_memory")
     ap.add_argument("--variants", nargs="+", default=None, help="subset of the variants")
+    ap.add_argument("--render", type=Path, help="only rewrite memory.md and memory.png from this memory.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cuda", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -617,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args)
+        return 0
+    if args.render:
+        report = json.loads(args.render.read_text(encoding="utf-8"))
+        report["notes"] = NOTES
+        write_reports(report, args.out)
         return 0
 
     from lorafed.config import PACKAGED_BACKBONE

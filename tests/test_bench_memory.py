@@ -67,6 +67,8 @@ def test_measurements_and_reports_on_the_tiny_model(bench, tiny_model_dir: Path,
     md = (tmp_path / "memory.md").read_text()
     assert "Reproduce: `flock /tmp/lorafed-heavy.lock" in md and "No GPU here" in md
     assert md.count("met") >= 6 and "Where the memory goes" in md
+    assert bench.main(["--render", str(tmp_path / "memory.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "memory.md").read_text() == md and (tmp_path / "again" / "memory.png").is_file()
 
 
 def test_targets_are_judged_from_the_ratios(bench) -> None:
