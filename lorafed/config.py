@@ -157,6 +157,9 @@ class TrainConfig:
             the layer in backward. Activations dominate a client's training memory (MiniLM,
             batch 32 x length 64: ~320 MB against 23 MB of int8 weights), so this roughly halves
             the peak, for one extra forward pass per step (~1.4-1.6x step time measured).
+        autocast: ``bf16`` runs the forward and backward matmuls in bfloat16 (``torch.autocast``);
+            LoRA weights, their gradients, AdamW and the loss stay fp32. Fast only on CPUs with
+            bf16 instructions (AVX512-BF16 or AMX); elsewhere it is slower than fp32.
     """
 
     batch_size: int = 16
@@ -171,6 +174,7 @@ class TrainConfig:
     class_weighting: Literal["none", "balanced"] = "none"
     prox_mu: float = 0.0
     gradient_checkpointing: bool = False
+    autocast: Literal["none", "bf16"] = "none"
 
 
 @dataclass(frozen=True)

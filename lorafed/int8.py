@@ -76,8 +76,9 @@ class _Int8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = dequantize_rowwise(q, scale, x.dtype)
-        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        # Under autocast F.linear computes in the autocast dtype: dequantize straight to it.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return F.linear(x, dequantize_rowwise(q, scale, dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:

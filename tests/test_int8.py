@@ -68,6 +68,19 @@ def test_int8_linear_forward_and_input_grad_equal_the_dequantized_reference() ->
     assert float((y - lin(x)).detach().abs().max()) < 0.02  # and the weight rounding is small
 
 
+def test_int8_linear_under_bf16_autocast_dequantizes_to_bf16() -> None:
+    torch.manual_seed(6)
+    layer = Int8Linear.from_float(torch.nn.Linear(16, 8))
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    ref = F.linear(x.detach().bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
 def test_int8_linear_bias_gradient_when_the_bias_trains() -> None:
     torch.manual_seed(1)
     layer = Int8Linear.from_float(torch.nn.Linear(6, 4))
@@ -208,9 +221,30 @@ def test_gradient_checkpointing_changes_memory_not_the_update(tiny_config) -> No
         torch.testing.assert_close(states[1][key], value, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_autocast_training_stays_close_to_fp32_and_keeps_fp32_adapters(tiny_config) -> None:
+    from lorafed.adapter import set_adapter_state
+    from lorafed.simulate import prepare_federation
+    from lorafed.train import train_local
+
+    config = tiny_config("model.precision=int8", "train.max_steps=3")
+    fed = prepare_federation(config, log=lambda _: None)
+    states, losses = [], []
+    for mode in ("none", "bf16"):
+        set_adapter_state(fed.client.model, fed.initial_state)
+        train = dataclasses.replace(config.train, autocast=mode)
+        result = train_local(fed.client.model, fed.rows, fed.splits[0].train, train, seed=3, progress=False)
+        states.append(get_adapter_state(fed.client.model))
+        losses.append(result.mean_loss)
+    assert all(p.dtype == torch.float32 for p in fed.client.model.parameters() if p.requires_grad)
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # bf16 rounds; it does not change the math
+    # Adam turns tiny gradient differences into full steps element-wise: compare whole updates.
+    deltas = [torch.cat([(st[k] - fed.initial_state[k]).flatten() for k in sorted(st)]) for st in states]
+    assert float((deltas[1] - deltas[0]).norm() / deltas[0].norm()) < 0.1
+
+
 def test_config_validates_the_int8_options() -> None:
     assert ModelConfig().int8_backend == "lorafed" and ModelConfig().quantize_embeddings
-    assert not TrainConfig().gradient_checkpointing
+    assert not TrainConfig().gradient_checkpointing and TrainConfig().autocast == "none"
     with pytest.raises(ConfigError) as err:
         load_config(
             None,
@@ -219,11 +253,13 @@ def test_config_validates_the_int8_options() -> None:
                 "model.int8_backend=bnb",
                 "model.quantize_embeddings=maybe",
                 "train.gradient_checkpointing=1",
+                "train.autocast=fp16",
             ],
         )
     text = str(err.value)
     assert "model.int8_backend: 'bnb' is not one of 'lorafed', 'bitsandbytes'" in text
     assert "model.quantize_embeddings: expected true or false, got 'maybe'" in text
     assert "train.gradient_checkpointing: expected true or false, got 1" in text
+    assert "train.autocast: 'fp16' is not one of 'none', 'bf16'" in text
     ok = load_config(None, ["data.path=x.csv", "model.int8_backend=bitsandbytes", "train.gradient_checkpointing=true"])
     assert ok.model.int8_backend == "bitsandbytes" and ok.train.gradient_checkpointing
