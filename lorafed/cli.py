@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorafed import cli_download
+from lorafed import cli_download, cli_remote
 from lorafed.cli_silo import add_silo_verbs
 from lorafed.config import load_config
 from lorafed.errors import LorafedError
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.set_defaults(func=_cmd_inspect)
     cli_download.add_parser(sub)
     add_silo_verbs(sub)
+    cli_remote.add_parser(sub)  # flower, coordinate, poll
     return parser
 
 

@@ -107,6 +107,7 @@ def _cmd_client_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from lorafed.client import require_plain_fedavg
     from lorafed.config import load_config
     from lorafed.io import atomic_write_json
     from lorafed.payload import PayloadMeta, read_meta, save_payload
@@ -121,6 +122,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
         spec = spec_from_global(args.global_path, round_)
     else:
         config = load_config(args.config, args.overrides)
+        require_plain_fedavg(config.federation)
         round_ = args.expect_round
         spec = spec_from_config(config, round_, args.config)
         weighting = args.weighting or config.federation.weighting

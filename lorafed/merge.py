@@ -251,7 +251,7 @@ def merge_payloads(
         r, alpha = p.meta.lora.get("r"), p.meta.lora.get("alpha")
         if not isinstance(r, int) or not isinstance(alpha, (int, float)):
             raise MergeError(f"{src}: header lora needs integer r and numeric alpha, got r={r!r}, alpha={alpha!r}")
-        adapters.append(LoraFactors(p.tensors, r, float(alpha)))
+        adapters.append(LoraFactors(p.decoded(), r, float(alpha)))
     result = merge_adapters(adapters, ws, mode, rank)
     lora = dict(first.lora)
     lora["r"] = result.r

@@ -2,13 +2,17 @@
 
 The header (under the safetensors metadata key ``lorafed``, as JSON) holds the format
 version, the base-model fingerprint, the LoRA config, the label list, ``num_examples``, the
-round, the client id and the tensor dtype. Reading never unpickles anything: a pickle or
-``torch.save`` archive renamed ``.safetensors`` is recognised by its first bytes and refused.
+round, the client id and the transport encoding (``dtype``: float32, float16, bfloat16, int8 or
+int8_block, see :mod:`lorafed.compress`). Writing encodes fp32 tensors; reading returns the wire
+tensors as sent, so validation checks what travelled, and :meth:`Payload.decoded` gives fp32.
+Reading never unpickles anything: a pickle or ``torch.save`` archive renamed ``.safetensors``
+is recognised by its first bytes and refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -16,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lorafed.compress import TRANSPORTS, decode, encode
 from lorafed.errors import PayloadError
 from lorafed.io import atomic_write_bytes
 
@@ -27,7 +30,19 @@ FORMAT_VERSION = 1
 #: Refuse headers above this size before parsing them (a real header is a few KB).
 MAX_HEADER_BYTES = 1 << 20
 _META_KEY = "lorafed"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: safetensors dtype codes read back (any other code is refused as corrupted).
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 @dataclass(frozen=True)
@@ -41,10 +56,11 @@ class PayloadMeta:
         num_examples: Training examples behind this update (the FedAvg weight n_i).
         round: The round this update belongs to (for a global adapter: rounds completed).
         client_id: Who produced it (``server`` for global adapters).
-        dtype: Transport dtype of the tensors.
+        dtype: Transport encoding of the tensors (one of :data:`lorafed.compress.TRANSPORTS`).
         kind: ``update`` (from a client) or ``global`` (from the server).
         metrics: Optional training metrics (loss, steps...).
         format_version: The payload format version.
+        block_size: Elements per scale when ``dtype`` is ``int8_block`` (else ``None``).
     """
 
     base_fingerprint: str
@@ -57,24 +73,43 @@ class PayloadMeta:
     kind: str = "update"
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    block_size: int | None = None
 
 
 @dataclass(frozen=True)
 class Payload:
-    """Adapter tensors with their header."""
+    """Adapter tensors as they travelled (wire encoding), with their header.
+
+    Attributes:
+        tensors: Name -> wire tensor.
+        meta: The lorafed header.
+        nbytes: Size of the serialized payload (0 when it was not read from bytes).
+    """
 
     tensors: dict[str, torch.Tensor]
     meta: PayloadMeta
+    nbytes: int = 0
+
+    def decoded(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors in fp32 (validate the payload first: decoding trusts its scales)."""
+        return decode(self.tensors, self.meta.dtype, self.meta.block_size or 0)
 
 
 def payload_to_bytes(tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> bytes:
-    """Serialize to safetensors bytes, casting tensors to ``meta.dtype``."""
-    dtype = _DTYPES.get(meta.dtype)
-    if dtype is None:
-        raise PayloadError(f"unsupported transport dtype {meta.dtype!r}; expected one of {sorted(_DTYPES)}")
+    """Serialize to safetensors bytes, encoding the (fp32) tensors as ``meta.dtype`` says.
+
+    Raises:
+        PayloadError: Unknown transport, or ``int8_block`` without a ``block_size`` >= 1.
+    """
+    if meta.dtype not in TRANSPORTS:
+        raise PayloadError(f"unsupported transport dtype {meta.dtype!r}; expected one of {list(TRANSPORTS)}")
+    if meta.dtype == "int8_block" and (meta.block_size is None or meta.block_size < 1):
+        raise PayloadError(f"transport int8_block needs block_size >= 1, got {meta.block_size!r}")
     header = asdict(meta)
     header["labels"] = list(meta.labels)
-    data = {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
+    if meta.dtype != "int8_block":
+        del header["block_size"]  # float and per-tensor payloads keep the original header fields
+    data = encode(tensors, meta.dtype, meta.block_size or 0)
     return st_save(data, metadata={_META_KEY: json.dumps(header, sort_keys=True)})
 
 
@@ -83,13 +118,36 @@ def save_payload(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Pa
     return atomic_write_bytes(path, payload_to_bytes(tensors, meta))
 
 
-def load_payload(path: str | Path, max_bytes: int | None = None, max_header_bytes: int = MAX_HEADER_BYTES) -> Payload:
+@dataclass(frozen=True)
+class PayloadHeader:
+    """A payload's parsed header, as :func:`read_header` found it.
+
+    Attributes:
+        raw: The header bytes (length prefix included), to recognise the same header later.
+        fields: The parsed safetensors header (tensor entries and ``__metadata__``).
+        meta: The lorafed metadata.
+    """
+
+    raw: bytes
+    fields: dict[str, Any]
+    meta: PayloadMeta
+
+
+def load_payload(
+    path: str | Path,
+    max_bytes: int | None = None,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    header: PayloadHeader | None = None,
+) -> Payload:
     """Read and parse a payload file.
 
     Args:
         path: The ``.safetensors`` file.
         max_bytes: Refuse files larger than this.
         max_header_bytes: Refuse a safetensors header larger than this, before parsing it.
+        header: This file's header from an earlier :func:`read_header`; when the file still
+            starts with the same bytes it is not parsed again (the server reads every header
+            first, to find duplicate clients, then each file once).
 
     Raises:
         PayloadError: Missing, truncated, not safetensors (pickle, zip), oversized or corrupted
@@ -101,18 +159,29 @@ def load_payload(path: str | Path, max_bytes: int | None = None, max_header_byte
     size = p.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise PayloadError(f"file is {size} bytes, above the limit of {max_bytes}", path=str(p))
-    return payload_from_bytes(p.read_bytes(), source=str(p), max_header_bytes=max_header_bytes)
+    data = bytearray(size)
+    with open(p, "rb") as fh:
+        got = fh.readinto(data)
+    if got != size:
+        data = data[:got]
+    if header is not None and data[: len(header.raw)] == header.raw:
+        return Payload(_tensors_from_buffer(header.fields, data, len(header.raw), str(p)), header.meta, len(data))
+    return payload_from_bytes(data, source=str(p), max_header_bytes=max_header_bytes)
 
 
-def payload_from_bytes(data: bytes, source: str = "<bytes>", max_header_bytes: int = MAX_HEADER_BYTES) -> Payload:
-    """Parse payload bytes (see :func:`load_payload`)."""
+def payload_from_bytes(
+    data: bytes | bytearray, source: str = "<bytes>", max_header_bytes: int = MAX_HEADER_BYTES
+) -> Payload:
+    """Parse payload bytes (see :func:`load_payload`).
+
+    The tensors are zero-copy views into ``data`` (copied once into a ``bytearray`` if it is
+    read-only ``bytes``): one read of the file and one parse of its header per payload.
+    """
     header = _check_container(data, source, max_header_bytes)
     meta = _parse_meta(_meta_string(header, source), source)
-    try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
-        raise PayloadError(f"corrupted safetensors data: {exc}", path=source) from exc
-    return Payload(tensors, meta)
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    tensors = _tensors_from_buffer(header, buf, 8 + struct.unpack("<Q", data[:8])[0], source)
+    return Payload(tensors, meta, len(data))
 
 
 def _meta_string(header: dict[str, Any], source: str) -> str:
@@ -126,7 +195,55 @@ def _meta_string(header: dict[str, Any], source: str) -> str:
     return meta_raw
 
 
-def _check_container(data: bytes, source: str, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+def _tensors_from_buffer(header: dict[str, Any], buf: bytearray, start: int, source: str) -> dict[str, torch.Tensor]:
+    """Tensors described by a safetensors header, as views into ``buf``; the data must be tiled exactly.
+
+    Raises:
+        PayloadError: Unknown dtype, bad shape or offsets, tensors that overlap, leave gaps or
+            do not end where the file ends.
+    """
+    body = len(buf) - start
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PayloadError(f"corrupted safetensors header: tensor {name!r}: {exc!r}", path=source) from exc
+        if any(type(d) is not int or d < 0 for d in shape) or type(begin) is not int or type(end) is not int:
+            raise PayloadError(f"corrupted safetensors header: tensor {name!r}: bad shape or offsets", path=source)
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if not 0 <= begin <= end <= body or end - begin != nbytes:
+            raise PayloadError(
+                f"corrupted safetensors data: tensor {name!r} of shape {shape} ({nbytes} bytes) "
+                f"claims bytes [{begin}, {end}) of a {body}-byte data section",
+                path=source,
+            )
+        spans.append((begin, end, name))
+        if numel:
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start + begin).view(shape)
+        else:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise PayloadError(
+                f"corrupted safetensors data: tensor {name!r} starts at {begin}, expected {pos}", path=source
+            )
+        pos = end
+    if pos != body:
+        raise PayloadError(f"corrupted safetensors data: {body - pos} bytes after the last tensor", path=source)
+    return tensors
+
+
+def _check_container(
+    data: bytes | bytearray, source: str, max_header_bytes: int = MAX_HEADER_BYTES
+) -> dict[str, Any]:
     """Recognise non-safetensors files by their first bytes, before anything is parsed; return the header."""
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
         raise PayloadError("this is a Python pickle, not safetensors; refused without loading it", path=source)
@@ -180,6 +297,11 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
         raise PayloadError("metadata field labels: expected a list of strings", path=source)
     if not isinstance(obj.get("metrics") or {}, dict):
         raise PayloadError(f"metadata field metrics: expected an object, got {obj['metrics']!r}", path=source)
+    block_size = obj.get("block_size")
+    if obj["dtype"] == "int8_block" and (
+        not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1
+    ):
+        raise PayloadError(f"metadata field block_size: expected an integer >= 1, got {block_size!r}", path=source)
     return PayloadMeta(
         base_fingerprint=obj["base_fingerprint"],
         lora=obj["lora"],
@@ -191,11 +313,21 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
         kind=obj["kind"],
         metrics=obj.get("metrics") or {},
         format_version=version,
+        block_size=block_size if obj["dtype"] == "int8_block" else None,
     )
 
 
 def read_meta(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> PayloadMeta:
     """Read only a payload's header (no tensors), e.g. to sort a round's files before loading them.
+
+    Raises:
+        PayloadError: As :func:`load_payload`, for the header part.
+    """
+    return read_header(path, max_header_bytes).meta
+
+
+def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> PayloadHeader:
+    """Read and parse only a payload's header (see :func:`read_meta`).
 
     Raises:
         PayloadError: As :func:`load_payload`, for the header part.
@@ -209,4 +341,4 @@ def read_meta(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> Pay
             (n,) = struct.unpack("<Q", head)
             head += fh.read(min(n, max_header_bytes + 1))
     header = _check_container(head, str(p), max_header_bytes)
-    return _parse_meta(_meta_string(header, str(p)), str(p))
+    return PayloadHeader(bytes(head), header, _parse_meta(_meta_string(header, str(p)), str(p)))

@@ -18,7 +18,8 @@ from lorafed.aggregate import WeightedMean
 from lorafed.config import FederationConfig, Robust, Weighting
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
 from lorafed.lora_modes import merge_round
-from lorafed.payload import PayloadMeta, load_payload, read_meta
+from lorafed.payload import PayloadHeader, PayloadMeta, load_payload, read_header
+from lorafed.privacy import DPSum
 from lorafed.robust import clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.server_opt import ServerOptSettings, ServerOptState, server_step
 from lorafed.validate import UpdateSpec, validate_update
@@ -61,6 +62,7 @@ def aggregate_files(
     clip_update_norm: float | None = None,
     robust: Robust = "none",
     trim_ratio: float = 0.2,
+    accumulator: WeightedMean | DPSum | None = None,
 ) -> RoundOutcome:
     """Validate and average a round's update files.
 
@@ -81,6 +83,8 @@ def aggregate_files(
             :func:`lorafed.robust.clip_update`).
         robust: ``none`` (weighted mean), ``trimmed_mean`` or ``median`` (coordinate-wise).
         trim_ratio: Share cut from each end by ``trimmed_mean``.
+        accumulator: Where valid updates are added (default: a fresh :class:`WeightedMean`;
+            a :class:`~lorafed.privacy.DPSum` for client-level DP, with ``weighting="uniform"``).
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
@@ -94,17 +98,18 @@ def aggregate_files(
         raise AggregationError("clip_update_norm needs the reference (global) adapter the clients started from")
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
-    readable: list[str] = []
+    readable: list[tuple[str, PayloadHeader]] = []
     for p in map(str, paths):
         try:
-            owners.setdefault(read_meta(p).client_id, []).append(p)
-            readable.append(p)
+            head = read_header(p)
+            owners.setdefault(head.meta.client_id, []).append(p)
+            readable.append((p, head))
         except PayloadError as exc:
             out.rejected.append((p, str(exc)))
     dupes = {p for files in owners.values() if len(files) > 1 for p in files}
-    acc = WeightedMean()
+    acc = accumulator if accumulator is not None else WeightedMean()
     kept: list[Mapping[str, torch.Tensor]] = []
-    for p in readable:
+    for p, head in readable:
         if p in dupes:
             cid = next(c for c, files in owners.items() if p in files)
             out.rejected.append(
@@ -116,12 +121,12 @@ def aggregate_files(
             )
             continue
         try:
-            payload = load_payload(p)
+            payload = load_payload(p, header=head)
             validate_update(payload, spec, p)
         except (PayloadError, PayloadValidationError) as exc:
             out.rejected.append((p, str(exc)))
             continue
-        tensors: Mapping[str, torch.Tensor] = payload.tensors
+        tensors: Mapping[str, torch.Tensor] = payload.decoded()
         cid = payload.meta.client_id
         if reference is not None:
             out.norms[cid] = delta_norm(tensors, reference)
@@ -134,7 +139,7 @@ def aggregate_files(
         else:
             kept.append(tensors)
         out.accepted.append((p, payload.meta))
-        out.bytes_in += Path(p).stat().st_size
+        out.bytes_in += payload.nbytes
     if len(out.accepted) >= min_clients and out.accepted:
         if robust == "trimmed_mean":
             out.state = trimmed_mean(kept, trim_ratio)

@@ -8,14 +8,13 @@ adapter. The payloads are real files, the same bytes a remote client would send.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import shutil
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,8 @@ from lorafed.model import ClientModel, load_client_model, lora_config_dict
 from lorafed.partition import Partition, client_table, partition
 from lorafed.payload import PayloadMeta, load_payload, save_payload
 from lorafed.plots import plot_rounds
-from lorafed.server import aggregate_files, next_global
-from lorafed.server_opt import ServerOptState, load_server_opt, save_server_opt
+from lorafed.rounds import RoundPolicy, client_seed, split_seed
+from lorafed.server_opt import load_server_opt, save_server_opt
 from lorafed.train import TrainResult, train_local
 from lorafed.validate import UpdateSpec, validate_update
 
@@ -67,7 +66,6 @@ class Federation:
     client: ClientModel
     test_positions: np.ndarray
     initial_state: dict[str, torch.Tensor]
-    server_opt: ServerOptState | None = None
 
     def sent_keys(self, round_: int | None) -> list[str]:
         """The adapter tensors trained and sent in ``round_`` (all of them for ``None``)."""
@@ -85,7 +83,9 @@ class Federation:
         )
 
     def meta(self, client_id: str, round_: int, num_examples: int, kind: str = "update", **metrics: Any) -> PayloadMeta:
-        """A payload header for this federation."""
+        """A payload header for this federation; client updates use the configured transport."""
+        fcfg = self.config.federation
+        wire = fcfg.transport if kind == "update" else "float32"
         return PayloadMeta(
             base_fingerprint=self.client.fingerprint,
             lora=lora_config_dict(self.config.model.lora),
@@ -95,6 +95,8 @@ class Federation:
             client_id=client_id,
             kind=kind,
             metrics=metrics,
+            dtype=wire,
+            block_size=fcfg.transport_block_size if wire == "int8_block" else None,
         )
 
 
@@ -129,51 +131,44 @@ def prepare_federation(config: RunConfig, log: Log = print) -> Federation:
     return Federation(config, data, part, splits, rows, client, test, get_adapter_state(client.model))
 
 
-def _id_hash(client_id: str) -> int:
-    """A stable 32-bit hash of a client id (crc32: the same in every process and Python version)."""
-    return zlib.crc32(client_id.encode("utf-8"))
+def single_client_config(config: RunConfig, data_path: str) -> RunConfig:
+    """The config of a client that holds its own file: one client over all of its rows.
 
-
-def client_seed(seed: int, round_: int, client_id: str) -> int:
-    """A distinct, reproducible seed for one client's round.
-
-    It depends on the client's id, not its position in the partition, so a client training
-    alone in its own process (``lorafed client train``) draws exactly what the simulator draws.
+    The labels must match the federation's; set ``data.labels`` so every client agrees.
     """
-    return (seed * 1_000_003 + round_ * 10_007 + _id_hash(client_id)) % (2**31 - 1)
-
-
-def split_seed(seed: int, client_id: str) -> int:
-    """The seed of a client's train/validation/test split (by client id, see :func:`client_seed`)."""
-    return (seed + 7919 * (_id_hash(client_id) + 1)) % (2**31 - 1)
-
-
-def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round_: int) -> list[int]:
-    """Sorted indices of the clients that train in ``round_`` (at least ``min_clients``)."""
-    k = min(num_clients, max(min_clients, math.ceil(fraction * num_clients)))
-    if k >= num_clients:
-        return list(range(num_clients))
-    rng = np.random.default_rng([seed, round_])
-    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, path=data_path, max_rows=None),
+        partition=dataclasses.replace(config.partition, scheme="iid", num_clients=1, min_client_size=1),
+    )
 
 
 def train_client(
-    fed: Federation, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
+    fed: Federation,
+    global_state: dict[str, torch.Tensor],
+    k: int,
+    round_: int,
+    progress: bool = True,
+    client_id: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Client ``k`` trains one round from ``global_state``; returns the tensors it sends.
 
     Only the tensors of the round's roles (see :mod:`lorafed.lora_modes`) are trained and returned.
+    ``client_id`` (default: the partition's id of client ``k``) picks the client's seed stream,
+    for a client whose data is its own one-client federation (a Flower node or poller with its
+    own file): the same id draws the same seeds in every engine.
     """
     model = fed.client.model
     set_adapter_state(model, global_state)
+    cid = fed.partition.client_ids[k] if client_id is None else client_id
     with trainable_roles(model, round_roles(fed.config.federation.aggregation, round_)):
         result = train_local(
             model,
             fed.rows,
             fed.splits[k].train,
             fed.config.train,
-            client_seed(fed.config.seed, round_, fed.partition.client_ids[k]),
-            desc=f"r{round_} {fed.partition.client_ids[k]}",
+            client_seed(fed.config.seed, round_, cid),
+            desc=f"r{round_} {cid}",
             progress=progress,
         )
     return select(get_adapter_state(model), fed.sent_keys(round_)), result
@@ -198,6 +193,7 @@ def simulate(
     *,
     resume: bool = False,
     client_fn: Callable[[ClientFn], ClientFn] | None = None,
+    fed: Federation | None = None,
 ) -> dict[str, Any]:
     """Run a whole federated simulation and write its results to ``out_dir``.
 
@@ -216,6 +212,8 @@ def simulate(
             client) only, so a resumed run ends with the same adapter as an uninterrupted one.
         client_fn: Wraps the client's round (:func:`train_client`), e.g. to inject faults or
             attacks; it receives the real one and returns the function to call instead.
+        fed: A federation already prepared for ``config`` (benchmarks reuse one across runs
+            that differ only in the server or transport settings).
 
     Returns:
         The summary (also written to ``summary.json``).
@@ -225,14 +223,16 @@ def simulate(
             without enough valid updates after its retries.
     """
     out = Path(out_dir)
-    fed = prepare_federation(config, log)
+    fed = prepare_federation(config, log) if fed is None else fed
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     base_client: ClientFn = functools.partial(train_client, progress=progress)
     run_client = client_fn(base_client) if client_fn is not None else base_client
     t0 = time.perf_counter()
+    fcfg = config.federation
+    policy = RoundPolicy(fcfg, len(fed.partition.client_ids), config.seed)
     if resume:
-        rows, state = resume_point(fed, out, log)
+        rows, state = resume_point(fed, out, log, policy)
     else:
         rows, state = [], fed.initial_state
         _clear_run(out)
@@ -244,9 +244,8 @@ def simulate(
         log(f"round 0 (untrained): accuracy {first.accuracy:.4f}  macro-F1 {first.macro_f1:.4f}")
     start = rows[-1]["round"] + 1
     last: EvalResult | None = None
-    fcfg = config.federation
     for r in tqdm(range(start, fcfg.rounds + 1), desc="rounds", unit="round", disable=not progress):
-        state, last, row = run_round(fed, state, r, out, run_client, progress, log)
+        state, last, row = run_round(fed, policy, state, r, out, run_client, progress, log)
         rows.append(row)
         atomic_write_jsonl(out / "metrics.jsonl", rows)
     if last is None:  # nothing left to run (resumed a finished run, or rounds=0): score the state held
@@ -277,6 +276,7 @@ def simulate(
 
 def run_round(
     fed: Federation,
+    policy: RoundPolicy,
     state: dict[str, torch.Tensor],
     r: int,
     out: Path,
@@ -289,7 +289,8 @@ def run_round(
     Clients that raise or exceed ``federation.client_timeout_s`` are recorded in the row's
     ``failed`` list and nothing of theirs is averaged. With fewer than ``min_clients`` valid
     updates the round is retried (same clients, same seeds) up to ``federation.round_retries``
-    times, then abandoned.
+    times, then abandoned. ``policy`` chooses the clients and aggregates (see
+    :class:`lorafed.rounds.RoundPolicy`).
 
     Returns:
         The new global state, its evaluation and the ``metrics.jsonl`` row.
@@ -300,7 +301,7 @@ def run_round(
     fcfg = fed.config.federation
     times: dict[str, float] = {}
     t = time.perf_counter()
-    chosen = sample_clients(len(fed.partition.client_ids), fcfg.fraction, fcfg.min_clients, fed.config.seed, r)
+    chosen = policy.choose(r)
     bytes_down = _global_path(out, r - 1).stat().st_size * len(chosen)
     failed: list[dict[str, Any]] = []
     rejected: list[str] = []
@@ -314,42 +315,34 @@ def run_round(
             log(f"round {r}: client {f['client']} dropped (attempt {attempt}): {f['reason']}")
         times["train"] = times.get("train", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        outcome = aggregate_files(
-            paths,
-            fed.spec(r),
-            fcfg.weighting,
-            fcfg.min_clients,
-            reference=state,
-            clip_update_norm=fcfg.clip_update_norm,
-            robust=fcfg.robust,
-            trim_ratio=fcfg.trim_ratio,
-        )
+        result = policy.try_aggregate(paths, fed.spec(r), state, r, asked=len(chosen))
+        outcome = result.outcome
         times["aggregate"] = times.get("aggregate", 0.0) + time.perf_counter() - t
         rejected += [reason for _, reason in outcome.rejected]
         for src, reason in outcome.rejected:
             log(f"round {r}: rejected {src}: {reason}")
-        if outcome.state is not None:
+        if result.state is not None:
             break
         if attempt < attempts:
             log(f"round {r}: {len(outcome.accepted)} valid update(s) < min_clients={fcfg.min_clients}; retrying")
         t = time.perf_counter()
-    if outcome.state is None:
+    if result.state is None:
         dropped = "; ".join(f"{f['client']}: {f['reason']}" for f in failed) or "none"
         raise AggregationError(
             f"round {r} abandoned after {attempts} attempt(s): {len(outcome.accepted)} valid update(s), fewer than "
             f"federation.min_clients={fcfg.min_clients}. Failed clients: {dropped}. Rejected updates: "
             f"{'; '.join(rejected) or 'none'}. The run folder holds rounds 0..{r - 1}; fix the cause and resume."
         )
-    new_state, fed.server_opt = next_global(state, outcome.state, fcfg, fed.server_opt)
-    if fed.server_opt is not None:  # FedAdam/FedYogi moments, written before the round counts as done
-        save_server_opt(_server_opt_path(out, r), fed.server_opt)
+    new_state = result.state
+    if policy.server_opt is not None:  # FedAdam/FedYogi moments, written before the round counts as done
+        save_server_opt(_server_opt_path(out, r), policy.server_opt)
     g_path = save_payload(_global_path(out, r), new_state, fed.meta("server", r, outcome.num_examples, kind="global"))
     t = time.perf_counter()
-    result = evaluate_state(fed, new_state)
+    scores = evaluate_state(fed, new_state)
     times["eval"] = time.perf_counter() - t
     accepted = {m.client_id for _, m in outcome.accepted}
     used = [(loss, n) for cid, loss, n in losses if cid in accepted]
-    row = _metrics_row(r, result, [m.client_id for _, m in outcome.accepted], outcome.bytes_in, bytes_down, times)
+    row = _metrics_row(r, scores, [m.client_id for _, m in outcome.accepted], outcome.bytes_in, bytes_down, times)
     row["train_loss"] = sum(loss * n for loss, n in used) / max(sum(n for _, n in used), 1)
     row["rejected"] = rejected
     row["failed"] = failed
@@ -357,7 +350,9 @@ def run_round(
     row["update_norms"] = {k: round(v, 6) for k, v in outcome.norms.items()}
     row["clipped"] = outcome.clipped
     row["global_bytes"] = int(g_path.stat().st_size)
-    return new_state, result, row
+    if result.privacy:
+        row["privacy"] = result.privacy
+    return new_state, scores, row
 
 
 def train_round_clients(
@@ -403,7 +398,9 @@ def train_round_clients(
     return paths, losses, failures
 
 
-def resume_point(fed: Federation, out: Path, log: Log = print) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+def resume_point(
+    fed: Federation, out: Path, log: Log = print, policy: RoundPolicy | None = None
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """The completed rounds of the run in ``out`` and the global adapter of the last one.
 
     ``metrics.jsonl`` is the record of completed rounds: its rows must be rounds 0, 1, ..., k,
@@ -431,10 +428,10 @@ def resume_point(fed: Federation, out: Path, log: Log = print) -> tuple[list[dic
     payload = load_payload(g_path)
     validate_update(payload, fed.spec(None), str(g_path))
     _remove_rounds_after(out, last)
-    if fed.config.federation.server_optimizer != "none" and last > 0:
-        fed.server_opt = load_server_opt(_server_opt_path(out, last))
+    if policy is not None and fed.config.federation.server_optimizer != "none" and last > 0:
+        policy.server_opt = load_server_opt(_server_opt_path(out, last))
     log(f"resuming {out} after round {last} of {fed.config.federation.rounds}")
-    return rows, {k: v.to(torch.float32) for k, v in payload.tensors.items()}
+    return rows, {k: v.to(torch.float32) for k, v in payload.decoded().items()}
 
 
 def _server_opt_path(out: Path, r: int) -> Path:

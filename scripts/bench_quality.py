@@ -42,8 +42,9 @@ from lorafed.io import atomic_write_json, atomic_write_text
 from lorafed.lora_modes import merge_round
 from lorafed.payload import save_payload
 from lorafed.plots import _figure, _save
+from lorafed.rounds import client_seed, sample_clients
 from lorafed.server import aggregate_files, next_global, require_enough
-from lorafed.simulate import Federation, client_seed, evaluate_state, prepare_federation, sample_clients, train_client
+from lorafed.simulate import Federation, evaluate_state, prepare_federation, train_client
 from lorafed.train import train_local
 
 ROOT = Path(__file__).resolve().parents[1]

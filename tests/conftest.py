@@ -26,16 +26,14 @@ _WORDS = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random BertModel (hidden 32, 2 layers) saved with the packaged tokenizer."""
+def save_tiny_bert(out: Path) -> Path:
+    """Save a random BertModel (hidden 32, 2 layers, seed 1234) with the packaged tokenizer to ``out``."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from lorafed.config import PACKAGED_BACKBONE
     from lorafed.model import resolve_backbone
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(resolve_backbone(PACKAGED_BACKBONE))
     cfg = BertConfig(
         vocab_size=tok.vocab_size,
@@ -49,6 +47,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def tiny_overrides(csv_path: Path, model_dir: Path) -> list[str]:
+    """Overrides of configs/tiny.yaml that point it at a synthetic CSV and the tiny model (fp32, 1 thread)."""
+    return [
+        f"data.path={csv_path}",
+        "data.text_column=review",
+        "data.label_column=label",
+        "data.max_rows=null",
+        f"model.name_or_path={model_dir}",
+        "model.precision=fp32",
+        "train.num_threads=1",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random BertModel (hidden 32, 2 layers) saved with the packaged tokenizer."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def write_synthetic_csv(path: Path, n: int = 240, seed: int = 0, with_group: bool = True) -> Path:
@@ -80,16 +97,7 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path, synthetic_csv: Path):
     """Factory of tiny RunConfigs on the synthetic CSV and the tiny model, with overrides."""
 
     def make(*overrides: str) -> RunConfig:
-        base = [
-            f"data.path={synthetic_csv}",
-            "data.text_column=review",
-            "data.label_column=label",
-            "data.max_rows=null",
-            f"model.name_or_path={tiny_model_dir}",
-            "model.precision=fp32",
-            f"output_dir={tmp_path / 'results'}",
-            "train.num_threads=1",
-        ]
+        base = [*tiny_overrides(synthetic_csv, tiny_model_dir), f"output_dir={tmp_path / 'results'}"]
         return load_config(ROOT / "configs" / "tiny.yaml", [*base, *overrides])
 
     return make

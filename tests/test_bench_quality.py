@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_overrides
 
 from lorafed.simulate import prepare_federation
 
@@ -62,16 +63,7 @@ def test_targets_are_judged_from_the_numbers(bench) -> None:
 
 
 def test_main_writes_json_markdown_and_plots(bench, tiny_model_dir, synthetic_csv, tmp_path, monkeypatch) -> None:
-    tiny = [
-        f"data.path={synthetic_csv}",
-        "data.text_column=review",
-        "data.label_column=label",
-        "data.max_rows=null",
-        f"model.name_or_path={tiny_model_dir}",
-        "model.precision=fp32",
-        "train.num_threads=1",
-        "federation.rounds=2",
-    ]
+    tiny = [*tiny_overrides(synthetic_csv, tiny_model_dir), "federation.rounds=2"]
     monkeypatch.setitem(bench.SETTINGS, "a", {"title": "(a) tiny", "config": "tiny.yaml"})
     monkeypatch.setitem(bench.PROFILES, "quick", {"seeds": [0, 1], "own_test_rows": 8, "overrides": {"a": tiny}})
     assert bench.main(["--quick", "--settings", "a", "--out", str(tmp_path)]) == 0

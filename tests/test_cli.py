@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny_overrides
 
 from lorafed.cli import main
 
@@ -17,16 +18,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _base(csv: Path, model_dir: Path, tmp_path: Path) -> list[str]:
-    return [
-        f"data.path={csv}",
-        "data.text_column=review",
-        "data.label_column=label",
-        "data.max_rows=null",
-        f"model.name_or_path={model_dir}",
-        "model.precision=fp32",
-        "train.num_threads=1",
-        f"output_dir={tmp_path / 'results'}",
-    ]
+    return [*tiny_overrides(csv, model_dir), f"output_dir={tmp_path / 'results'}"]
 
 
 def _run(capsys, argv: list[str]) -> tuple[int, str]:

@@ -16,7 +16,7 @@ from lorafed.config import save_config
 from lorafed.data import split_indices
 from lorafed.errors import ConfigError, PayloadError
 from lorafed.payload import Payload, load_payload, save_payload
-from lorafed.simulate import split_seed
+from lorafed.rounds import split_seed
 from tests.helpers_adapter import random_adapter
 
 QUIET = {"progress": False, "log": lambda _: None}
@@ -127,5 +127,32 @@ def test_cross_silo_refuses_modes_it_does_not_run(tiny_config, synthetic_csv) ->
     from lorafed.errors import ConfigError
 
     cfg = tiny_config("federation.aggregation=ffa", "data.labels=[bad, good, meh]")
-    with pytest.raises(ConfigError, match="run FedAvg rounds only"):
+    with pytest.raises(ConfigError, match=r"federation\.aggregation='ffa': the cross-silo commands .* plain FedAvg"):
         run_client_round(cfg, "shopA", None, 1, progress=False)
+
+
+def test_aggregate_cli_refuses_server_settings_it_cannot_apply(tiny_config, tmp_path, capsys) -> None:
+    cfg = tmp_path / "fed.yaml"
+    save_config(tiny_config("federation.robust=median", "federation.clip_update_norm=1.0"), cfg)
+    assert main(["aggregate", "x.safetensors", "--config", str(cfg), "--out", str(tmp_path / "g.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "federation.robust='median'" in err and "federation.clip_update_norm=1.0" in err
+    assert "lorafed coordinate" in err and not (tmp_path / "g.safetensors").exists()
+
+
+def test_client_train_writes_the_configured_transport(tiny_config, tmp_path) -> None:
+    data = _two_class_file(tmp_path / "shopA.csv")
+    update = run_client_round(
+        tiny_config(f"data.path={data}", "data.labels=[bad,good,meh]", "federation.transport=int8"),
+        "shopA",
+        None,
+        **QUIET,
+    )
+    path = save_payload(tmp_path / "u.safetensors", update.tensors, update.meta)
+    sent = load_payload(path)
+    assert sent.meta.dtype == "int8"
+    decoded = sent.decoded()
+    for k, v in update.tensors.items():
+        assert sent.tensors[k].dtype == torch.int8
+        bound = v.abs().max().item() / 254 + 1e-12  # absmax per tensor: half a quantization step
+        assert (decoded[k] - v).abs().max().item() <= bound * (1 + 1e-5)

@@ -109,7 +109,8 @@ def test_wrong_dtype(tmp_path: Path) -> None:
     p = tmp_path / "cdtype.safetensors"
     p.write_bytes(st_save(t, metadata={"lorafed": json.dumps(header)}))
     reason = aggregate_files([p], SPEC).rejected[0][1]
-    assert "client 'cdtype'" in reason and f"tensor {name} dtype: expected float32, received float16" in reason
+    assert "client 'cdtype'" in reason
+    assert f"tensor {name} dtype: expected float32 (transport float32), received float16" in reason
 
 
 def test_integer_tensors_refused(tmp_path: Path) -> None:
@@ -118,7 +119,11 @@ def test_integer_tensors_refused(tmp_path: Path) -> None:
     p = tmp_path / "cint.safetensors"
     p.write_bytes(st_save(t, metadata={"lorafed": json.dumps(header)}))
     reason = aggregate_files([p], SPEC).rejected[0][1]
-    assert "client 'cint'" in reason and "expected a floating-point dtype, received int64" in reason
+    assert "client 'cint'" in reason and "dtype (transport): expected one of" in reason and "'int64'" in reason
+    header["dtype"] = "float32"  # a float32 header over integer tensors
+    p.write_bytes(st_save(t, metadata={"lorafed": json.dumps(header)}))
+    reason = aggregate_files([p], SPEC).rejected[0][1]
+    assert "client 'cint'" in reason and "expected float32 (transport float32), received int64" in reason
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

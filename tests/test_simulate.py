@@ -9,7 +9,8 @@ import torch
 
 from lorafed.aggregate import fedavg
 from lorafed.payload import load_payload
-from lorafed.simulate import sample_clients, simulate
+from lorafed.rounds import sample_clients
+from lorafed.simulate import simulate
 
 
 def test_simulation_writes_rounds_and_aggregates_the_client_payloads(tiny_config, tmp_path: Path) -> None:

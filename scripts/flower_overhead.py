@@ -1,0 +1,113 @@
+"""Per-round time of the Flower deployment path vs the in-process simulator, same tiny job, one run each.
+
+Builds a random tiny BERT (hidden 32, 2 layers), then runs configs/tiny.yaml (300 rows of the retail
+intents, 3 IID clients, 3 local steps) for R rounds in-process and through `lorafed flower run`
+(SuperLink + 3 SuperNodes on 127.0.0.1, stock subprocess isolation: one flwr-clientapp process per
+message). Round time = train (send global .. last reply) + aggregate + eval, from metrics.jsonl.
+Writes results/flower_overhead.json and .md. Reproduce:
+
+    flock /tmp/lorafed-heavy.lock python scripts/flower_overhead.py --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_model(out: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorafed.config import PACKAGED_BACKBONE
+    from lorafed.model import resolve_backbone
+
+    tok = AutoTokenizer.from_pretrained(resolve_backbone(PACKAGED_BACKBONE))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(1234)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _round_seconds(metrics: Path) -> list[float]:
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return [sum(r["seconds"].values()) for r in rows if r["round"] > 0]
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--out", default=str(ROOT / "results" / "flower_overhead"))
+    args = ap.parse_args()
+    from lorafed.config import load_config
+    from lorafed.simulate import simulate
+
+    work = Path(tempfile.mkdtemp(prefix="lorafed-flower-overhead-"))
+    over = [f"model.name_or_path={_tiny_model(work / 'tiny')}", "partition.num_clients=3", "federation.min_clients=3",
+            f"federation.rounds={args.rounds}", "train.num_threads=1", f"output_dir={work}"]  # fmt: skip
+    config = ROOT / "configs" / "tiny.yaml"
+    t = time.perf_counter()
+    simulate(load_config(config, over), work / "sim", progress=False, log=lambda _: None)
+    sim_wall = time.perf_counter() - t
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "lorafed", "flower", "run", "--config", str(config), "--nodes", "3",
+           "--out", str(work / "flower"), "--timeout", "900", *over]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True, timeout=1000)
+    fl_wall = time.perf_counter() - t
+    sim, fl = _round_seconds(work / "sim" / "metrics.jsonl"), _round_seconds(work / "flower" / "metrics.jsonl")
+    result = {
+        "job": "configs/tiny.yaml, tiny BERT (hidden 32), 3 clients, 3 local steps, batch 8",
+        "rounds": args.rounds,
+        "simulator_round_s": _stats(sim),
+        "flower_round_s": _stats(fl),
+        "ratio_median": statistics.median(fl) / statistics.median(sim),
+        "simulator_wall_s": sim_wall,
+        "flower_wall_s_incl_startup": fl_wall,
+        "per_round_s": {"simulator": sim, "flower": fl},
+        "cpu_cores": os.cpu_count(),
+        "command": "flock /tmp/lorafed-heavy.lock python scripts/flower_overhead.py --rounds " + str(args.rounds),
+    }
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    s, f = result["simulator_round_s"], result["flower_round_s"]
+    md = [
+        "## Flower deployment overhead (tiny job)",
+        "",
+        f"{result['job']}, {args.rounds} rounds, {os.cpu_count()} CPU cores shared with other jobs.",
+        "",
+        "| path | round time median (min-max), s | whole run incl. start-up, s |",
+        "|---|---|---|",
+        f"| in-process simulator | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {sim_wall:.1f} |",
+        f"| Flower, SuperLink + 3 SuperNodes, subprocess isolation | {f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f})"
+        f" | {fl_wall:.1f} |",
+        "",
+        f"Flower / simulator, median round: {result['ratio_median']:.1f}x.",
+        "",
+        "```",
+        result["command"],
+        "```",
+    ]
+    dest.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""File-drop coordinator: 3 client processes and a coordinator process give the simulator's adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from lorafed.aggregate import fedavg
+from lorafed.coordinate import coordinate, global_name
+from lorafed.errors import AggregationError, LorafedError
+from lorafed.payload import load_payload, payload_from_bytes, payload_to_bytes
+from lorafed.simulate import prepare_federation, simulate, train_client
+from lorafed.storage import FsspecStorage, LocalStorage, open_storage
+
+
+def _over(csv: Path, model_dir: Path, tmp_path: Path) -> list[str]:
+    return [
+        f"data.path={csv}", "data.text_column=review", "data.label_column=label", "data.max_rows=null",
+        f"model.name_or_path={model_dir}", "model.precision=fp32", "train.num_threads=1",
+        "partition.num_clients=3", "federation.rounds=2", "train.max_steps=3", f"output_dir={tmp_path / 'res'}",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_three_client_processes_and_the_coordinator_match_the_simulation(
+    tiny_config, synthetic_csv, tiny_model_dir, tmp_path
+) -> None:
+    over = _over(synthetic_csv, tiny_model_dir, tmp_path)
+    drop, record = tmp_path / "drop", tmp_path / "record"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    base = [sys.executable, "-m", "lorafed"]
+    cfg = ["--config", str(ROOT / "configs" / "tiny.yaml")]
+    coord = subprocess.Popen(
+        [*base, "coordinate", "--dir", str(drop), *cfg, "--min-clients", "3", "--deadline-s", "120",
+         "--poll-s", "0.2", "--out", str(record), *over], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    poll = [*base, "poll", "--dir", str(drop), *cfg, "--poll-s", "0.2", "--timeout-s", "120", *over]
+    clients = [
+        subprocess.Popen([*poll, "--client", str(k)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for k in range(3)
+    ]
+    try:
+        outs = [p.communicate(timeout=200)[0].decode() for p in [coord, *clients]]
+    finally:
+        for p in [coord, *clients]:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    assert [p.returncode for p in [coord, *clients]] == [0, 0, 0, 0], "\n".join(o[-1500:] for o in outs)
+    rows = [json.loads(x) for x in (record / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["clients"]) for r in rows] == [3, 3] and not any(r["by_deadline"] for r in rows)
+    assert (drop / "done.json").is_file()
+    sim = tmp_path / "sim"
+    simulate(tiny_config(*over), sim, progress=False, log=lambda _: None)
+    for r in (1, 2):
+        a = load_payload(drop / global_name(r)).tensors
+        b = load_payload(sim / "rounds" / f"global_r{r}.safetensors").tensors
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_deadline_aggregates_the_valid_updates_that_arrived(tiny_config, tmp_path) -> None:
+    cfg = tiny_config("partition.num_clients=3", "federation.rounds=1", "train.max_steps=2")
+    drop = LocalStorage(tmp_path / "drop")
+    fed = prepare_federation(cfg, log=lambda _: None)
+
+    def two_clients_and_junk() -> None:  # two valid updates, one from another round, one corrupt
+        while not drop.exists(global_name(0)):
+            threading.Event().wait(0.05)
+        glob = payload_from_bytes(drop.read(global_name(0))).tensors
+        for k in (0, 1):
+            t, res = train_client(fed, glob, k, 1, progress=False)
+            drop.write(f"round_1/c{k}.safetensors", payload_to_bytes(t, fed.meta(f"c{k}", 1, res.num_examples)))
+        drop.write("round_1/old.safetensors", payload_to_bytes(glob, fed.meta("old", 7, 5)))
+        drop.write("round_1/bad.safetensors", b"\x80\x04junk")
+
+    th = threading.Thread(target=two_clients_and_junk)
+    th.start()
+    coordinate(cfg, drop, tmp_path / "rec", min_clients=3, deadline_s=3.0, poll_s=0.05, log=lambda _: None)
+    th.join(timeout=30)
+    row = json.loads((tmp_path / "rec" / "metrics.jsonl").read_text())
+    assert row["by_deadline"] and sorted(row["clients"]) == ["c0", "c1"] and len(row["rejected"]) == 2
+    ups = [load_payload(tmp_path / "rec" / "rounds" / "r1" / f"c{k}.safetensors") for k in (0, 1)]
+    expected = fedavg((u.tensors, u.meta.num_examples) for u in ups)
+    got = payload_from_bytes(drop.read(global_name(1))).tensors
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+
+
+def test_no_valid_update_by_the_deadline_and_a_used_drop_are_errors(tiny_config, tmp_path) -> None:
+    cfg = tiny_config("federation.rounds=1")
+    drop = LocalStorage(tmp_path / "drop")
+    with pytest.raises(AggregationError, match=r"round 1: no valid update within the 0\.3 s deadline"):
+        coordinate(cfg, drop, tmp_path / "rec", min_clients=1, deadline_s=0.3, poll_s=0.05, log=lambda _: None)
+    with pytest.raises(LorafedError, match="already holds a federation"):
+        coordinate(cfg, drop, tmp_path / "rec2", min_clients=1, deadline_s=0.3, log=lambda _: None)
+
+
+def test_fsspec_storage_round_trip_and_atomic_names() -> None:
+    store = open_storage("memory://lorafed-test-drop")
+    assert isinstance(store, FsspecStorage)
+    assert store.list("round_1") == [] and not store.exists("round_1/a.safetensors")
+    store.write("round_1/b.safetensors", b"bb")
+    store.write("round_1/a.safetensors", b"aa")
+    assert store.list("round_1") == ["round_1/a.safetensors", "round_1/b.safetensors"]
+    assert store.read("round_1/b.safetensors") == b"bb" and store.exists("round_1/a.safetensors")
+    store.fs.rm(store.root, recursive=True)
+    assert isinstance(open_storage("file:///tmp/x"), LocalStorage)
