@@ -157,11 +157,13 @@ class TrainConfig:
             tensors to the loss (0 disables it; Li et al. 2020 use 0.001-1).
         gradient_checkpointing: Keep only each layer's input during the forward and recompute
             the layer in backward. Activations dominate a client's training memory (MiniLM,
-            batch 32 x length 64: ~320 MB against 23 MB of int8 weights), so this roughly halves
-            the peak, for one extra forward pass per step (~1.4-1.6x step time measured).
+            batch 32 x length 64: 370 MB saved for backward against 23 MB of int8 weights), so
+            this cuts the peak to 0.4-0.46x of fp32's, for one extra forward pass per step
+            (1.6-1.7x step time; ``results/memory.md``).
         autocast: ``bf16`` runs the forward and backward matmuls in bfloat16 (``torch.autocast``);
-            LoRA weights, their gradients, AdamW and the loss stay fp32. Fast only on CPUs with
-            bf16 instructions (AVX512-BF16 or AMX); elsewhere it is slower than fp32.
+            LoRA weights, their gradients, AdamW and the loss stay fp32. With int8 weights it
+            measured 0.55-0.57x of fp32's peak at 0.6-0.75x its step time, on a CPU with
+            AVX512-BF16; without bf16 instructions (AVX512-BF16 or AMX) it is slower than fp32.
     """
 
     batch_size: int = 16

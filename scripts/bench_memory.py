@@ -531,8 +531,9 @@ NOTES = [
     "  int8 holds 1 byte per linear/embedding weight plus one fp32 scale per row; LayerNorms, biases,",
     "  the pooler and the head stay fp32.",
     "- *saved dequantized weights*: float tensors shaped like a linear weight that autograd keeps",
-    "  (an fp32 copy of an int8 weight). lorafed's Int8Linear saves only the int8 tensor and its",
-    "  scales and dequantizes again in backward, one layer at a time.",
+    "  (a float copy of a weight: under bf16 autocast, the bf16 casts of fp32 weights). lorafed's",
+    "  Int8Linear saves only the int8 tensor and its scales and dequantizes again in backward,",
+    "  one layer at a time.",
     "- *inputs held by bnb*: bitsandbytes 0.50's CPU training matmul (`MatMul8bitFp`) dequantizes the",
     "  weight in forward and again in backward, and keeps every int8 layer's float input on its",
     "  autograd node (`ctx.A`) although the frozen weight needs no gradient (for `output.dense` that",
@@ -543,9 +544,15 @@ NOTES = [
     "  the checkpoints and the one layer being recomputed land in *other*.",
     "- *+bf16 autocast* (`train.autocast: bf16`): matmuls, and so most saved activations, in bfloat16",
     "  (int8 weights are dequantized straight to bf16); LayerNorm, softmax and the loss stay fp32.",
-    "  Fast because this CPU has AVX512-BF16; it changes the numerics a little (see the loss gap).",
+    "  It is fast only where the CPU has bf16 instructions (AVX512-BF16 or AMX; see the machine",
+    "  line above); it changes the numerics a little (see the loss gap).",
     "- *other*: transient buffers of the backward pass and memory glibc keeps after frees. The",
-    "  [malloc] rows (MiniLM) run the same code with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_ARENA_MAX=2.",
+    "  [malloc] rows (MiniLM) run the same code with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_ARENA_MAX=2:",
+    "  glibc then returns every large block at once and *other* nearly vanishes, but each",
+    "  allocation becomes an mmap with fresh page faults, and steps get ~1.7x slower.",
+    "- Run to run, peaks move with glibc's heap layout: two full runs on this machine differed by",
+    "  at most 5% per variant, except the +ckpt int8 rows (9% MiniLM, 23% bert-base); ratios by",
+    "  up to 0.1. A difference of a few per cent between two rows is noise.",
 ]
 
 
@@ -644,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         "length": args.length,
         "warmup": args.warmup,
         "steps": ", ".join(f"{s} ({n})" for n, (_, s) in models.items()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {_torch_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, bf16 instructions: {_bf16_flags()}, "
+        f"torch {_torch_version()}",
         "targets": {"memory_ratio": TARGET_MEMORY, "time_ratio": TARGET_TIME},
         "notes": NOTES,
         "models": {},
@@ -674,6 +682,14 @@ def _one_line(r: dict[str, Any]) -> str:
     if "error" in r:
         return "FAILED " + " | ".join(r["error"])
     return f"peak {r['peak_train_mb']:.0f} MB, step {r['step_s']['median']:.2f} s, eval loss {r['eval_loss_after']:.4f}"
+
+
+def _bf16_flags() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split()
+    except OSError:
+        return "unknown"
+    return " ".join(sorted({f for f in flags if f in ("avx512_bf16", "amx_bf16")})) or "none"
 
 
 def _torch_version() -> str:
