@@ -38,6 +38,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds the whole run may take")
     run.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a round's replies")
     run.add_argument("--no-server-eval", action="store_true", help="skip evaluating the global adapter")
+    run.add_argument(
+        "--isolation", choices=["subprocess", "process"], default="subprocess",
+        help="subprocess: stock Flower, one flwr-clientapp process per message; process: one long-lived "
+        "ClientApp executor per SuperNode (keeps imports and the loaded model between rounds)",
+    )  # fmt: skip
     run.set_defaults(func=_cmd_run)
     app = fsub.add_parser("app", help="write the Flower app directory (and a run-config TOML) for 'flwr run'")
     app.add_argument("--out", required=True, help="app directory to write")
@@ -138,7 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         },
     )
     node_configs = [f"partition-id={i} num-partitions={nodes}" for i in range(nodes)]
-    with LocalDeployment(work, node_configs) as dep:
+    with LocalDeployment(work, node_configs, isolation=args.isolation) as dep:
         print(f"SuperLink on 127.0.0.1:{dep.link_port}, {nodes} SuperNodes; listening: {', '.join(dep.listeners())}")
         info = dep.run_app(app_dir, run_config, out / "summary.json", args.timeout)
     print(f"run {info['run_id']}: {info['status']}; results in {out} (logs in {work / 'logs'})")

@@ -3,7 +3,9 @@
 Builds a random tiny BERT (hidden 32, 2 layers), then runs configs/tiny.yaml (300 rows of the retail
 intents, 3 IID clients, 3 local steps) for R rounds in-process and through `lorafed flower run`
 (SuperLink + 3 SuperNodes on 127.0.0.1, stock subprocess isolation: one flwr-clientapp process per
-message). Round time = train (send global .. last reply) + aggregate + eval, from metrics.jsonl.
+message), and again with `--isolation process` (one long-lived
+lorafed.flower.warm_exec per node). Round time = train (send global .. last reply) + aggregate + eval,
+from metrics.jsonl.
 Writes results/flower_overhead.json and .md. Reproduce:
 
     flock /tmp/lorafed-heavy.lock python scripts/flower_overhead.py --rounds 6
@@ -65,28 +67,35 @@ def main() -> int:
     simulate(load_config(config, over), work / "sim", progress=False, log=lambda _: None)
     sim_wall = time.perf_counter() - t
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    t = time.perf_counter()
-    cmd = [sys.executable, "-m", "lorafed", "flower", "run", "--config", str(config), "--nodes", "3",
-           "--out", str(work / "flower"), "--timeout", "900", *over]  # fmt: skip
-    subprocess.run(cmd, env=env, check=True, timeout=1000)
-    fl_wall = time.perf_counter() - t
+    walls = {}
+    for name, isolation in (("flower", "subprocess"), ("warm", "process")):
+        t = time.perf_counter()
+        cmd = [sys.executable, "-m", "lorafed", "flower", "run", "--config", str(config), "--nodes", "3",
+               "--out", str(work / name), "--timeout", "900", "--isolation", isolation, *over]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True, timeout=1000)
+        walls[name] = time.perf_counter() - t
+    fl_wall, warm_wall = walls["flower"], walls["warm"]
     sim, fl = _round_seconds(work / "sim" / "metrics.jsonl"), _round_seconds(work / "flower" / "metrics.jsonl")
+    warm = _round_seconds(work / "warm" / "metrics.jsonl")
     result = {
         "job": "configs/tiny.yaml, tiny BERT (hidden 32), 3 clients, 3 local steps, batch 8",
         "rounds": args.rounds,
         "simulator_round_s": _stats(sim),
         "flower_round_s": _stats(fl),
+        "warm_round_s": _stats(warm),
         "ratio_median": statistics.median(fl) / statistics.median(sim),
+        "warm_ratio_median": statistics.median(warm) / statistics.median(sim),
+        "warm_wall_s_incl_startup": warm_wall,
         "simulator_wall_s": sim_wall,
         "flower_wall_s_incl_startup": fl_wall,
-        "per_round_s": {"simulator": sim, "flower": fl},
+        "per_round_s": {"simulator": sim, "flower": fl, "warm": warm},
         "cpu_cores": os.cpu_count(),
         "command": "flock /tmp/lorafed-heavy.lock python scripts/flower_overhead.py --rounds " + str(args.rounds),
     }
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    s, f = result["simulator_round_s"], result["flower_round_s"]
+    s, f, w = result["simulator_round_s"], result["flower_round_s"], result["warm_round_s"]
     md = [
         "## Flower deployment overhead (tiny job)",
         "",
@@ -97,8 +106,11 @@ def main() -> int:
         f"| in-process simulator | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {sim_wall:.1f} |",
         f"| Flower, SuperLink + 3 SuperNodes, subprocess isolation | {f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f})"
         f" | {fl_wall:.1f} |",
+        f"| Flower, `--isolation process`: one long-lived ClientApp executor per SuperNode (lorafed.flower.warm_exec)"
+        f" | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) | {warm_wall:.1f} |",
         "",
-        f"Flower / simulator, median round: {result['ratio_median']:.1f}x.",
+        f"Flower / simulator, median round: {result['ratio_median']:.1f}x (stock), "
+        f"{result['warm_ratio_median']:.1f}x (warm).",
         "",
         "```",
         result["command"],

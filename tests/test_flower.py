@@ -32,12 +32,17 @@ def _overrides(csv: Path, model_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_flower_deployment_matches_the_simulation(tiny_config, synthetic_csv, tiny_model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("isolation", ["subprocess", "process"])
+def test_flower_deployment_matches_the_simulation(
+    isolation, tiny_config, synthetic_csv, tiny_model_dir, tmp_path
+) -> None:
+    """Stock isolation (a flwr-clientapp per message) and the warm one (lorafed.flower.warm_exec)."""
     over = _overrides(synthetic_csv, tiny_model_dir)
     out = tmp_path / "flower"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "lorafed", "flower", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           "--nodes", "3", "--out", str(out), "--timeout", "150", "--round-timeout", "60", *over]  # fmt: skip
+           "--nodes", "3", "--out", str(out), "--timeout", "150", "--round-timeout", "60",
+           "--isolation", isolation, *over]  # fmt: skip
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
@@ -56,6 +61,10 @@ def test_flower_deployment_matches_the_simulation(tiny_config, synthetic_csv, ti
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert len(list((out / "rounds" / "r2").glob("node-*.safetensors"))) == 3
+    if isolation == "process":  # each node's executor ran both rounds' tasks itself
+        for i in range(3):
+            log = (out / "flower" / "logs" / f"warm_exec{i}.log").read_text()
+            assert log.count(" done in ") == 2, log[-2000:]
     fl_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     sim_rows = [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in fl_rows] == [0, 1, 2]

@@ -1,8 +1,9 @@
 """A local Flower deployment on 127.0.0.1: one SuperLink, N SuperNodes, every process stopped on exit.
 
 Each process starts in its own session (process group); :meth:`LocalDeployment.stop` terminates
-the whole tree of every process it started (SuperExec and the per-message ``flwr-clientapp``
-children included), then kills what is left after a grace period. Nothing else is touched.
+the whole tree of every process it started (SuperExec, the per-message ``flwr-clientapp``
+children and, with ``isolation="process"``, the warm executors included), then kills what is left
+after a grace period. Nothing else is touched.
 All listeners bind 127.0.0.1; SuperLink serves its Control, Fleet and ServerAppIo APIs on one
 port. Runtime dependency installation is disabled everywhere (no registry access, no torch pull).
 """
@@ -63,11 +64,16 @@ class LocalDeployment:
         workdir: Folder for the deployment's state and logs.
         node_configs: One ``--node-config`` string per SuperNode, e.g. ``"partition-id=0"``.
         start_timeout: Seconds to wait for each port.
+        isolation: ``"subprocess"`` (stock: each SuperNode's SuperExec starts one ``flwr-clientapp``
+            process per message) or ``"process"`` (warm: the SuperNodes run with ``--isolation
+            process`` and each gets one long-lived :mod:`lorafed.flower.warm_exec` process that
+            runs every ClientApp task in-process, keeping imports and cached data/model).
     """
 
     workdir: Path
     node_configs: list[str]
     start_timeout: float = 60.0
+    isolation: str = "subprocess"
     procs: list[subprocess.Popen] = field(default_factory=list)
     link_port: int = 0
 
@@ -113,15 +119,23 @@ class LocalDeployment:
              "--disable-runtime-dependency-installation"],
         )  # fmt: skip
         wait_port(self.link_port, self.start_timeout, proc, log)
+        if self.isolation not in ("subprocess", "process"):
+            raise DeploymentError(f"isolation: expected subprocess or process, got {self.isolation!r}")
         for i, node_config in enumerate(self.node_configs):
             port = free_port()
             proc, log = self._start(
                 f"supernode{i}",
-                [str(bin_dir / "flower-supernode"), "--insecure", "--isolation", "subprocess",
+                [str(bin_dir / "flower-supernode"), "--insecure", "--isolation", self.isolation,
                  "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1", "--port", str(port),
                  "--node-config", node_config],
             )  # fmt: skip
             wait_port(port, self.start_timeout, proc, log)
+            if self.isolation == "process":  # our long-lived executor replaces flower-superexec
+                self._start(
+                    f"warm_exec{i}",
+                    [sys.executable, "-m", "lorafed.flower.warm_exec", "--runtime-api-address",
+                     f"127.0.0.1:{port}", "--parent-pid", str(proc.pid)],
+                )  # fmt: skip
         (self.workdir / "flwr_home" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n'
