@@ -225,7 +225,9 @@ def cases(base: list[str]) -> list[tuple[str, str, Callable[[], tuple[str, bool]
         (
             "payload: wrong dtype",
             "rejected naming tensor + dtypes",
-            lambda: rejected(wrong_dtype(), "m.lora_B.weight dtype: expected float32, received float16"),
+            lambda: rejected(
+                wrong_dtype(), "m.lora_B.weight dtype: expected float32 (transport float32), received float16"
+            ),
         ),
         (
             "payload: NaN values",
