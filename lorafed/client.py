@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lorafed.adapter import adapter_spec, get_adapter_state, set_adapter_state
+from lorafed.compress import update_wire
 from lorafed.config import FederationConfig, RunConfig
 from lorafed.data import TokenizedRows, load_labeled, split_indices
 from lorafed.errors import ConfigError, DataError, PayloadError, PayloadValidationError
@@ -178,6 +179,7 @@ def run_client_round(
     if len(split.val):
         val = evaluate(client.model, rows, split.val, config.train.eval_batch_size, labels)
         metrics.update(val_loss=val.loss, val_accuracy=val.accuracy, val_macro_f1=val.macro_f1)
+    dtype, block_size = update_wire(config.federation)
     meta = PayloadMeta(
         base_fingerprint=client.fingerprint,
         lora=lora_config_dict(config.model.lora),
@@ -187,8 +189,8 @@ def run_client_round(
         client_id=client_id,
         kind="update",
         metrics=metrics,
-        dtype=config.federation.transport,
-        block_size=config.federation.transport_block_size if config.federation.transport == "int8_block" else None,
+        dtype=dtype,
+        block_size=block_size,
     )
     return ClientUpdate(tensors, meta, result, val)
 

@@ -26,7 +26,7 @@ from typing import get_args
 
 import torch
 
-from lorafed.config import Transport
+from lorafed.config import FederationConfig, Transport
 
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 FLOAT_TRANSPORTS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,6 +36,11 @@ SCALE_SUFFIX = ":scale"
 QMAX = 127
 
 Spec = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+def update_wire(fcfg: FederationConfig) -> tuple[str, int | None]:
+    """The ``(dtype, block_size)`` a client update's header records for ``fcfg.transport``."""
+    return fcfg.transport, fcfg.transport_block_size if fcfg.transport == "int8_block" else None
 
 
 def scale_name(name: str) -> str:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafed.adapter import adapter_spec, get_adapter_state, set_adapter_state
+from lorafed.compress import update_wire
 from lorafed.config import RunConfig, save_config
 from lorafed.data import LabeledData, Split, TokenizedRows, load_labeled, split_indices
 from lorafed.errors import AggregationError, ConfigError, LorafedError
@@ -84,8 +85,7 @@ class Federation:
 
     def meta(self, client_id: str, round_: int, num_examples: int, kind: str = "update", **metrics: Any) -> PayloadMeta:
         """A payload header for this federation; client updates use the configured transport."""
-        fcfg = self.config.federation
-        wire = fcfg.transport if kind == "update" else "float32"
+        dtype, block_size = update_wire(self.config.federation) if kind == "update" else ("float32", None)
         return PayloadMeta(
             base_fingerprint=self.client.fingerprint,
             lora=lora_config_dict(self.config.model.lora),
@@ -95,8 +95,8 @@ class Federation:
             client_id=client_id,
             kind=kind,
             metrics=metrics,
-            dtype=wire,
-            block_size=fcfg.transport_block_size if wire == "int8_block" else None,
+            dtype=dtype,
+            block_size=block_size,
         )
 
 

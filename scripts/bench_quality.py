@@ -42,8 +42,7 @@ from lorafed.io import atomic_write_json, atomic_write_text
 from lorafed.lora_modes import merge_round
 from lorafed.payload import save_payload
 from lorafed.plots import _figure, _save
-from lorafed.rounds import client_seed, sample_clients
-from lorafed.server import aggregate_files, next_global, require_enough
+from lorafed.rounds import RoundPolicy, client_seed
 from lorafed.simulate import Federation, evaluate_state, prepare_federation, train_client
 from lorafed.train import train_local
 
@@ -98,11 +97,12 @@ def run_federated(fed: Federation, cfg: RunConfig, work: Path) -> dict[str, Any]
     """One federated run through the engine's payload files; the global scores after every round."""
     f = cfg.federation
     fed = dataclasses.replace(fed, config=cfg)
-    state, opt = fed.initial_state, None
+    state = fed.initial_state
+    policy = RoundPolicy(f, len(fed.partition.client_ids), cfg.seed)  # the engine's server step
     curve, bytes_cum, per_client = [], 0, []
     t0 = time.perf_counter()
     for r in range(1, f.rounds + 1):
-        chosen = sample_clients(len(fed.partition.client_ids), f.fraction, f.min_clients, cfg.seed, r)
+        chosen = policy.choose(r)
         paths = []
         for k in chosen:
             tensors, res = train_client(fed, state, k, r, progress=False)
@@ -110,8 +110,8 @@ def run_federated(fed: Federation, cfg: RunConfig, work: Path) -> dict[str, Any]
             paths.append(
                 save_payload(work / f"r{r}" / f"{cid}.safetensors", tensors, fed.meta(cid, r, res.num_examples))
             )
-        outcome = aggregate_files(paths, fed.spec(r), f.weighting, f.min_clients)
-        state, opt = next_global(state, require_enough(outcome, f.min_clients, r), f, opt)
+        result = policy.aggregate(paths, fed.spec(r), state, r)
+        state, outcome = result.state, result.outcome
         bytes_cum += outcome.bytes_in
         per_client.append(outcome.bytes_in / len(outcome.accepted))
         ev = evaluate_state(fed, state)
