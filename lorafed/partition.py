@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from lorafed.config import PartitionConfig
-from lorafed.data import LabeledData
+from lorafed.data.clean import LabeledData
 from lorafed.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from lorafed.config import PartitionConfig
+
+#: How rows are dealt to clients.
+Scheme = Literal["natural", "iid", "dirichlet"]
 
 _MAX_DIRICHLET_DRAWS = 1000
 
@@ -35,6 +41,11 @@ class Partition:
     def sizes(self) -> list[int]:
         """Number of rows of each client."""
         return [len(i) for i in self.indices]
+
+
+def partition_columns(cfg: PartitionConfig) -> list[str]:
+    """The data columns a partition needs besides text and label (the natural scheme's column)."""
+    return [cfg.column] if cfg.scheme == "natural" and cfg.column else []
 
 
 def partition(data: LabeledData, cfg: PartitionConfig, seed: int) -> Partition:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafed.io import atomic_write_bytes
+from lorafed.files import atomic_write_bytes
 
 
 def _figure(*args: Any, **kwargs: Any) -> Any:

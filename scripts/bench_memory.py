@@ -201,10 +201,10 @@ def measure(
     import transformers.models.bert.modeling_bert  # noqa: F401
     from transformers import AutoTokenizer
 
-    import lorafed.int8  # noqa: F401
+    import lorafed.model.int8  # noqa: F401
+    from lorafed.client.train import autocast, client_loss
     from lorafed.config import LoraSettings, ModelConfig, TrainConfig
-    from lorafed.model import enable_gradient_checkpointing, load_client_model, resolve_backbone
-    from lorafed.train import autocast, client_loss
+    from lorafed.model.backbone import enable_gradient_checkpointing, load_client_model, resolve_backbone
 
     AutoTokenizer.from_pretrained(resolve_backbone(model_dir))
 
@@ -300,9 +300,9 @@ def measure_cuda(model_dir: str, variant: str, steps: int, batch: int = 32, leng
     """``torch.cuda.max_memory_allocated`` over training steps, for ``fp16`` or lorafed ``int8``."""
     import torch
 
+    from lorafed.client.train import client_loss
     from lorafed.config import LoraSettings, ModelConfig
-    from lorafed.model import load_client_model, resolve_backbone
-    from lorafed.train import client_loss
+    from lorafed.model.backbone import load_client_model, resolve_backbone
 
     vocab = json.loads((resolve_backbone(model_dir) / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
@@ -367,7 +367,7 @@ def make_bert_base(folder: Path) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from lorafed.config import PACKAGED_BACKBONE
-    from lorafed.model import resolve_backbone
+    from lorafed.model.backbone import resolve_backbone
 
     tok = AutoTokenizer.from_pretrained(resolve_backbone(PACKAGED_BACKBONE))
     torch.manual_seed(0)
@@ -599,7 +599,7 @@ def summarize(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
 
 def write_reports(report: dict[str, Any], out: Path, with_plot: bool = True) -> None:
     """results/memory.json, memory.md and (optionally) memory.png."""
-    from lorafed.io import atomic_write_json, atomic_write_text
+    from lorafed.files import atomic_write_json, atomic_write_text
 
     slim = json.loads(json.dumps(report))
     for m in slim["models"].values():

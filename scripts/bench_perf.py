@@ -31,17 +31,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorafed.adapter import adapter_spec, get_adapter_state, is_lora_key, set_adapter_state  # noqa: E402
-from lorafed.aggregate import WeightedMean  # noqa: E402
-from lorafed.compress import TRANSPORTS  # noqa: E402
+from lorafed.client.train import train_local  # noqa: E402
 from lorafed.config import RunConfig, load_config  # noqa: E402
-from lorafed.io import atomic_write_json, atomic_write_text  # noqa: E402
-from lorafed.model import load_client_model, lora_config_dict  # noqa: E402
-from lorafed.payload import PayloadMeta, payload_to_bytes, save_payload  # noqa: E402
-from lorafed.server import aggregate_files  # noqa: E402
-from lorafed.simulate import prepare_federation, set_threads, simulate  # noqa: E402
-from lorafed.train import train_local  # noqa: E402
-from lorafed.validate import UpdateSpec  # noqa: E402
+from lorafed.engine.federation import prepare_federation, set_threads  # noqa: E402
+from lorafed.engine.inprocess import simulate  # noqa: E402
+from lorafed.files import atomic_write_json, atomic_write_text  # noqa: E402
+from lorafed.model.backbone import load_client_model, lora_config_dict  # noqa: E402
+from lorafed.server.aggregate import WeightedMean  # noqa: E402
+from lorafed.server.step import aggregate_files  # noqa: E402
+from lorafed.server.validate import UpdateSpec  # noqa: E402
+from lorafed.wire.adapter import adapter_spec, get_adapter_state, is_lora_key, set_adapter_state  # noqa: E402
+from lorafed.wire.compress import TRANSPORTS  # noqa: E402
+from lorafed.wire.payload import PayloadMeta, payload_to_bytes, save_payload  # noqa: E402
 
 SECTIONS = ("comm", "quality", "speed", "aggregation")
 
@@ -114,14 +115,12 @@ def comm_sizes(config: RunConfig, block_size: int) -> dict[str, Any]:
 
 def quality(config: RunConfig, transports: list[str], out_dir: Path) -> dict[str, Any]:
     """Macro-F1 of the same federation (same seeds, data, clients) under each update transport."""
-    fed = prepare_federation(config, log=lambda _: None)
+    fed = prepare_federation(config)
     runs = []
     for transport in transports:
         cfg = dataclasses.replace(config, federation=dataclasses.replace(config.federation, transport=transport))
         t0 = time.perf_counter()
-        summary = simulate(
-            cfg, out_dir / transport, progress=False, log=lambda _: None, fed=dataclasses.replace(fed, config=cfg)
-        )
+        summary = simulate(cfg, out_dir / transport, progress=False, fed=dataclasses.replace(fed, config=cfg))
         rows = [json.loads(x) for x in (out_dir / transport / "metrics.jsonl").read_text().splitlines()]
         runs.append(
             {
@@ -173,7 +172,7 @@ def raw_loop(model: Any, batches: list[dict[str, torch.Tensor]], cfg: Any) -> fl
 def speed(config: RunConfig, steps: int, reps: int) -> dict[str, Any]:
     """samples/s of ``train_local`` vs the raw loop on the same model, batches and data, alternating."""
     set_threads(config.train.num_threads)
-    fed = prepare_federation(config, log=lambda _: None)
+    fed = prepare_federation(config)
     k = int(np.argmax([len(s.train) for s in fed.splits]))
     positions = fed.splits[k].train
     cfg = dataclasses.replace(config.train, max_steps=steps, warmup_ratio=0.0)

@@ -36,15 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from lorafed.adapter import get_adapter_state, set_adapter_state
+from lorafed.client.train import train_local
 from lorafed.config import RunConfig, load_config
-from lorafed.io import atomic_write_json, atomic_write_text
-from lorafed.lora_modes import merge_round
-from lorafed.payload import save_payload
+from lorafed.engine.federation import Federation, evaluate_state, prepare_federation, train_client
+from lorafed.files import atomic_write_json, atomic_write_text
 from lorafed.plots import _figure, _save
-from lorafed.rounds import RoundPolicy, client_seed
-from lorafed.simulate import Federation, evaluate_state, prepare_federation, train_client
-from lorafed.train import train_local
+from lorafed.seeds import client_seed
+from lorafed.server.step import RoundPolicy
+from lorafed.wire.adapter import get_adapter_state, set_adapter_state
+from lorafed.wire.payload import save_payload
+from lorafed.wire.roles import merge_round
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +195,7 @@ def run_setting(key: str, profile: dict[str, Any], methods: list[str], log: Any)
     for seed in profile["seeds"]:
         base = load_config(cfg_path, [*overrides, f"seed={seed}"])
         t = time.perf_counter()
-        fed = prepare_federation(base, log=lambda _: None)
+        fed = prepare_federation(base)
         log(f"[{key} seed {seed}] prepared in {time.perf_counter() - t:.0f}s")
         info = {
             "clients": dict(zip(fed.partition.client_ids, fed.partition.sizes(), strict=True)),

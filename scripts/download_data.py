@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lorafed.cli import main
-from lorafed.datasets import DATASETS
+from lorafed.data.download import DATASETS
 
 DEFAULT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -17,9 +17,10 @@ import tempfile
 from pathlib import Path
 
 from lorafed.config import load_config
-from lorafed.payload import load_payload
-from lorafed.privacy import clip_delta
-from lorafed.simulate import read_metrics, simulate
+from lorafed.engine.inprocess import simulate
+from lorafed.engine.record import read_metrics
+from lorafed.server.privacy import clip_delta
+from lorafed.wire.payload import load_payload
 
 
 def _median_delta_norm(run: Path) -> float:
@@ -53,7 +54,7 @@ def main() -> int:
             ]
         cfg = load_config(args.config, over)
         out = work / label.replace(" ", "_").replace(",", "").replace("=", "")
-        summary = simulate(cfg, out, progress=False, log=lambda _: None)
+        summary = simulate(cfg, out, progress=False)
         if clip is None:
             clip = _median_delta_norm(out)
         metrics = read_metrics(out / "metrics.jsonl")

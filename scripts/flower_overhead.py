@@ -4,7 +4,7 @@ Builds a random tiny BERT (hidden 32, 2 layers), then runs configs/tiny.yaml (30
 intents, 3 IID clients, 3 local steps) for R rounds in-process and through `lorafed flower run`
 (SuperLink + 3 SuperNodes on 127.0.0.1, stock subprocess isolation: one flwr-clientapp process per
 message), and again with `--isolation process` (one long-lived
-lorafed.flower.warm_exec per node). Round time = train (send global .. last reply) + aggregate + eval,
+lorafed.engine.flower.warm_exec per node). Round time = train (send global .. last reply) + aggregate + eval,
 from metrics.jsonl.
 Writes results/flower_overhead.json and .md. Reproduce:
 
@@ -31,7 +31,7 @@ def _tiny_model(out: Path) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from lorafed.config import PACKAGED_BACKBONE
-    from lorafed.model import resolve_backbone
+    from lorafed.model.backbone import resolve_backbone
 
     tok = AutoTokenizer.from_pretrained(resolve_backbone(PACKAGED_BACKBONE))
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -57,14 +57,14 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "flower_overhead"))
     args = ap.parse_args()
     from lorafed.config import load_config
-    from lorafed.simulate import simulate
+    from lorafed.engine.inprocess import simulate
 
     work = Path(tempfile.mkdtemp(prefix="lorafed-flower-overhead-"))
     over = [f"model.name_or_path={_tiny_model(work / 'tiny')}", "partition.num_clients=3", "federation.min_clients=3",
             f"federation.rounds={args.rounds}", "train.num_threads=1", f"output_dir={work}"]  # fmt: skip
     config = ROOT / "configs" / "tiny.yaml"
     t = time.perf_counter()
-    simulate(load_config(config, over), work / "sim", progress=False, log=lambda _: None)
+    simulate(load_config(config, over), work / "sim", progress=False)
     sim_wall = time.perf_counter() - t
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     walls = {}
@@ -106,7 +106,7 @@ def main() -> int:
         f"| in-process simulator | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {sim_wall:.1f} |",
         f"| Flower, SuperLink + 3 SuperNodes, subprocess isolation | {f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f})"
         f" | {fl_wall:.1f} |",
-        f"| Flower, `--isolation process`: one long-lived ClientApp executor per SuperNode (lorafed.flower.warm_exec)"
+        f"| Flower, `--isolation process`: one long-lived ClientApp executor per SuperNode"
         f" | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) | {warm_wall:.1f} |",
         "",
         f"Flower / simulator, median round: {result['ratio_median']:.1f}x (stock), "

@@ -31,16 +31,17 @@ import torch  # noqa: E402
 from _tiny import make_tiny, tiny_overrides  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 
-from lorafed.adapter import adapter_spec  # noqa: E402
 from lorafed.config import DataConfig, load_config, save_config  # noqa: E402
-from lorafed.data import load_labeled  # noqa: E402
+from lorafed.data.clean import load_labeled  # noqa: E402
+from lorafed.engine.faults import delay_clients, fail_clients  # noqa: E402
+from lorafed.engine.inprocess import simulate  # noqa: E402
+from lorafed.engine.record import read_metrics  # noqa: E402
 from lorafed.errors import LorafedError  # noqa: E402
-from lorafed.faults import delay_clients, fail_clients  # noqa: E402
-from lorafed.io import atomic_write_json, atomic_write_text  # noqa: E402
-from lorafed.payload import PayloadMeta, load_payload, save_payload  # noqa: E402
-from lorafed.server import aggregate_files  # noqa: E402
-from lorafed.simulate import read_metrics, simulate  # noqa: E402
-from lorafed.validate import UpdateSpec  # noqa: E402
+from lorafed.files import atomic_write_json, atomic_write_text  # noqa: E402
+from lorafed.server.step import aggregate_files  # noqa: E402
+from lorafed.server.validate import UpdateSpec  # noqa: E402
+from lorafed.wire.adapter import adapter_spec  # noqa: E402
+from lorafed.wire.payload import PayloadMeta, load_payload, save_payload  # noqa: E402
 
 W = Path(tempfile.mkdtemp(prefix="lorafed-reliability-"))
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query"]}
@@ -151,7 +152,7 @@ def sim_case(base: list[str], overrides: list[str], fn, name: str) -> tuple[list
         ROOT / "configs" / "tiny.yaml", [*base, "partition.num_clients=3", "federation.rounds=1", *overrides]
     )
     try:
-        simulate(cfg, out, progress=False, log=lambda _: None, client_fn=fn)
+        simulate(cfg, out, progress=False, client_fn=fn)
     except LorafedError as exc:
         return str(exc), out
     return read_metrics(out / "metrics.jsonl"), out
@@ -161,7 +162,7 @@ def kill_resume(base: list[str]) -> tuple[str, bool]:
     rounds = 6
     over = [*base, f"federation.rounds={rounds}", "train.max_steps=12", "partition.num_clients=3"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", over)
-    simulate(cfg, W / "ref", progress=False, log=lambda _: None)
+    simulate(cfg, W / "ref", progress=False)
     save_config(cfg, W / "run.yaml")
     run = W / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from _tiny import make_tiny, tiny_overrides  # noqa: E402
 
 from lorafed.config import load_config  # noqa: E402
-from lorafed.faults import scale_update  # noqa: E402
-from lorafed.io import atomic_write_json, atomic_write_text  # noqa: E402
-from lorafed.simulate import simulate  # noqa: E402
+from lorafed.engine.faults import scale_update  # noqa: E402
+from lorafed.engine.inprocess import simulate  # noqa: E402
+from lorafed.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 ATTACKS = {"none": None, "delta x100": 100.0, "sign flip": -1.0}
 
@@ -63,7 +63,7 @@ def main() -> None:
             cfg = load_config(config_path, [*base, *overrides, "train.num_threads=1"])
             fn = scale_update(["client0"], factor) if factor is not None else None
             t = time.perf_counter()
-            summary = simulate(cfg, work / f"{len(runs)}", progress=False, log=lambda _: None, client_fn=fn)
+            summary = simulate(cfg, work / f"{len(runs)}", progress=False, client_fn=fn)
             runs.append(
                 {
                     "attack": attack,

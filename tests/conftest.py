@@ -32,7 +32,7 @@ def save_tiny_bert(out: Path) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from lorafed.config import PACKAGED_BACKBONE
-    from lorafed.model import resolve_backbone
+    from lorafed.model.backbone import resolve_backbone
 
     tok = AutoTokenizer.from_pretrained(resolve_backbone(PACKAGED_BACKBONE))
     cfg = BertConfig(

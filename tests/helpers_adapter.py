@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from lorafed.adapter import get_adapter_state
 from lorafed.config import LoraSettings, ModelConfig
-from lorafed.model import load_client_model, lora_config_dict
-from lorafed.payload import Payload, PayloadMeta
+from lorafed.model.backbone import load_client_model, lora_config_dict
+from lorafed.wire.adapter import get_adapter_state
+from lorafed.wire.payload import Payload, PayloadMeta
 
 LABELS = ("bad", "good", "meh")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorafed.aggregate import WeightedMean, fedavg
 from lorafed.errors import AggregationError
+from lorafed.server.aggregate import WeightedMean, fedavg
 
 
 def test_fedavg_matches_numpy_average_with_unequal_weights() -> None:
@@ -55,8 +55,8 @@ def test_errors_name_the_problem() -> None:
 
 def test_head_and_every_lora_tensor_are_aggregated(tiny_config) -> None:
     """On a real peft model: each LoRA A/B and the head take the weighted mean of the clients."""
-    from lorafed.adapter import get_adapter_state, set_adapter_state
-    from lorafed.model import load_client_model
+    from lorafed.model.backbone import load_client_model
+    from lorafed.wire.adapter import get_adapter_state, set_adapter_state
 
     cfg = tiny_config()
     client = load_client_model(cfg.model, ("x", "y", "z"), seed=0)

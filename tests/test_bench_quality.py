@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
-from lorafed.simulate import prepare_federation
+from lorafed.engine.federation import prepare_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def bench():
 
 def test_methods_share_the_budget_and_ffa_uploads_less(bench, tiny_config, tmp_path) -> None:
     base = tiny_config()
-    fed = prepare_federation(base, log=lambda _: None)
+    fed = prepare_federation(base)
     fedavg = bench.run_federated(fed, base, tmp_path / "fedavg")
     ffa = bench.run_federated(fed, tiny_config("federation.aggregation=ffa"), tmp_path / "ffa")
     cen = bench.run_centralized(fed, base)

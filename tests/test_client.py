@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from lorafed.cli import main
-from lorafed.client import run_client_round
+from lorafed.client.round import run_client_round
 from lorafed.config import save_config
-from lorafed.data import split_indices
+from lorafed.data.tokens import split_indices
 from lorafed.errors import ConfigError, PayloadError
-from lorafed.payload import Payload, load_payload, save_payload
-from lorafed.rounds import split_seed
+from lorafed.seeds import split_seed
+from lorafed.wire.payload import Payload, load_payload, save_payload
 from tests.helpers_adapter import random_adapter
 
 QUIET = {"progress": False, "log": lambda _: None}
@@ -123,7 +123,7 @@ def test_aggregate_with_config_needs_labels(tiny_config, tmp_path, capsys) -> No
 
 
 def test_cross_silo_refuses_modes_it_does_not_run(tiny_config, synthetic_csv) -> None:
-    from lorafed.client import run_client_round
+    from lorafed.client.round import run_client_round
     from lorafed.errors import ConfigError
 
     cfg = tiny_config("federation.aggregation=ffa", "data.labels=[bad, good, meh]")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from lorafed.compress import TRANSPORTS, decode, encode, scale_name, wire_bytes, wire_spec
 from lorafed.errors import PayloadError, PayloadValidationError
-from lorafed.payload import Payload, PayloadMeta, load_payload, payload_from_bytes, payload_to_bytes, save_payload
-from lorafed.server import aggregate_files
-from lorafed.validate import UpdateSpec, validate_update
+from lorafed.server.step import aggregate_files
+from lorafed.server.validate import UpdateSpec, validate_update
+from lorafed.wire.compress import TRANSPORTS, decode, encode, scale_name, wire_bytes, wire_spec
+from lorafed.wire.payload import Payload, PayloadMeta, load_payload, payload_from_bytes, payload_to_bytes, save_payload
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query"]}
 
@@ -250,11 +250,12 @@ def test_transport_config_is_checked(tiny_config) -> None:
 
 
 def test_simulation_sends_int8_updates(tiny_config, tmp_path) -> None:
-    from lorafed.simulate import read_metrics, simulate
+    from lorafed.engine.inprocess import simulate
+    from lorafed.engine.record import read_metrics
 
     base = ("federation.rounds=1", "train.max_steps=2", "partition.num_clients=2")
-    s32 = simulate(tiny_config(*base), tmp_path / "f32", progress=False, log=lambda _: None)
-    s8 = simulate(tiny_config(*base, "federation.transport=int8"), tmp_path / "i8", progress=False, log=lambda _: None)
+    s32 = simulate(tiny_config(*base), tmp_path / "f32", progress=False)
+    s8 = simulate(tiny_config(*base, "federation.transport=int8"), tmp_path / "i8", progress=False)
     up32 = read_metrics(tmp_path / "f32" / "metrics.jsonl")[1]["bytes_up"]
     up8 = read_metrics(tmp_path / "i8" / "metrics.jsonl")[1]["bytes_up"]
     assert up8 < up32 and math.isfinite(s8["final"]["macro_f1"]) and s32["final"]["macro_f1"] >= 0

@@ -13,12 +13,13 @@ import pytest
 import torch
 from conftest import ROOT
 
-from lorafed.aggregate import fedavg
-from lorafed.coordinate import coordinate, global_name
+from lorafed.engine.federation import prepare_federation, train_client
+from lorafed.engine.filedrop import coordinate, global_name
+from lorafed.engine.inprocess import simulate
+from lorafed.engine.storage import FsspecStorage, LocalStorage, open_storage
 from lorafed.errors import AggregationError, LorafedError
-from lorafed.payload import load_payload, payload_from_bytes, payload_to_bytes
-from lorafed.simulate import prepare_federation, simulate, train_client
-from lorafed.storage import FsspecStorage, LocalStorage, open_storage
+from lorafed.server.aggregate import fedavg
+from lorafed.wire.payload import load_payload, payload_from_bytes, payload_to_bytes
 
 
 def _over(csv: Path, model_dir: Path, tmp_path: Path) -> list[str]:
@@ -60,7 +61,7 @@ def test_three_client_processes_and_the_coordinator_match_the_simulation(
     assert [len(r["clients"]) for r in rows] == [3, 3] and not any(r["by_deadline"] for r in rows)
     assert (drop / "done.json").is_file()
     sim = tmp_path / "sim"
-    simulate(tiny_config(*over), sim, progress=False, log=lambda _: None)
+    simulate(tiny_config(*over), sim, progress=False)
     for r in (1, 2):
         a = load_payload(drop / global_name(r)).tensors
         b = load_payload(sim / "rounds" / f"global_r{r}.safetensors").tensors
@@ -71,7 +72,7 @@ def test_three_client_processes_and_the_coordinator_match_the_simulation(
 def test_deadline_aggregates_the_valid_updates_that_arrived(tiny_config, tmp_path) -> None:
     cfg = tiny_config("partition.num_clients=3", "federation.rounds=1", "train.max_steps=2")
     drop = LocalStorage(tmp_path / "drop")
-    fed = prepare_federation(cfg, log=lambda _: None)
+    fed = prepare_federation(cfg)
 
     def two_clients_and_junk() -> None:  # two valid updates, one from another round, one corrupt
         while not drop.exists(global_name(0)):
@@ -85,7 +86,7 @@ def test_deadline_aggregates_the_valid_updates_that_arrived(tiny_config, tmp_pat
 
     th = threading.Thread(target=two_clients_and_junk)
     th.start()
-    coordinate(cfg, drop, tmp_path / "rec", min_clients=3, deadline_s=3.0, poll_s=0.05, log=lambda _: None)
+    coordinate(cfg, drop, tmp_path / "rec", min_clients=3, deadline_s=3.0, poll_s=0.05)
     th.join(timeout=30)
     row = json.loads((tmp_path / "rec" / "metrics.jsonl").read_text())
     assert row["by_deadline"] and sorted(row["clients"]) == ["c0", "c1"] and len(row["rejected"]) == 2
@@ -100,9 +101,9 @@ def test_no_valid_update_by_the_deadline_and_a_used_drop_are_errors(tiny_config,
     cfg = tiny_config("federation.rounds=1")
     drop = LocalStorage(tmp_path / "drop")
     with pytest.raises(AggregationError, match=r"round 1: no valid update within the 0\.3 s deadline"):
-        coordinate(cfg, drop, tmp_path / "rec", min_clients=1, deadline_s=0.3, poll_s=0.05, log=lambda _: None)
+        coordinate(cfg, drop, tmp_path / "rec", min_clients=1, deadline_s=0.3, poll_s=0.05)
     with pytest.raises(LorafedError, match="already holds a federation"):
-        coordinate(cfg, drop, tmp_path / "rec2", min_clients=1, deadline_s=0.3, log=lambda _: None)
+        coordinate(cfg, drop, tmp_path / "rec2", min_clients=1, deadline_s=0.3)
 
 
 def test_fsspec_storage_round_trip_and_atomic_names() -> None:

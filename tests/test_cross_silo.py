@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from lorafed.cli import main
-from lorafed.client import run_client_round, write_client_files
+from lorafed.client.round import run_client_round, write_client_files
 from lorafed.config import save_config
-from lorafed.payload import load_payload, save_payload
-from lorafed.simulate import simulate
+from lorafed.engine.inprocess import simulate
+from lorafed.wire.payload import load_payload, save_payload
 from tests.conftest import ROOT
 
 FED = ("data.labels=[bad,good,meh]", "partition.num_clients=3", "federation.rounds=2", "federation.min_clients=3")
@@ -30,8 +30,8 @@ def _max_diff(a: Path, b: Path) -> float:
 def test_client_processes_and_aggregate_equal_the_simulation(tiny_config, tmp_path: Path) -> None:
     config = tiny_config(*FED)
     sim_dir = tmp_path / "sim"
-    simulate(config, sim_dir, progress=False, log=lambda _: None)
-    files = write_client_files(config, tmp_path / "silo", log=lambda _: None)
+    simulate(config, sim_dir, progress=False)
+    files = write_client_files(config, tmp_path / "silo")
     cfg_path = tmp_path / "federation.yaml"
     save_config(config, cfg_path)
 
@@ -65,7 +65,7 @@ def test_client_processes_and_aggregate_equal_the_simulation(tiny_config, tmp_pa
     upd2 = tmp_path / "updates_r2"
     for cid, path in files.items():
         client_cfg = tiny_config(*FED, f"data.path={path}")
-        u = run_client_round(client_cfg, cid, g1, progress=False, log=lambda _: None)
+        u = run_client_round(client_cfg, cid, g1, progress=False)
         assert u.meta.round == 2
         save_payload(upd2 / f"{cid}.safetensors", u.tensors, u.meta)
     g2 = tmp_path / "global_r2.safetensors"

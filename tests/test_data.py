@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from lorafed.config import DataConfig
-from lorafed.data import TokenizedRows, load_labeled, read_table, split_indices
+from lorafed.data.clean import load_labeled
+from lorafed.data.read import read_table
+from lorafed.data.tokens import TokenizedRows, split_indices
 from lorafed.errors import DataError
 
 

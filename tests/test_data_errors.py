@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorafed.config import DataConfig
-from lorafed.data import load_labeled
+from lorafed.data.clean import load_labeled
 from lorafed.errors import DataError
 
 HEAD = "text,label\n"

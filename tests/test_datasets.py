@@ -20,7 +20,7 @@ import pytest
 from conftest import CLOTHING_CSV, INTENTS_CSV, require_shared_data
 
 from lorafed.cli import main
-from lorafed.datasets import (
+from lorafed.data.download import (
     DATASETS,
     ChecksumError,
     CsvCleaning,

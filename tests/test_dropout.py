@@ -7,17 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lorafed.engine.faults import delay_clients, fail_clients
+from lorafed.engine.inprocess import simulate
+from lorafed.engine.record import read_metrics
 from lorafed.errors import AggregationError
-from lorafed.faults import delay_clients, fail_clients
-from lorafed.payload import load_payload
-from lorafed.simulate import read_metrics, simulate
+from lorafed.wire.payload import load_payload
 
 THREE = ("partition.num_clients=3", "federation.rounds=1")
 
 
 def _run(tiny_config, tmp_path: Path, *overrides: str, fn=None) -> tuple[Path, list[dict]]:
     out = tmp_path / "run"
-    simulate(tiny_config(*THREE, *overrides), out, progress=False, log=lambda _: None, client_fn=fn)
+    simulate(tiny_config(*THREE, *overrides), out, progress=False, client_fn=fn)
     return out, read_metrics(out / "metrics.jsonl")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from lorafed.evaluate import classification_scores
+from lorafed.metrics import classification_scores
 
 
 def test_scores_match_sklearn_including_absent_classes() -> None:

@@ -15,8 +15,8 @@ import torch
 
 from lorafed.cli import main
 from lorafed.errors import ModelError, PayloadValidationError
-from lorafed.export import ExportError, export_adapter, load_adapter_model, parity_inputs
-from lorafed.payload import Payload, save_payload
+from lorafed.serve.export import ExportError, export_adapter, load_adapter_model, parity_inputs
+from lorafed.wire.payload import Payload, save_payload
 from tests.helpers_adapter import LABELS, random_adapter
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lorafed.adapter import get_adapter_state
+from lorafed.client.train import proximal_term
+from lorafed.engine.federation import prepare_federation, train_client
 from lorafed.errors import ConfigError
-from lorafed.simulate import prepare_federation, train_client
-from lorafed.train import proximal_term
+from lorafed.wire.adapter import get_adapter_state
 
 
 def test_proximal_term_value_and_gradient_match_the_formula() -> None:
@@ -35,7 +35,7 @@ def _drift(fed, state) -> float:
 
 
 def test_a_strong_proximal_term_keeps_the_client_near_the_global_adapter(tiny_config) -> None:
-    fed = prepare_federation(tiny_config("train.max_steps=6"), log=lambda _: None)
+    fed = prepare_federation(tiny_config("train.max_steps=6"))
     state = get_adapter_state(fed.client.model)
     free = _drift(fed, state)
     prox = dataclasses.replace(

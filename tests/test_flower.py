@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 
-from lorafed.payload import load_payload
-from lorafed.simulate import simulate
+from lorafed.engine.inprocess import simulate
+from lorafed.wire.payload import load_payload
 
 pytest.importorskip("flwr")
 
@@ -36,7 +36,7 @@ def _overrides(csv: Path, model_dir: Path) -> list[str]:
 def test_flower_deployment_matches_the_simulation(
     isolation, tiny_config, synthetic_csv, tiny_model_dir, tmp_path
 ) -> None:
-    """Stock isolation (a flwr-clientapp per message) and the warm one (lorafed.flower.warm_exec)."""
+    """Stock isolation (a flwr-clientapp per message) and the warm one (lorafed.engine.flower.warm_exec)."""
     over = _overrides(synthetic_csv, tiny_model_dir)
     out = tmp_path / "flower"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -53,7 +53,7 @@ def test_flower_deployment_matches_the_simulation(
     assert listening and all(addr.startswith("127.0.0.1:") for addr in listening), listening
     assert {p.pid for p in psutil.Process().children(recursive=True)} - before == set()
     sim = tmp_path / "sim"
-    simulate(tiny_config(*over), sim, progress=False, log=lambda _: None)
+    simulate(tiny_config(*over), sim, progress=False)
     for r in (1, 2):
         a = load_payload(out / "rounds" / f"global_r{r}.safetensors").tensors
         b = load_payload(sim / "rounds" / f"global_r{r}.safetensors").tensors

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from lorafed.config import parse_config
+from lorafed.engine.flower.app_dir import DEFAULT_RUN_CONFIG, GLUE_MODULE, write_app_dir, write_run_config
+from lorafed.engine.flower.client_app import node_client
 from lorafed.errors import ConfigError
-from lorafed.flower.app_dir import DEFAULT_RUN_CONFIG, GLUE_MODULE, write_app_dir, write_run_config
-from lorafed.flower.client_app import node_client
 
 
 def _fed(n: int) -> SimpleNamespace:

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorafed.config import DataConfig
-from lorafed.data import load_labeled
+from lorafed.data.clean import load_labeled
 from lorafed.errors import DataError, PayloadError
-from lorafed.payload import PayloadMeta, payload_from_bytes, payload_to_bytes, read_meta
+from lorafed.wire.payload import PayloadMeta, payload_from_bytes, payload_to_bytes, read_meta
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

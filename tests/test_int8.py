@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lorafed.int8 as int8
-from lorafed.adapter import get_adapter_state
+import lorafed.model.int8 as int8
 from lorafed.config import ConfigError, LoraSettings, ModelConfig, TrainConfig, load_config
-from lorafed.int8 import Int8Embedding, Int8Linear, quantize_model_int8, quantize_rowwise_absmax
-from lorafed.model import base_fingerprint, load_client_model
+from lorafed.model.backbone import base_fingerprint, load_client_model
+from lorafed.model.int8 import Int8Embedding, Int8Linear, quantize_model_int8, quantize_rowwise_absmax
+from lorafed.wire.adapter import get_adapter_state
 
 LABELS = ("x", "y", "z")
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
@@ -188,9 +188,9 @@ def test_every_backend_keeps_the_fingerprint_and_the_adapter_keys(tiny_model_dir
 
 
 def test_an_int8_trained_adapter_exports_through_the_fp32_base(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from lorafed.export import export_adapter
-    from lorafed.model import lora_config_dict
-    from lorafed.payload import Payload, PayloadMeta
+    from lorafed.model.backbone import lora_config_dict
+    from lorafed.serve.export import export_adapter
+    from lorafed.wire.payload import Payload, PayloadMeta
 
     cm = load_client_model(ModelConfig(str(tiny_model_dir), "int8", lora=LORA), LABELS, seed=0)
     g = torch.Generator().manual_seed(5)
@@ -201,12 +201,12 @@ def test_an_int8_trained_adapter_exports_through_the_fp32_base(tiny_model_dir: P
 
 
 def test_gradient_checkpointing_changes_memory_not_the_update(tiny_config) -> None:
-    from lorafed.adapter import set_adapter_state
-    from lorafed.simulate import prepare_federation
-    from lorafed.train import train_local
+    from lorafed.client.train import train_local
+    from lorafed.engine.federation import prepare_federation
+    from lorafed.wire.adapter import set_adapter_state
 
     config = tiny_config("model.lora.dropout=0.1", "train.max_steps=3")
-    fed = prepare_federation(config, log=lambda _: None)
+    fed = prepare_federation(config)
     states, losses = [], []
     for ckpt in (False, True):
         set_adapter_state(fed.client.model, fed.initial_state)
@@ -222,12 +222,12 @@ def test_gradient_checkpointing_changes_memory_not_the_update(tiny_config) -> No
 
 
 def test_bf16_autocast_training_stays_close_to_fp32_and_keeps_fp32_adapters(tiny_config) -> None:
-    from lorafed.adapter import set_adapter_state
-    from lorafed.simulate import prepare_federation
-    from lorafed.train import train_local
+    from lorafed.client.train import train_local
+    from lorafed.engine.federation import prepare_federation
+    from lorafed.wire.adapter import set_adapter_state
 
     config = tiny_config("model.precision=int8", "train.max_steps=3")
-    fed = prepare_federation(config, log=lambda _: None)
+    fed = prepare_federation(config)
     states, losses = [], []
     for mode in ("none", "bf16"):
         set_adapter_state(fed.client.model, fed.initial_state)

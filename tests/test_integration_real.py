@@ -8,7 +8,7 @@ import pytest
 from conftest import INTENTS_CSV, ROOT, require_shared_data
 
 from lorafed.config import load_config
-from lorafed.simulate import simulate
+from lorafed.engine.inprocess import simulate
 
 
 @pytest.mark.slow
@@ -33,6 +33,6 @@ def test_two_rounds_two_clients_int8_improve_macro_f1(tmp_path: Path) -> None:
             f"output_dir={tmp_path}",
         ],
     )
-    summary = simulate(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    summary = simulate(cfg, tmp_path / "run", progress=False)
     assert summary["precision"] == "int8"
     assert summary["final"]["macro_f1"] > summary["round0"]["macro_f1"] + 0.05, summary

@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from lorafed.adapter import get_adapter_state
-from lorafed.aggregate import fedavg
+from lorafed.engine.federation import prepare_federation, train_client
+from lorafed.engine.inprocess import simulate
 from lorafed.errors import AggregationError, PayloadValidationError
-from lorafed.lora_modes import merge_round, round_keys, round_roles, tensor_role, trainable_roles
-from lorafed.payload import load_payload
-from lorafed.simulate import prepare_federation, simulate, train_client
-from lorafed.validate import validate_update
+from lorafed.server.aggregate import fedavg
+from lorafed.server.validate import validate_update
+from lorafed.wire.adapter import get_adapter_state
+from lorafed.wire.payload import load_payload
+from lorafed.wire.roles import merge_round, round_keys, round_roles, tensor_role, trainable_roles
 
 KEYS = [
     "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight",
@@ -86,7 +87,7 @@ def test_merge_round_keeps_unsent_tensors_and_refuses_unknown() -> None:
 
 
 def test_trainable_roles_freezes_and_restores(tiny_config) -> None:
-    fed = prepare_federation(tiny_config(), log=lambda _: None)
+    fed = prepare_federation(tiny_config())
     model = fed.client.model
     before = {n for n, p in model.named_parameters() if p.requires_grad}
     with trainable_roles(model, frozenset({"lora_B", "head"})) as names:
@@ -97,7 +98,7 @@ def test_trainable_roles_freezes_and_restores(tiny_config) -> None:
 
 @pytest.mark.parametrize("aggregation", ["ffa", "rolora"])
 def test_clients_send_exactly_the_round_tensors(tiny_config, aggregation: str, tmp_path) -> None:
-    fed = prepare_federation(tiny_config(f"federation.aggregation={aggregation}"), log=lambda _: None)
+    fed = prepare_federation(tiny_config(f"federation.aggregation={aggregation}"))
     start = fed.initial_state
     for r in (1, 2):  # round 2 starts from round 1's result (with B = 0, A's gradient is zero)
         sent, _ = train_client(fed, start, 0, r, progress=False)
@@ -113,9 +114,9 @@ def test_clients_send_exactly_the_round_tensors(tiny_config, aggregation: str, t
 
 
 def test_spec_refuses_an_update_with_the_other_factor(tiny_config, tmp_path) -> None:
-    from lorafed.payload import payload_from_bytes, payload_to_bytes
+    from lorafed.wire.payload import payload_from_bytes, payload_to_bytes
 
-    fed = prepare_federation(tiny_config("federation.aggregation=ffa"), log=lambda _: None)
+    fed = prepare_federation(tiny_config("federation.aggregation=ffa"))
     full = payload_from_bytes(payload_to_bytes(fed.initial_state, fed.meta("c0", 1, 5)))
     with pytest.raises(PayloadValidationError, match=r"lora_A.*absent \(not part of the adapter\)"):
         validate_update(full, fed.spec(1), "c0.safetensors")
@@ -127,7 +128,7 @@ def test_ffa_simulation_keeps_a_at_its_init_and_halves_uploads(tiny_config, tmp_
         cfg = tiny_config(f"federation.aggregation={agg}")
         cfg = dataclasses.replace(cfg, name=agg)
         out = tmp_path / agg
-        simulate(cfg, out, progress=False, log=lambda _: None)
+        simulate(cfg, out, progress=False)
         runs[agg] = out
     g0 = load_payload(runs["ffa"] / "rounds" / "global_r0.safetensors").tensors
     g2 = load_payload(runs["ffa"] / "rounds" / "global_r2.safetensors").tensors

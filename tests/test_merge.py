@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lorafed.cli import main
-from lorafed.merge import LoraFactors, MergeError, delta_weights, lora_modules, merge_adapters, merge_payloads
-from lorafed.payload import Payload, load_payload, save_payload
+from lorafed.serve.combine import LoraFactors, MergeError, delta_weights, lora_modules, merge_adapters, merge_payloads
+from lorafed.wire.payload import Payload, load_payload, save_payload
 from tests.helpers_adapter import random_adapter
 
 PREFIX = "base_model.model.layer.q"

@@ -10,7 +10,7 @@ import torch
 
 from lorafed.config import PACKAGED_BACKBONE, ModelConfig
 from lorafed.errors import ModelError
-from lorafed.model import base_fingerprint, load_client_model, resolve_backbone
+from lorafed.model.backbone import base_fingerprint, load_client_model, resolve_backbone
 
 
 def test_packaged_backbone_is_found_without_network() -> None:

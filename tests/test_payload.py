@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lorafed.errors import PayloadError, PayloadValidationError
-from lorafed.payload import FORMAT_VERSION, PayloadMeta, load_payload, read_meta, save_payload
-from lorafed.validate import UpdateSpec, validate_update
+from lorafed.server.validate import UpdateSpec, validate_update
+from lorafed.wire.payload import FORMAT_VERSION, PayloadMeta, load_payload, read_meta, save_payload
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]}
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from lorafed.adapter import adapter_spec
 from lorafed.errors import PayloadError, PayloadValidationError
-from lorafed.payload import PayloadMeta, load_payload, payload_to_bytes, read_meta, save_payload
-from lorafed.server import aggregate_files
-from lorafed.validate import UpdateSpec, validate_update
+from lorafed.server.step import aggregate_files
+from lorafed.server.validate import UpdateSpec, validate_update
+from lorafed.wire.adapter import adapter_spec
+from lorafed.wire.payload import PayloadMeta, load_payload, payload_to_bytes, read_meta, save_payload
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}
 LABELS = ("bad", "good")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from lorafed.engine.inprocess import simulate
 from lorafed.errors import AggregationError, ConfigError
-from lorafed.payload import load_payload
-from lorafed.privacy import (
+from lorafed.server.privacy import (
     DPSum,
     calibrate_noise,
     clip_delta,
@@ -20,7 +20,7 @@ from lorafed.privacy import (
     poisson_sample,
     rdp_sampled_gaussian,
 )
-from lorafed.simulate import simulate
+from lorafed.wire.payload import load_payload
 
 
 def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -183,7 +183,7 @@ def test_simulation_with_dp_applies_clipped_uniform_mean_and_reports_epsilon(tin
         "federation.dp.noise_seed=3",
     )
     out = tmp_path / "dp"
-    simulate(cfg, out, progress=False, log=lambda _: None)
+    simulate(cfg, out, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     eps = [r["privacy"]["epsilon"] for r in rows[1:]]
     assert eps[0] < eps[1] and eps[1] == pytest.approx(compute_epsilon(1.0, 1e-9, 2, 1e-5))
@@ -207,7 +207,7 @@ def test_dp_composes_with_ffa_and_leaves_the_frozen_tensors_alone(tiny_config, t
         "federation.dp.noise_seed=3",
     )
     out = tmp_path / "dp_ffa"
-    simulate(cfg, out, progress=False, log=lambda _: None)
+    simulate(cfg, out, progress=False)
     prev = load_payload(out / "rounds" / "global_r0.safetensors").tensors
     updates = [load_payload(p).tensors for p in sorted((out / "rounds" / "r1").glob("*.safetensors"))]
     assert updates and all(not any("lora_A" in k for k in u) for u in updates)  # FFA sends B and the head only

@@ -17,9 +17,10 @@ from conftest import ROOT
 
 from lorafed.cli import main
 from lorafed.config import save_config
+from lorafed.engine.inprocess import simulate
+from lorafed.engine.record import read_metrics
 from lorafed.errors import LorafedError
-from lorafed.payload import load_payload
-from lorafed.simulate import read_metrics, simulate
+from lorafed.wire.payload import load_payload
 
 ROUNDS = 8
 RUN = (f"federation.rounds={ROUNDS}", "train.max_steps=12", "partition.num_clients=3", "federation.min_clients=2")
@@ -41,7 +42,7 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_and_resume_match_an_uninterrupted_run(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config(*RUN)
-    simulate(cfg, tmp_path / "ref", progress=False, log=lambda _: None)
+    simulate(cfg, tmp_path / "ref", progress=False)
     save_config(cfg, tmp_path / "run.yaml")
     run = tmp_path / "run"
     start = [sys.executable, "-m", "lorafed", "simulate", "--config", str(tmp_path / "run.yaml"), "--out", str(run)]
@@ -84,9 +85,9 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(tiny_config, tmp_path: Pa
 
 def test_resume_redoes_a_partial_round(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config("federation.rounds=3")
-    simulate(cfg, tmp_path / "ref", progress=False, log=lambda _: None)
+    simulate(cfg, tmp_path / "ref", progress=False)
     run = tmp_path / "run"
-    simulate(cfg, run, progress=False, log=lambda _: None)
+    simulate(cfg, run, progress=False)
     # Simulate a crash inside round 3: its metrics line is gone, its files half there.
     rows = read_metrics(run / "metrics.jsonl")
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
@@ -105,14 +106,14 @@ def test_resume_errors(tiny_config, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "no config.yaml, so not a run folder" in capsys.readouterr().err
     cfg = tiny_config("federation.rounds=1")
     run = tmp_path / "run"
-    simulate(cfg, run, progress=False, log=lambda _: None)
+    simulate(cfg, run, progress=False)
     rows = read_metrics(run / "metrics.jsonl")
     (run / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(LorafedError, match=r"metrics.jsonl: line 1 is round 1, expected round 0"):
-        simulate(cfg, run, progress=False, log=lambda _: None, resume=True)
+        simulate(cfg, run, progress=False, resume=True)
     (run / "metrics.jsonl").write_text('{"round": 0\n')
     with pytest.raises(LorafedError, match=r"metrics.jsonl: line 1 is not valid JSON"):
-        simulate(cfg, run, progress=False, log=lambda _: None, resume=True)
+        simulate(cfg, run, progress=False, resume=True)
     # A global adapter from another LoRA config is refused, naming the field.
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(LorafedError, match=r"global_r1.safetensors\) rejected: lora config r: expected \{'r': 8\}"):

@@ -10,14 +10,15 @@ import torch
 from conftest import write_synthetic_csv
 from scipy.stats import trim_mean
 
-from lorafed.adapter import adapter_spec
+from lorafed.engine.faults import scale_update
+from lorafed.engine.inprocess import simulate
+from lorafed.engine.record import read_metrics
 from lorafed.errors import AggregationError
-from lorafed.faults import scale_update
-from lorafed.payload import PayloadMeta, save_payload
-from lorafed.robust import clip_update, coordinate_median, delta_norm, trimmed_mean
-from lorafed.server import aggregate_files
-from lorafed.simulate import read_metrics, simulate
-from lorafed.validate import UpdateSpec
+from lorafed.server.robust import clip_update, coordinate_median, delta_norm, trimmed_mean
+from lorafed.server.step import aggregate_files
+from lorafed.server.validate import UpdateSpec
+from lorafed.wire.adapter import adapter_spec
+from lorafed.wire.payload import PayloadMeta, save_payload
 
 
 def states(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -119,7 +120,7 @@ def test_poisoning_one_of_five_clients(tiny_config, tmp_path: Path) -> None:
 
     def run(name: str, *overrides: str, attack=None) -> float:
         cfg = tiny_config(f"data.path={csv}", *POISON, *POISON_TRAIN, *overrides)
-        summary = simulate(cfg, tmp_path / name, progress=False, log=lambda _: None, client_fn=attack)
+        summary = simulate(cfg, tmp_path / name, progress=False, client_fn=attack)
         rows = read_metrics(tmp_path / name / "metrics.jsonl")
         assert [r["round"] for r in rows] == list(range(7))
         return 100 * summary["final"]["accuracy"]

@@ -10,8 +10,8 @@ from safetensors.torch import save as st_save
 
 from lorafed.config import FederationConfig
 from lorafed.errors import AggregationError, PayloadError
-from lorafed.server import next_global
-from lorafed.server_opt import ServerOptSettings, ServerOptState, load_server_opt, save_server_opt, server_step
+from lorafed.server.server_opt import ServerOptSettings, ServerOptState, load_server_opt, save_server_opt, server_step
+from lorafed.server.step import next_global
 
 
 def _numpy_reference(kind: str, x0: np.ndarray, targets: list[np.ndarray], s: ServerOptSettings) -> np.ndarray:
@@ -92,10 +92,10 @@ def test_next_global_without_optimizer_is_the_average_over_the_global() -> None:
 
 
 def test_simulate_with_fedyogi_saves_a_resumable_state(tiny_config, tmp_path) -> None:
-    from lorafed.payload import load_payload
-    from lorafed.simulate import simulate
+    from lorafed.engine.inprocess import simulate
+    from lorafed.wire.payload import load_payload
 
-    simulate(tiny_config("federation.server_optimizer=fedyogi"), tmp_path / "run", progress=False, log=lambda _: None)
+    simulate(tiny_config("federation.server_optimizer=fedyogi"), tmp_path / "run", progress=False)
     opt = load_server_opt(tmp_path / "run" / "rounds" / "server_opt_r2.safetensors")
     g1 = load_payload(tmp_path / "run" / "rounds" / "global_r1.safetensors").tensors
     assert opt.step == 2 and set(opt.m) == set(opt.v) == set(g1)

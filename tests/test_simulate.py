@@ -7,16 +7,16 @@ from pathlib import Path
 
 import torch
 
-from lorafed.aggregate import fedavg
-from lorafed.payload import load_payload
-from lorafed.rounds import sample_clients
-from lorafed.simulate import simulate
+from lorafed.engine.inprocess import simulate
+from lorafed.server.aggregate import fedavg
+from lorafed.server.step import sample_clients
+from lorafed.wire.payload import load_payload
 
 
 def test_simulation_writes_rounds_and_aggregates_the_client_payloads(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config("federation.rounds=2", "partition.num_clients=3", "train.max_steps=4", "train.learning_rate=1e-2")
     out = tmp_path / "run"
-    summary = simulate(cfg, out, progress=False, log=lambda _: None)
+    summary = simulate(cfg, out, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
@@ -37,8 +37,8 @@ def test_simulation_writes_rounds_and_aggregates_the_client_payloads(tiny_config
 
 def test_same_seed_same_final_adapter(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config("federation.rounds=1", "train.max_steps=3")
-    simulate(cfg, tmp_path / "a", progress=False, log=lambda _: None)
-    simulate(cfg, tmp_path / "b", progress=False, log=lambda _: None)
+    simulate(cfg, tmp_path / "a", progress=False)
+    simulate(cfg, tmp_path / "b", progress=False)
     a = load_payload(tmp_path / "a" / "rounds" / "global_r1.safetensors").tensors
     b = load_payload(tmp_path / "b" / "rounds" / "global_r1.safetensors").tensors
     for k in a:

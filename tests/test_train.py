@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from lorafed.adapter import get_adapter_state, set_adapter_state
-from lorafed.evaluate import evaluate
-from lorafed.simulate import prepare_federation
-from lorafed.train import planned_steps, train_local
+from lorafed.client.train import planned_steps, train_local
+from lorafed.engine.federation import prepare_federation
+from lorafed.metrics import evaluate
+from lorafed.wire.adapter import get_adapter_state, set_adapter_state
 
 
 def test_training_learns_and_leaves_the_base_untouched(tiny_config) -> None:
     cfg = tiny_config("train.max_steps=40", "train.learning_rate=3e-2")
-    fed = prepare_federation(cfg, log=lambda _: None)
+    fed = prepare_federation(cfg)
     model = fed.client.model
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     train_pos = np.concatenate([s.train for s in fed.splits])
@@ -30,7 +30,7 @@ def test_training_learns_and_leaves_the_base_untouched(tiny_config) -> None:
 
 def test_same_seed_same_update(tiny_config) -> None:
     cfg = tiny_config("train.max_steps=5", "model.lora.dropout=0.1")
-    fed = prepare_federation(cfg, log=lambda _: None)
+    fed = prepare_federation(cfg)
     outs = []
     for _ in range(2):
         set_adapter_state(fed.client.model, fed.initial_state)
@@ -50,7 +50,7 @@ def test_balanced_class_weights_match_sklearn() -> None:
 
     from sklearn.utils.class_weight import compute_class_weight
 
-    from lorafed.train import balanced_class_weights
+    from lorafed.client.train import balanced_class_weights
 
     labels = torch.tensor([0, 0, 0, 0, 0, 0, 2, 2, 3])
     model = SimpleNamespace(config=SimpleNamespace(num_labels=5))
@@ -61,7 +61,7 @@ def test_balanced_class_weights_match_sklearn() -> None:
 
 
 def test_weighted_loss_is_the_weighted_mean_of_per_row_cross_entropy() -> None:
-    from lorafed.train import client_loss
+    from lorafed.client.train import client_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 3, generator=g)

@@ -1,0 +1,1 @@
+"""The client: local training and the one client step every engine runs."""

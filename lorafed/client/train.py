@@ -1,0 +1,158 @@
+"""Client training: from (model with the global adapter loaded, rows, settings) to an update.
+
+The caller decides where the update goes (a file, Flower, memory). A fresh AdamW runs each
+round over the trainable tensors only (LoRA and head): clients keep no optimizer state. With
+``prox_mu > 0`` the loss gets FedProx's proximal term mu/2 * ||w - w_global||^2, w_global being
+the trainable tensors as loaded at the start of the round. With ``gradient_checkpointing`` each
+layer is recomputed in backward (about half the peak memory, one more forward pass per step);
+with ``autocast: bf16`` the matmuls run in bfloat16 (``results/memory.md`` has the numbers).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafed.config import TrainConfig
+from lorafed.data.tokens import TokenizedRows
+from lorafed.model.backbone import enable_gradient_checkpointing
+from lorafed.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training did.
+
+    Attributes:
+        num_examples: Training rows of the client (its FedAvg weight n_i).
+        steps: Optimizer steps taken.
+        samples: Samples processed (steps x batch, the last batch may be short).
+        mean_loss: Mean training loss over the steps.
+        seconds: Wall time of the training loop.
+    """
+
+    num_examples: int
+    steps: int
+    samples: int
+    mean_loss: float
+    seconds: float
+
+
+def planned_steps(n_rows: int, cfg: TrainConfig) -> int:
+    """Optimizer steps for a client of ``n_rows``: ``max_steps`` or epochs x ceil(n / batch)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return cfg.epochs * math.ceil(n_rows / cfg.batch_size)
+
+
+def balanced_class_weights(labels: torch.Tensor, model: Any) -> torch.Tensor:
+    """Weights n / (k * n_c) for the labels a client holds (k = labels it has); absent labels get 0.
+
+    With these, every label present contributes equally to the client's loss, as in
+    scikit-learn's ``class_weight="balanced"``.
+    """
+    num_labels = int(model.config.num_labels)
+    counts = torch.bincount(labels, minlength=num_labels).float()
+    present = counts > 0
+    weights = torch.zeros(num_labels)
+    weights[present] = labels.numel() / (int(present.sum()) * counts[present])
+    return weights
+
+
+def client_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy in fp32; with class weights, sum_i w_yi * ce_i / sum_i w_yi."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=class_weights)
+
+
+def autocast(model: Any, mode: str) -> torch.autocast:
+    """The forward's autocast context: bfloat16 matmuls for ``bf16``, a disabled one for ``none``.
+
+    Leaving the block before the loss keeps the loss (and so the gradients' start) in fp32.
+    """
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=mode == "bf16")
+
+
+def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * sum_j ||w_j - anchor_j||^2 (its gradient is mu * (w - anchor))."""
+    total = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+    return 0.5 * mu * total
+
+
+def train_local(
+    model: Any,
+    rows: TokenizedRows,
+    positions: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    desc: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the model's trainable tensors on ``rows[positions]``.
+
+    Linear warm-up over ``warmup_ratio`` of the steps, then a constant learning rate. With
+    ``cfg.prox_mu > 0`` the FedProx term toward the starting weights is added to the loss.
+
+    Args:
+        model: A peft model whose adapter holds the starting (global) weights.
+        rows: Tokenized rows.
+        positions: This client's training rows.
+        cfg: Training settings.
+        seed: Seeds batch order and dropout, so a client's round is reproducible.
+        desc: Progress-bar label.
+        progress: Show a progress bar over steps.
+    """
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    class_weights = (
+        balanced_class_weights(rows.labels[torch.as_tensor(positions)], model)
+        if cfg.class_weighting == "balanced"
+        else None
+    )
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = planned_steps(len(positions), cfg)
+    warmup = int(total * cfg.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    torch.manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    samples = 0
+    epoch = 0
+    start = time.perf_counter()
+    bar = progress_bar(total=total, desc=desc or "train", unit="step", leave=False, enabled=progress)
+    while len(losses) < total:
+        for batch in rows.batches(positions, cfg.batch_size, shuffle_seed=seed * 1000 + epoch):
+            labels = batch.pop("labels")
+            with autocast(model, cfg.autocast):
+                logits = model(**batch).logits
+            task_loss = client_loss(logits, labels, class_weights)
+            loss = task_loss + proximal_term(params, anchors, cfg.prox_mu) if anchors else task_loss
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(task_loss.detach()))
+            samples += int(labels.shape[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if len(losses) >= total:
+                break
+        epoch += 1
+    bar.close()
+    model.eval()
+    return TrainResult(
+        num_examples=len(positions),
+        steps=len(losses),
+        samples=samples,
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,1 @@
+"""Data: read a table, clean it, split each client's rows and tokenize them once."""

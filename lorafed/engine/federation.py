@@ -1,0 +1,139 @@
+"""A federation assembled in one process: the data, every client's rows, the tokens and one model.
+
+:func:`prepare_federation` loads and cleans the data, partitions it, splits each client into
+train/validation/test (seeded by client id), loads the model and tokenizes every row once. The
+in-process engine and the benchmarks train each client in turn on the one model; Flower and the
+file drop use it on the server side for the spec and the test rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lorafed.client.round import ClientUpdate, client_step, identity_of, set_threads
+from lorafed.client.train import TrainResult
+from lorafed.config import RunConfig
+from lorafed.data.clean import LabeledData, load_labeled
+from lorafed.data.tokens import Split, TokenizedRows, split_indices
+from lorafed.errors import ConfigError
+from lorafed.metrics import EvalResult, evaluate
+from lorafed.model.backbone import ClientModel, load_client_model
+from lorafed.partition import Partition, client_table, partition, partition_columns
+from lorafed.seeds import split_seed
+from lorafed.server.specs import spec_for
+from lorafed.server.validate import UpdateSpec
+from lorafed.wire.adapter import get_adapter_state, set_adapter_state
+from lorafed.wire.payload import ModelIdentity
+from lorafed.wire.roles import round_keys, select
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Federation:
+    """Everything an in-process federation needs, prepared once.
+
+    Attributes:
+        config: The run config.
+        data: Clean rows and the global label list.
+        partition: Client ids and their rows.
+        splits: Train/validation/test rows of each client.
+        rows: Every row tokenized once.
+        client: The shared model (each client loads the global adapter into it in turn).
+        test_positions: The global test rows (union of client test slices, maybe sampled).
+        initial_state: The seeded round-0 adapter.
+        identity: Base fingerprint, LoRA config and labels, written in every header.
+    """
+
+    config: RunConfig
+    data: LabeledData
+    partition: Partition
+    splits: list[Split]
+    rows: TokenizedRows
+    client: ClientModel
+    test_positions: np.ndarray
+    initial_state: dict[str, torch.Tensor]
+    identity: ModelIdentity
+
+    def sent_keys(self, round_: int | None) -> list[str]:
+        """The adapter tensors trained and sent in ``round_`` (all of them for ``None``)."""
+        return round_keys(self.config.federation.aggregation, round_, self.initial_state)
+
+    def spec(self, round_: int | None) -> UpdateSpec:
+        """What updates of ``round_`` must match: exactly the tensors sent in that round."""
+        tensors = select(self.initial_state, self.sent_keys(round_))
+        return spec_for(self.identity, tensors, round_, self.config.federation.max_num_examples)
+
+    def client_update(
+        self, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
+    ) -> ClientUpdate:
+        """Client ``k`` trains one round from ``global_state`` (see :func:`~lorafed.client.round.client_step`)."""
+        cid = self.partition.client_ids[k]
+        return client_step(
+            self.client, self.rows, self.splits[k], global_state, round_, self.config, cid, self.identity, progress
+        )
+
+
+def prepare_federation(config: RunConfig) -> Federation:
+    """Load and clean the data, partition it, split each client, load the model, tokenize once.
+
+    Raises:
+        ConfigError: No test rows, or fewer clients than ``federation.min_clients``.
+        DataError: The data cannot be read.
+    """
+    part_cfg = config.partition
+    data = load_labeled(config.data, config.seed, extra_columns=partition_columns(part_cfg))
+    for reason, count in data.dropped.items():
+        logger.info("dropped %d rows: %s", count, reason)
+    part = partition(data, part_cfg, config.seed)
+    if len(part.client_ids) < config.federation.min_clients:
+        raise ConfigError(
+            [
+                f"federation.min_clients={config.federation.min_clients} but the partition has "
+                f"{len(part.client_ids)} client(s); lower min_clients or use more clients"
+            ]
+        )
+    splits = [
+        split_indices(idx, config.data.val_fraction, config.data.test_fraction, split_seed(config.seed, cid))
+        for cid, idx in zip(part.client_ids, part.indices, strict=True)
+    ]
+    logger.info(
+        "%d rows, %d labels, %d clients (%s):", len(data), len(data.label_names), len(part.client_ids), part_cfg.scheme
+    )
+    logger.info("\n%s", client_table(part, data.labels, data.label_names))
+    test = np.sort(np.concatenate([s.test for s in splits]))
+    max_test = config.federation.max_test_rows
+    if max_test is not None and len(test) > max_test:
+        test = np.sort(np.random.default_rng(config.seed).choice(test, size=max_test, replace=False))
+    if len(test) == 0:
+        raise ConfigError(["data.test_fraction leaves no test rows; raise it or use more data"])
+    threads = set_threads(config.train.num_threads)
+    logger.info("torch uses %d thread(s)", threads)
+    client = load_client_model(config.model, data.label_names, config.seed)
+    rows = TokenizedRows(data, client.tokenizer, config.data.max_length, config.data.pair_mode)
+    identity = identity_of(client, config, data.label_names)
+    return Federation(config, data, part, splits, rows, client, test, get_adapter_state(client.model), identity)
+
+
+def train_client(
+    fed: Federation, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """Client ``k``'s round in the in-process engine: the tensors it sends and its training summary."""
+    update = fed.client_update(global_state, k, round_, progress)
+    return update.tensors, update.result
+
+
+def evaluate_state(fed: Federation, state: dict[str, torch.Tensor], positions: np.ndarray | None = None) -> EvalResult:
+    """Score an adapter state on the global test rows (or ``positions``)."""
+    set_adapter_state(fed.client.model, state)
+    pos = fed.test_positions if positions is None else positions
+    return evaluate(fed.client.model, fed.rows, pos, fed.config.train.eval_batch_size, fed.data.label_names)
+
+
+ClientFn = Callable[[Federation, dict[str, torch.Tensor], int, int], tuple[dict[str, torch.Tensor], TrainResult]]
+"""A client's round: ``(fed, global_state, client_index, round) -> (adapter tensors, TrainResult)``."""

@@ -1,0 +1,203 @@
+"""The file-drop engine: no server process, only a shared folder (or object store) and a coordinator.
+
+Layout of the drop (names relative to its root)::
+
+    global_r0.safetensors          the initial adapter, published by the coordinator
+    round_N/<client>.safetensors   updates of round N, trained from global_r{N-1} (written atomically)
+    global_rN.safetensors          the adapter after N rounds, published atomically
+    done.json                      written after the last round; clients stop
+
+:func:`coordinate` runs the shared round loop (:mod:`lorafed.engine.loop`) with a
+:class:`FileDrop` transport: publishing the global adapter is the dispatch, and the round closes
+when ``ceil(fraction x N)`` updates have arrived, or at the deadline
+(``federation.client_timeout_s``, default :data:`DEFAULT_DEADLINE_S`). The server step then
+validates each update once and needs ``federation.min_clients`` valid ones; a round short of
+them waits for more, up to ``federation.round_retries`` further deadlines. Updates that arrive
+after a round was aggregated are ignored. :func:`poll_and_train` is the client side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafed.client.round import LocalClient
+from lorafed.config import RunConfig, save_config
+from lorafed.engine.loop import Dispatched, Federated, run_rounds, start
+from lorafed.engine.record import RunRecord
+from lorafed.engine.storage import Storage
+from lorafed.errors import LorafedError, PayloadError
+from lorafed.model.backbone import load_client_model, lora_config_dict
+from lorafed.server.specs import federation_labels, spec_for
+from lorafed.server.step import Incoming, RoundPolicy
+from lorafed.wire.adapter import get_adapter_state
+from lorafed.wire.payload import ModelIdentity, header_from_bytes, payload_from_bytes, payload_to_bytes
+from lorafed.wire.roles import round_keys, select
+
+logger = logging.getLogger(__name__)
+DONE = "done.json"
+#: Seconds a round waits for its updates when ``federation.client_timeout_s`` is not set.
+DEFAULT_DEADLINE_S = 3600.0
+
+
+def global_name(round_: int) -> str:
+    """Name of the adapter after ``round_`` rounds."""
+    return f"global_r{round_}.safetensors"
+
+
+class FileDrop:
+    """The :class:`~lorafed.engine.loop.Transport` of a shared folder or object store.
+
+    Args:
+        storage: The drop.
+        deadline_s: Seconds a dispatch waits for its updates.
+        poll_s: Seconds between listings of the drop.
+    """
+
+    def __init__(self, storage: Storage, deadline_s: float, poll_s: float = 0.5) -> None:
+        self.storage = storage
+        self.deadline_s = deadline_s
+        self.poll_s = poll_s
+        self.seen: dict[int, set[str]] = {}
+
+    def dispatch(
+        self, round_: int, clients: list[int], global_bytes: bytes, global_state: dict[str, torch.Tensor]
+    ) -> Dispatched:
+        name = global_name(round_ - 1)
+        if not self.storage.exists(name):
+            self.storage.write(name, global_bytes)
+            logger.info("published %s; waiting for %d update(s) of round %d", name, len(clients), round_)
+        seen = self.seen.setdefault(round_, set())
+        out = Dispatched()
+        ids: set[str] = set()
+        t0 = time.monotonic()
+        while True:
+            for item in self.storage.list(f"round_{round_}"):
+                if item in seen:
+                    continue
+                seen.add(item)
+                data = self.storage.read(item)
+                out.replies.append((-1, Incoming(item, data)))
+                with contextlib.suppress(PayloadError):  # the server step rejects it, with its reason
+                    ids.add(header_from_bytes(data, item).meta.client_id)
+            if len(ids) >= len(clients):
+                return out
+            if time.monotonic() - t0 > self.deadline_s:
+                out.failures.append(
+                    {
+                        "client": "(drop)",
+                        "reason": f"deadline: {len(ids)} of {len(clients)} expected client update(s) after "
+                        f"{self.deadline_s:g} s",
+                    }
+                )
+                return out
+            time.sleep(self.poll_s)
+
+
+def coordinate(
+    config: RunConfig,
+    storage: Storage,
+    out_dir: str | Path,
+    num_clients: int | None = None,
+    poll_s: float = 0.5,
+) -> dict[str, Any]:
+    """Run ``federation.rounds`` rounds over ``storage``; keep the run record in ``out_dir``.
+
+    Args:
+        config: The federation's config (model, LoRA, ``data.labels``, ``federation.*``).
+        storage: The drop.
+        out_dir: The run record (:mod:`lorafed.engine.record`; no test scores: the coordinator
+            holds no data).
+        num_clients: N, the clients taking part; a round waits for ``ceil(fraction x N)``
+            updates (default: ``federation.min_clients``).
+        poll_s: Seconds between listings of the drop.
+
+    Raises:
+        AggregationError: A round without ``min_clients`` valid updates after its retries.
+        LorafedError: The drop already holds a federation.
+    """
+    if storage.exists(global_name(0)) or storage.exists(DONE):
+        raise LorafedError(f"the drop already holds a federation ({global_name(0)} or {DONE}); use an empty one")
+    fcfg = config.federation
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    labels = federation_labels(config)
+    model = load_client_model(config.model, labels, config.seed, precision="fp32")
+    fresh = get_adapter_state(model.model)
+    identity = ModelIdentity(model.fingerprint, lora_config_dict(config.model.lora), labels)
+
+    def spec(r: int | None) -> Any:
+        return spec_for(identity, select(fresh, round_keys(fcfg.aggregation, r, fresh)), r, fcfg.max_num_examples)
+
+    n = num_clients or fcfg.min_clients
+    record = RunRecord(out)
+    record.fresh()
+    loop = Federated(fcfg, RoundPolicy(fcfg, n, config.seed), record, identity, spec, [f"#{i}" for i in range(n)])
+    start(loop, fresh)
+    deadline = fcfg.client_timeout_s if fcfg.client_timeout_s is not None else DEFAULT_DEADLINE_S
+    run_rounds(loop, FileDrop(storage, deadline, poll_s), fresh, 1, fcfg.rounds)
+    storage.write(global_name(fcfg.rounds), record.global_path(fcfg.rounds).read_bytes())
+    summary = {"run": config.name, "engine": "file-drop", "rounds": fcfg.rounds, "final": global_name(fcfg.rounds)}
+    storage.write(DONE, json.dumps(summary).encode())
+    return record.finish(summary)
+
+
+def latest_global(storage: Storage) -> int:
+    """The highest N with ``global_rN`` published, or -1."""
+    n = -1
+    while storage.exists(global_name(n + 1)):
+        n += 1
+    return n
+
+
+def poll_and_train(
+    config: RunConfig,
+    storage: Storage,
+    client: int,
+    data_path: str | None = None,
+    client_id: str | None = None,
+    poll_s: float = 0.5,
+    timeout_s: float = 3600.0,
+) -> int:
+    """Client side: for each newly published global adapter, train and drop an update; return rounds done.
+
+    The client is one of the config's partition (``client``), or a company's own file
+    (``data_path``, named ``client_id``). It joins at the latest published round and stops at
+    ``done.json``, after ``federation.rounds`` rounds, or when nothing new is published for
+    ``timeout_s`` seconds.
+
+    Raises:
+        LorafedError: No global adapter appeared within ``timeout_s``, or a global adapter that
+            does not fit this client's model or labels.
+    """
+    local: LocalClient | None = None
+    done = 0
+    waited_since = time.monotonic()
+    r = max(latest_global(storage), 0) + 1
+    while r <= config.federation.rounds and not storage.exists(DONE):
+        if not storage.exists(global_name(r - 1)):
+            if time.monotonic() - waited_since > timeout_s:
+                raise LorafedError(f"no {global_name(r - 1)} in the drop within {timeout_s:g} s")
+            time.sleep(poll_s)
+            continue
+        glob = payload_from_bytes(storage.read(global_name(r - 1)), global_name(r - 1))
+        if local is None:  # the first global adapter names the federation's labels
+            if data_path:
+                labels = federation_labels(config, glob.meta, global_name(r - 1))
+                local = LocalClient.from_file(config, client_id or "client", data_path, labels)
+            else:
+                local = LocalClient.from_partition(config, client, client_id)
+        update = local.step(local.check_global(glob, global_name(r - 1)), r, progress=False)
+        storage.write(f"round_{r}/{local.client_id}.safetensors", payload_to_bytes(update.tensors, update.meta))
+        logger.info("%s: round %d update dropped (loss %.4f)", local.client_id, r, update.result.mean_loss)
+        done += 1
+        r += 1
+        waited_since = time.monotonic()
+    return done

@@ -1,0 +1,90 @@
+"""Evaluation: loss, accuracy, macro-F1, a per-class report and the confusion matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafed.data.tokens import TokenizedRows
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Scores of a model on labelled rows.
+
+    Attributes:
+        loss: Mean cross-entropy.
+        accuracy: Share of rows predicted right.
+        macro_f1: Unweighted mean F1 over the labels present in the truth or the predictions
+            (scikit-learn's ``f1_score(average="macro")``).
+        per_class: Label -> precision, recall, f1, support.
+        confusion: ``confusion[i][j]`` = rows of true label i predicted as j.
+        n: Rows scored.
+    """
+
+    loss: float
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]
+    n: int
+
+    def summary(self) -> dict[str, float]:
+        """The headline numbers."""
+        return {"loss": self.loss, "accuracy": self.accuracy, "macro_f1": self.macro_f1}
+
+
+def classification_scores(
+    y_true: np.ndarray, y_pred: np.ndarray, label_names: tuple[str, ...]
+) -> tuple[float, float, dict[str, dict[str, float]], list[list[int]]]:
+    """Accuracy, macro-F1, per-class report and confusion matrix from label ids."""
+    k = len(label_names)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(float)
+    pred_count = cm.sum(axis=0).astype(float)
+    true_count = cm.sum(axis=1).astype(float)
+    precision = np.divide(tp, pred_count, out=np.zeros(k), where=pred_count > 0)
+    recall = np.divide(tp, true_count, out=np.zeros(k), where=true_count > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    present = (pred_count + true_count) > 0
+    macro = float(f1[present].mean()) if present.any() else 0.0
+    accuracy = float(tp.sum() / max(len(y_true), 1))
+    report = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(true_count[i]),
+        }
+        for i, name in enumerate(label_names)
+    }
+    return accuracy, macro, report, cm.tolist()
+
+
+@torch.no_grad()
+def predict_logits(model: Any, rows: TokenizedRows, positions: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits (fp32) of the model for ``rows[positions]``, in order."""
+    model.eval()
+    chunks = []
+    for batch in rows.batches(positions, batch_size):
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        chunks.append(model(**batch).logits.float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+def evaluate(
+    model: Any, rows: TokenizedRows, positions: np.ndarray, batch_size: int, label_names: tuple[str, ...]
+) -> EvalResult:
+    """Score the model on ``rows[positions]``."""
+    logits = predict_logits(model, rows, positions, batch_size)
+    y_true = rows.labels[np.asarray(positions, dtype=np.int64)].numpy()
+    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)))
+    acc, macro, report, cm = classification_scores(y_true, logits.argmax(axis=1), label_names)
+    return EvalResult(loss, acc, macro, report, cm, len(y_true))

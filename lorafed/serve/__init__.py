@@ -1,0 +1,1 @@
+"""After a federation: combine adapters, export a merged model, predict and serve."""

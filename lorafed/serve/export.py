@@ -1,0 +1,265 @@
+"""Export of a trained adapter for serving: a merged transformers model, or a peft adapter directory.
+
+The base is reloaded in fp32 (never int8: merging into quantized weights would round the
+update away), the adapter is applied, and the merge is checked: on a fixed sample, the merged
+model's logits must equal the adapter model's within ``tolerance``. Only then is the directory
+written (to a temporary sibling, renamed into place, so a crash never leaves half an export).
+
+* ``merged``: ``W + (alpha/r) B @ A`` folded into every adapted weight, the trained head in place;
+  a plain transformers directory (config with id2label/label2id, safetensors weights, tokenizer)
+  that ``AutoModelForSequenceClassification.from_pretrained`` loads without lorafed or peft.
+* ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (+ tokenizer) for
+  ``PeftModel.from_pretrained`` on the base model.
+
+Both carry ``lorafed_export.json`` (labels, base fingerprint, parity figures, text columns).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lorafed.config import DataConfig, LoraSettings, ModelConfig
+from lorafed.errors import LorafedError, ModelError, PayloadValidationError
+from lorafed.files import atomic_write_json
+from lorafed.model.backbone import ClientModel, _quiet_loading, load_client_model
+from lorafed.wire.adapter import adapter_spec, get_adapter_state, set_adapter_state
+from lorafed.wire.payload import Payload
+
+ExportFormat = Literal["merged", "peft"]
+ExportDtype = Literal["fp32", "fp16", "bf16"]
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Written into every export; its presence also marks a folder that a new export may replace.
+EXPORT_INFO = "lorafed_export.json"
+#: Largest |merged - adapter| logit difference accepted (fp32 on both sides).
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(LorafedError):
+    """The export cannot be written or fails its parity check."""
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and how closely it matches the adapter model.
+
+    Attributes:
+        out: The directory written.
+        format: ``merged`` or ``peft``.
+        dtype: Weight dtype of the saved model.
+        max_abs_diff: Largest |logit| difference, exported fp32 model vs adapter model.
+        cast_max_abs_diff: Same after casting to ``dtype`` (``None`` for fp32).
+        sample_rows: Sequences in the parity sample.
+        labels: The label list.
+        base_fingerprint: The base the adapter was trained on.
+        text: Text columns and tokenization settings for ``lorafed predict`` (if known).
+    """
+
+    out: str
+    format: str
+    dtype: str
+    max_abs_diff: float
+    cast_max_abs_diff: float | None
+    sample_rows: int
+    labels: list[str]
+    base_fingerprint: str
+    text: dict[str, Any] = field(default_factory=dict)
+
+
+def load_adapter_model(payload: Payload, base: str, source: str = "adapter") -> ClientModel:
+    """Load the base in fp32, add LoRA as the header describes, and load the adapter tensors.
+
+    Raises:
+        ModelError: The base cannot be loaded or is not the one the adapter was trained on.
+        PayloadValidationError: The adapter's tensors do not fit the model it describes.
+    """
+    m = payload.meta
+    try:
+        lora = LoraSettings(
+            r=int(m.lora["r"]),
+            alpha=m.lora["alpha"],
+            dropout=float(m.lora.get("dropout", 0.0)),
+            target_modules=tuple(m.lora["target_modules"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{source}: header lora {m.lora} lacks r, alpha or target_modules ({exc})") from exc
+    client = load_client_model(
+        ModelConfig(name_or_path=base, precision="fp32", lora=lora), m.labels, 0, precision="fp32"
+    )
+    if client.fingerprint != m.base_fingerprint:
+        raise ModelError(
+            f"{source} was trained on base {m.base_fingerprint[:23]}..., but {base} is {client.fingerprint[:23]}...; "
+            "pass the adapter's base with --base or --config"
+        )
+    want = adapter_spec(get_adapter_state(client.model))
+    got = adapter_spec(payload.decoded())
+    for key, (shape, _) in want.items():
+        if key not in got:
+            raise PayloadValidationError(m.client_id, f"tensor {key}", "present", "missing", source)
+        if got[key][0] != shape:
+            raise PayloadValidationError(m.client_id, f"tensor {key} shape", shape, got[key][0], source)
+    set_adapter_state(client.model, payload.decoded(), m.client_id)
+    client.model.eval()
+    return client
+
+
+def parity_inputs(
+    vocab_size: int, tokenizer: Any, rows: int = 16, length: int = 32, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A fixed batch of random token sequences of varied lengths (with [CLS]/[SEP] and padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(999 if vocab_size > 2000 else 1, vocab_size, (rows, length), generator=g)
+    lengths = torch.randint(4, length + 1, (rows,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids[:, 0] = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else ids[:, 0]
+    if tokenizer.sep_token_id is not None:
+        ids[torch.arange(rows), lengths - 1] = tokenizer.sep_token_id
+    ids = ids.masked_fill(mask == 0, int(tokenizer.pad_token_id or 0))
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def text_inputs(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize ``texts`` as one padded batch."""
+    return dict(tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+
+
+@torch.no_grad()
+def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fp32 logits of ``model`` on ``batch``."""
+    model.eval()
+    return model(**batch).logits.float()
+
+
+def export_adapter(
+    payload: Payload,
+    out: str | Path,
+    base: str,
+    fmt: ExportFormat = "merged",
+    dtype: ExportDtype = "fp32",
+    sample_texts: Sequence[str] = (),
+    data: DataConfig | None = None,
+    source: str = "adapter",
+    tolerance: float = PARITY_TOLERANCE,
+) -> ExportReport:
+    """Export ``payload`` (an adapter) as a merged model or a peft directory at ``out``.
+
+    Args:
+        payload: The adapter (global, client or merged).
+        out: Output directory; replaced if it holds a previous lorafed export, refused otherwise.
+        base: Base model (directory, hub id or ``packaged:all-MiniLM-L6-v2``).
+        fmt: ``merged`` or ``peft``.
+        dtype: Weight dtype of a merged export (``peft`` exports are fp32).
+        sample_texts: Texts added to the parity sample (besides 16 random token sequences).
+        data: The run's data section; its text columns become ``lorafed predict``'s defaults.
+        source: Name of the adapter, for messages.
+        tolerance: Largest accepted |logit| difference.
+
+    Raises:
+        ExportError: The parity check fails, ``out`` is a foreign non-empty folder, or peft + non-fp32.
+        ModelError, PayloadValidationError: See :func:`load_adapter_model`.
+    """
+    out = Path(out)
+    _check_destination(out)
+    if fmt == "peft" and dtype != "fp32":
+        raise ExportError(f"--dtype {dtype}: peft adapters are exported in fp32; use --format merged to cast")
+    client = load_adapter_model(payload, base, source)
+    model, tok = client.model, client.tokenizer
+    max_length = data.max_length if data is not None else 128
+    batches = [parity_inputs(model.config.vocab_size, tok)]
+    if sample_texts:
+        batches.append(text_inputs(tok, sample_texts, max_length))
+    reference = [logits_of(model, b) for b in batches]
+    rows = sum(int(b["input_ids"].shape[0]) for b in batches)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        cast_diff = None
+        if fmt == "merged":
+            merged = model.merge_and_unload()
+            diff = _max_diff(merged, batches, reference)
+            _require_parity(diff, tolerance, "merged")
+            if dtype != "fp32":
+                merged = merged.to(_TORCH_DTYPES[dtype])
+                cast_diff = _max_diff(merged, batches, reference)
+            merged.save_pretrained(tmp)
+        else:
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (FutureWarning)
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                model.save_pretrained(str(tmp))
+            diff = _max_diff(_reload_peft(client, tmp, payload.meta.labels), batches, reference)
+            _require_parity(diff, tolerance, "peft")
+        tok.save_pretrained(tmp)
+        text = {}
+        if data is not None:
+            text = {
+                "text_column": data.text_column,
+                "text_pair_column": data.text_pair_column,
+                "pair_mode": data.pair_mode,
+                "label_column": data.label_column,
+                "max_length": data.max_length,
+            }
+        report = ExportReport(
+            str(out), fmt, dtype, diff, cast_diff, rows, list(payload.meta.labels), payload.meta.base_fingerprint, text
+        )
+        atomic_write_json(tmp / EXPORT_INFO, {**asdict(report), "adapter": source, "lora": payload.meta.lora})
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _max_diff(model: Any, batches: list[dict[str, torch.Tensor]], reference: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for batch, ref in zip(batches, reference, strict=True):
+        worst = max(worst, float((logits_of(model, batch) - ref).abs().max()))
+    return worst
+
+
+def _require_parity(diff: float, tolerance: float, what: str) -> None:
+    if not diff <= tolerance:
+        raise ExportError(
+            f"parity check failed: {what} model logits differ from the adapter model's by {diff:.3g} > {tolerance:g}"
+        )
+
+
+def _reload_peft(client: ClientModel, adapter_dir: Path, labels: Sequence[str]) -> Any:
+    """Load the written peft directory the way a user would, on a fresh fp32 base."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    with _quiet_loading():  # the fresh head is reported "missing" (expected: the adapter carries it)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            client.model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            dtype=torch.float32,
+        )
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def _check_destination(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_INFO).is_file())):
+        raise ExportError(f"{out} exists and is not an earlier lorafed export; choose another --out or remove it")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished export into place, replacing an earlier export."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,103 @@
+"""What a federation's payloads must match, taken from a trusted source.
+
+A round's updates are validated against an :class:`~lorafed.server.validate.UpdateSpec`. Outside the
+simulator nobody holds the federation in memory, so the spec is rebuilt from one of two
+trusted sources, never from the updates themselves:
+
+* the previous global adapter (``global_rN.safetensors``, written by the server): its header
+  gives the base fingerprint, LoRA config and labels, its tensors the names and shapes;
+* the run config: the base model is loaded (fp32, no quantization needed) to fingerprint it
+  and to build the fresh adapter whose tensor names and shapes every update must carry; the
+  labels come from ``data.labels``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from lorafed.config import RunConfig
+from lorafed.errors import ConfigError
+from lorafed.model.backbone import load_client_model, lora_config_dict
+from lorafed.server.validate import UpdateSpec
+from lorafed.wire.adapter import adapter_spec, get_adapter_state
+from lorafed.wire.payload import ModelIdentity, PayloadMeta, load_payload
+
+
+def federation_labels(
+    config: RunConfig, global_meta: PayloadMeta | None = None, source: str = "config"
+) -> tuple[str, ...]:
+    """The federation's global label list: from the global adapter's header, else ``data.labels``.
+
+    A client sees only its own rows, so it cannot infer the label list (its file may lack a
+    class, and sorted-distinct ids would then differ between clients).
+
+    Raises:
+        ConfigError: Neither a global adapter nor ``data.labels`` is given, or both are and differ.
+    """
+    configured = config.data.labels
+    if global_meta is not None:
+        if configured is not None and tuple(configured) != tuple(global_meta.labels):
+            raise ConfigError(
+                [
+                    f"data.labels {list(configured)} differs from the global adapter's labels "
+                    f"{list(global_meta.labels)}; clients must agree on label ids"
+                ],
+                source,
+            )
+        return tuple(global_meta.labels)
+    if configured is None:
+        raise ConfigError(
+            [
+                "data.labels: required when no global adapter is given (round 1): every client must use "
+                "the same label list in the same order, e.g. data.labels=[bad,good,meh]"
+            ],
+            source,
+        )
+    return tuple(configured)
+
+
+def spec_for(
+    identity: ModelIdentity,
+    tensors: Mapping[str, torch.Tensor],
+    round_: int | None,
+    max_num_examples: int | None = None,
+) -> UpdateSpec:
+    """The spec of updates of a federation: its identity and exactly the tensors ``tensors`` names.
+
+    The one place an :class:`~lorafed.server.validate.UpdateSpec` is built from trusted parts.
+    """
+    spec = UpdateSpec(
+        base_fingerprint=identity.base_fingerprint,
+        lora=dict(identity.lora),
+        labels=tuple(identity.labels),
+        tensors=adapter_spec(tensors),
+        round=round_,
+    )
+    return spec if max_num_examples is None else dataclasses.replace(spec, max_num_examples=max_num_examples)
+
+
+def spec_from_global(path: str | Path, round_: int | None) -> UpdateSpec:
+    """The spec of updates trained from the global adapter at ``path``.
+
+    Raises:
+        PayloadError: The file is not a readable lorafed payload.
+    """
+    payload = load_payload(path)
+    return spec_for(ModelIdentity.of(payload.meta), payload.tensors, round_)
+
+
+def spec_from_config(config: RunConfig, round_: int | None, source: str = "config") -> UpdateSpec:
+    """The spec of updates of the federation described by ``config`` (loads the base in fp32).
+
+    Raises:
+        ConfigError: ``data.labels`` is not set.
+        ModelError: The base model cannot be loaded.
+    """
+    labels = federation_labels(config, None, source)
+    client = load_client_model(config.model, labels, config.seed, precision="fp32")
+    identity = ModelIdentity(client.fingerprint, lora_config_dict(config.model.lora), labels)
+    return spec_for(identity, get_adapter_state(client.model), round_)

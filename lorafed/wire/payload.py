@@ -1,0 +1,404 @@
+"""Payload files: adapter tensors in one ``.safetensors`` file with a lorafed metadata header.
+
+The header (under the safetensors metadata key ``lorafed``, as JSON) holds the format
+version, the base-model fingerprint, the LoRA config, the label list, ``num_examples``, the
+round, the client id and the transport encoding (``dtype``: float32, float16, bfloat16, int8 or
+int8_block, see :mod:`lorafed.wire.compress`). Writing encodes fp32 tensors; reading returns the wire
+tensors as sent, so validation checks what travelled, and :meth:`Payload.decoded` gives fp32.
+Reading never unpickles anything: a pickle or ``torch.save`` archive renamed ``.safetensors``
+is recognised by its first bytes and refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from lorafed.errors import PayloadError
+from lorafed.files import atomic_write_bytes
+from lorafed.wire.compress import TRANSPORTS, decode, encode
+
+FORMAT_VERSION = 1
+#: Refuse headers above this size before parsing them (a real header is a few KB).
+MAX_HEADER_BYTES = 1 << 20
+_META_KEY = "lorafed"
+#: safetensors dtype codes read back (any other code is refused as corrupted).
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class PayloadMeta:
+    """What a payload says about itself.
+
+    Attributes:
+        base_fingerprint: :func:`lorafed.model.backbone.base_fingerprint` of the base it was trained on.
+        lora: LoRA config (r, alpha, dropout, target_modules).
+        labels: The global label list, in id order.
+        num_examples: Training examples behind this update (the FedAvg weight n_i).
+        round: The round this update belongs to (for a global adapter: rounds completed).
+        client_id: Who produced it (``server`` for global adapters).
+        dtype: Transport encoding of the tensors (one of :data:`lorafed.wire.compress.TRANSPORTS`).
+        kind: ``update`` (from a client) or ``global`` (from the server).
+        metrics: Optional training metrics (loss, steps...).
+        format_version: The payload format version.
+        block_size: Elements per scale when ``dtype`` is ``int8_block`` (else ``None``).
+    """
+
+    base_fingerprint: str
+    lora: dict[str, Any]
+    labels: tuple[str, ...]
+    num_examples: int
+    round: int
+    client_id: str
+    dtype: str = "float32"
+    kind: str = "update"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    block_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What every payload of one federation shares: the base, the LoRA config and the labels.
+
+    The one place payload headers are built (:meth:`meta`), by clients and the server alike.
+    """
+
+    base_fingerprint: str
+    lora: dict[str, Any]
+    labels: tuple[str, ...]
+
+    def meta(
+        self,
+        client_id: str,
+        round_: int,
+        num_examples: int,
+        kind: str = "update",
+        metrics: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        block_size: int | None = None,
+    ) -> PayloadMeta:
+        """A header for a payload of this federation (a ``global`` one is always float32)."""
+        return PayloadMeta(
+            base_fingerprint=self.base_fingerprint,
+            lora=dict(self.lora),
+            labels=tuple(self.labels),
+            num_examples=num_examples,
+            round=round_,
+            client_id=client_id,
+            kind=kind,
+            metrics=dict(metrics or {}),
+            dtype=dtype if kind == "update" else "float32",
+            block_size=block_size if kind == "update" else None,
+        )
+
+    @classmethod
+    def of(cls, meta: PayloadMeta) -> ModelIdentity:
+        """The identity a payload header names."""
+        return cls(meta.base_fingerprint, dict(meta.lora), tuple(meta.labels))
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Adapter tensors as they travelled (wire encoding), with their header.
+
+    Attributes:
+        tensors: Name -> wire tensor.
+        meta: The lorafed header.
+        nbytes: Size of the serialized payload (0 when it was not read from bytes).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: PayloadMeta
+    nbytes: int = 0
+
+    def decoded(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors in fp32 (validate the payload first: decoding trusts its scales)."""
+        return decode(self.tensors, self.meta.dtype, self.meta.block_size or 0)
+
+
+def payload_to_bytes(tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> bytes:
+    """Serialize to safetensors bytes, encoding the (fp32) tensors as ``meta.dtype`` says.
+
+    Raises:
+        PayloadError: Unknown transport, or ``int8_block`` without a ``block_size`` >= 1.
+    """
+    if meta.dtype not in TRANSPORTS:
+        raise PayloadError(f"unsupported transport dtype {meta.dtype!r}; expected one of {list(TRANSPORTS)}")
+    if meta.dtype == "int8_block" and (meta.block_size is None or meta.block_size < 1):
+        raise PayloadError(f"transport int8_block needs block_size >= 1, got {meta.block_size!r}")
+    header = asdict(meta)
+    header["labels"] = list(meta.labels)
+    if meta.dtype != "int8_block":
+        del header["block_size"]  # float and per-tensor payloads keep the original header fields
+    data = encode(tensors, meta.dtype, meta.block_size or 0)
+    return st_save(data, metadata={_META_KEY: json.dumps(header, sort_keys=True)})
+
+
+def save_payload(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> Path:
+    """Write a payload file atomically (temporary file, then rename)."""
+    return atomic_write_bytes(path, payload_to_bytes(tensors, meta))
+
+
+@dataclass(frozen=True)
+class PayloadHeader:
+    """A payload's parsed header, as :func:`read_header` found it.
+
+    Attributes:
+        raw: The header bytes (length prefix included), to recognise the same header later.
+        fields: The parsed safetensors header (tensor entries and ``__metadata__``).
+        meta: The lorafed metadata.
+    """
+
+    raw: bytes
+    fields: dict[str, Any]
+    meta: PayloadMeta
+
+
+def load_payload(
+    path: str | Path,
+    max_bytes: int | None = None,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    header: PayloadHeader | None = None,
+) -> Payload:
+    """Read and parse a payload file.
+
+    Args:
+        path: The ``.safetensors`` file.
+        max_bytes: Refuse files larger than this.
+        max_header_bytes: Refuse a safetensors header larger than this, before parsing it.
+        header: This file's header from an earlier :func:`read_header`; when the file still
+            starts with the same bytes it is not parsed again (the server reads every header
+            first, to find duplicate clients, then each file once).
+
+    Raises:
+        PayloadError: Missing, truncated, not safetensors (pickle, zip), oversized or corrupted
+            header, or a lorafed header that is missing or malformed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PayloadError("payload file not found", path=str(p))
+    size = p.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadError(f"file is {size} bytes, above the limit of {max_bytes}", path=str(p))
+    data = bytearray(size)
+    with open(p, "rb") as fh:
+        got = fh.readinto(data)
+    if got != size:
+        data = data[:got]
+    if header is not None and data[: len(header.raw)] == header.raw:
+        return Payload(_tensors_from_buffer(header.fields, data, len(header.raw), str(p)), header.meta, len(data))
+    return payload_from_bytes(data, source=str(p), max_header_bytes=max_header_bytes)
+
+
+def payload_from_bytes(
+    data: bytes | bytearray, source: str = "<bytes>", max_header_bytes: int = MAX_HEADER_BYTES
+) -> Payload:
+    """Parse payload bytes (see :func:`load_payload`).
+
+    The tensors are zero-copy views into ``data`` (copied once into a ``bytearray`` if it is
+    read-only ``bytes``): one read of the file and one parse of its header per payload.
+    """
+    header = _check_container(data, source, max_header_bytes)
+    meta = _parse_meta(_meta_string(header, source), source)
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    tensors = _tensors_from_buffer(header, buf, 8 + struct.unpack("<Q", data[:8])[0], source)
+    return Payload(tensors, meta, len(data))
+
+
+def _meta_string(header: dict[str, Any], source: str) -> str:
+    """The lorafed JSON string in a safetensors header's ``__metadata__``."""
+    extra = header.get("__metadata__")
+    meta_raw = extra.get(_META_KEY) if isinstance(extra, dict) else None
+    if meta_raw is None:
+        raise PayloadError("a safetensors file, but not a lorafed payload (no 'lorafed' metadata)", path=source)
+    if not isinstance(meta_raw, str):
+        raise PayloadError(f"lorafed metadata: expected a JSON string, got {type(meta_raw).__name__}", path=source)
+    return meta_raw
+
+
+def _tensors_from_buffer(header: dict[str, Any], buf: bytearray, start: int, source: str) -> dict[str, torch.Tensor]:
+    """Tensors described by a safetensors header, as views into ``buf``; the data must be tiled exactly.
+
+    Raises:
+        PayloadError: Unknown dtype, bad shape or offsets, tensors that overlap, leave gaps or
+            do not end where the file ends.
+    """
+    body = len(buf) - start
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PayloadError(f"corrupted safetensors header: tensor {name!r}: {exc!r}", path=source) from exc
+        if any(type(d) is not int or d < 0 for d in shape) or type(begin) is not int or type(end) is not int:
+            raise PayloadError(f"corrupted safetensors header: tensor {name!r}: bad shape or offsets", path=source)
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if not 0 <= begin <= end <= body or end - begin != nbytes:
+            raise PayloadError(
+                f"corrupted safetensors data: tensor {name!r} of shape {shape} ({nbytes} bytes) "
+                f"claims bytes [{begin}, {end}) of a {body}-byte data section",
+                path=source,
+            )
+        spans.append((begin, end, name))
+        if numel:
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start + begin).view(shape)
+        else:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise PayloadError(
+                f"corrupted safetensors data: tensor {name!r} starts at {begin}, expected {pos}", path=source
+            )
+        pos = end
+    if pos != body:
+        raise PayloadError(f"corrupted safetensors data: {body - pos} bytes after the last tensor", path=source)
+    return tensors
+
+
+def _check_container(data: bytes | bytearray, source: str, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Recognise non-safetensors files by their first bytes, before anything is parsed; return the header."""
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise PayloadError("this is a Python pickle, not safetensors; refused without loading it", path=source)
+    if data[:4] == b"PK\x03\x04":
+        raise PayloadError(
+            "this is a zip archive (torch.save format), not safetensors; refused without loading it", path=source
+        )
+    if len(data) < 8:
+        raise PayloadError(f"truncated: {len(data)} bytes, not even a safetensors header length", path=source)
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > max_header_bytes:
+        raise PayloadError(f"header of {n} bytes exceeds the bound of {max_header_bytes}", path=source)
+    if 8 + n > len(data):
+        raise PayloadError(f"truncated: header says {n} bytes but the file has {len(data) - 8}", path=source)
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"corrupted header: not JSON ({exc})", path=source) from exc
+    if not isinstance(header, dict):
+        raise PayloadError("corrupted header: not a JSON object", path=source)
+    return header
+
+
+def _parse_meta(raw: str, source: str) -> PayloadMeta:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PayloadError(f"lorafed metadata is not JSON: {exc}", path=source) from exc
+    if not isinstance(obj, dict):
+        raise PayloadError("lorafed metadata is not a JSON object", path=source)
+    version = obj.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PayloadError(f"format_version: expected {FORMAT_VERSION}, got {version!r}", path=source)
+    checks: dict[str, type | tuple[type, ...]] = {
+        "base_fingerprint": str,
+        "lora": dict,
+        "labels": list,
+        "num_examples": int,
+        "round": int,
+        "client_id": str,
+        "dtype": str,
+        "kind": str,
+    }
+    for name, tp in checks.items():
+        value = obj.get(name)
+        if not isinstance(value, tp) or isinstance(value, bool):
+            raise PayloadError(
+                f"metadata field {name}: expected {getattr(tp, '__name__', tp)}, got {value!r}", path=source
+            )
+    if not all(isinstance(x, str) for x in obj["labels"]):
+        raise PayloadError("metadata field labels: expected a list of strings", path=source)
+    if not isinstance(obj.get("metrics") or {}, dict):
+        raise PayloadError(f"metadata field metrics: expected an object, got {obj['metrics']!r}", path=source)
+    block_size = obj.get("block_size")
+    if obj["dtype"] == "int8_block" and (
+        not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1
+    ):
+        raise PayloadError(f"metadata field block_size: expected an integer >= 1, got {block_size!r}", path=source)
+    return PayloadMeta(
+        base_fingerprint=obj["base_fingerprint"],
+        lora=obj["lora"],
+        labels=tuple(obj["labels"]),
+        num_examples=obj["num_examples"],
+        round=obj["round"],
+        client_id=obj["client_id"],
+        dtype=obj["dtype"],
+        kind=obj["kind"],
+        metrics=obj.get("metrics") or {},
+        format_version=version,
+        block_size=block_size if obj["dtype"] == "int8_block" else None,
+    )
+
+
+def header_from_bytes(
+    data: bytes | bytearray, source: str = "<bytes>", max_header_bytes: int = MAX_HEADER_BYTES
+) -> PayloadHeader:
+    """Parse only the header of payload bytes (see :func:`read_header`).
+
+    Raises:
+        PayloadError: As :func:`load_payload`, for the header part.
+    """
+    header = _check_container(data, source, max_header_bytes)
+    n = 8 + struct.unpack("<Q", data[:8])[0]
+    return PayloadHeader(bytes(data[:n]), header, _parse_meta(_meta_string(header, source), source))
+
+
+def payload_with_header(data: bytes | bytearray, header: PayloadHeader, source: str = "<bytes>") -> Payload:
+    """Parse payload bytes whose header was already read by :func:`header_from_bytes` (parsed once)."""
+    if data[: len(header.raw)] != header.raw:
+        return payload_from_bytes(data, source)
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    return Payload(_tensors_from_buffer(header.fields, buf, len(header.raw), source), header.meta, len(data))
+
+
+def read_meta(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> PayloadMeta:
+    """Read only a payload's header (no tensors), e.g. to sort a round's files before loading them.
+
+    Raises:
+        PayloadError: As :func:`load_payload`, for the header part.
+    """
+    return read_header(path, max_header_bytes).meta
+
+
+def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> PayloadHeader:
+    """Read and parse only a payload's header (see :func:`read_meta`).
+
+    Raises:
+        PayloadError: As :func:`load_payload`, for the header part.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PayloadError("payload file not found", path=str(p))
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            head += fh.read(min(n, max_header_bytes + 1))
+    header = _check_container(head, str(p), max_header_bytes)
+    return PayloadHeader(bytes(head), header, _parse_meta(_meta_string(header, str(p)), str(p)))
