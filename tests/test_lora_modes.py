@@ -117,7 +117,7 @@ def test_spec_refuses_an_update_with_the_other_factor(tiny_config, tmp_path) -> 
     from lorafed.wire.payload import payload_from_bytes, payload_to_bytes
 
     fed = prepare_federation(tiny_config("federation.aggregation=ffa"))
-    full = payload_from_bytes(payload_to_bytes(fed.initial_state, fed.meta("c0", 1, 5)))
+    full = payload_from_bytes(payload_to_bytes(fed.initial_state, fed.identity.meta("c0", 1, 5)))
     with pytest.raises(PayloadValidationError, match=r"lora_A.*absent \(not part of the adapter\)"):
         validate_update(full, fed.spec(1), "c0.safetensors")
 

@@ -25,10 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
 from lorafed.errors import LorafedError
 from lorafed.files import atomic_write_bytes
+from lorafed.progress import progress_bar
 
 CHUNK_BYTES = 1 << 16
 DEFAULT_TIMEOUT_S = 60.0
@@ -214,7 +214,7 @@ def fetch(
         source: What to fetch.
         dest_dir: Root folder; the file goes to its ``source.name`` sub-folder.
         url: A mirror to use instead of ``source.url`` (http(s) or file://); same checks apply.
-        progress: Show a tqdm progress bar.
+        progress: Show a progress bar (on a terminal only, see :mod:`lorafed.progress`).
         timeout: Seconds to wait for a connection or for the next bytes.
         max_bytes: Refuse a download larger than this.
 
@@ -326,8 +326,8 @@ def _stream(url: str, dest: Path, *, desc: str, progress: bool, timeout: float, 
             if total is not None and total > max_bytes:
                 raise DownloadError(f"{url}: server announces {total:,} bytes, more than the limit {max_bytes:,}")
             received = 0
-            with tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress
+            with progress_bar(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, enabled=progress
             ) as bar:
                 while chunk := response.read(CHUNK_BYTES):
                     received += len(chunk)

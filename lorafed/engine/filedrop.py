@@ -54,14 +54,20 @@ def global_name(round_: int) -> str:
 class FileDrop:
     """The :class:`~lorafed.engine.loop.Transport` of a shared folder or object store.
 
+    A round's wait ends when enough *distinct clients* have dropped an update whose header is
+    for this round and this federation's base (a quick header check; the server step still
+    validates every update in full, once). Files never count twice for one client.
+
     Args:
         storage: The drop.
+        identity: The federation identity (headers from another base do not count).
         deadline_s: Seconds a dispatch waits for its updates.
         poll_s: Seconds between listings of the drop.
     """
 
-    def __init__(self, storage: Storage, deadline_s: float, poll_s: float = 0.5) -> None:
+    def __init__(self, storage: Storage, identity: ModelIdentity, deadline_s: float, poll_s: float = 0.5) -> None:
         self.storage = storage
+        self.identity = identity
         self.deadline_s = deadline_s
         self.poll_s = poll_s
         self.seen: dict[int, set[str]] = {}
@@ -85,7 +91,9 @@ class FileDrop:
                 data = self.storage.read(item)
                 out.replies.append((-1, Incoming(item, data)))
                 with contextlib.suppress(PayloadError):  # the server step rejects it, with its reason
-                    ids.add(header_from_bytes(data, item).meta.client_id)
+                    meta = header_from_bytes(data, item).meta
+                    if meta.round == round_ and meta.base_fingerprint == self.identity.base_fingerprint:
+                        ids.add(meta.client_id)
             if len(ids) >= len(clients):
                 return out
             if time.monotonic() - t0 > self.deadline_s:
@@ -128,7 +136,12 @@ def coordinate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    labels = federation_labels(config)
+    if config.data.labels is None and config.data.path:  # the coordinator's own copy of the data names them
+        from lorafed.data.clean import load_labeled
+
+        labels = load_labeled(config.data, config.seed).label_names
+    else:
+        labels = federation_labels(config)
     model = load_client_model(config.model, labels, config.seed, precision="fp32")
     fresh = get_adapter_state(model.model)
     identity = ModelIdentity(model.fingerprint, lora_config_dict(config.model.lora), labels)
@@ -142,7 +155,7 @@ def coordinate(
     loop = Federated(fcfg, RoundPolicy(fcfg, n, config.seed), record, identity, spec, [f"#{i}" for i in range(n)])
     start(loop, fresh)
     deadline = fcfg.client_timeout_s if fcfg.client_timeout_s is not None else DEFAULT_DEADLINE_S
-    run_rounds(loop, FileDrop(storage, deadline, poll_s), fresh, 1, fcfg.rounds)
+    run_rounds(loop, FileDrop(storage, identity, deadline, poll_s), fresh, 1, fcfg.rounds)
     storage.write(global_name(fcfg.rounds), record.global_path(fcfg.rounds).read_bytes())
     summary = {"run": config.name, "engine": "file-drop", "rounds": fcfg.rounds, "final": global_name(fcfg.rounds)}
     storage.write(DONE, json.dumps(summary).encode())

@@ -1,0 +1,168 @@
+"""The server step run by hand on update files (``lorafed aggregate``), with every server setting.
+
+A cross-silo server holds no federation in memory between rounds: each round it is given the
+update files, the previous global adapter (or, in round 1, the config, whose seeded fresh
+adapter every client started from) and the config's ``federation`` section. This module
+rebuilds what the in-process server holds — the round's trusted spec, the reference adapter the
+clients started from, the server optimizer's state — and runs the same
+:meth:`~lorafed.server.step.RoundPolicy.try_aggregate` every engine runs, so robust rules,
+update clipping, client-level DP, FFA/RoLoRA and server optimizers all apply.
+
+The server optimizer's state travels beside the global adapter as
+``<stem>.server_opt.safetensors`` (see :func:`server_opt_path`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafed.config import RunConfig
+from lorafed.errors import LorafedError
+from lorafed.server.server_opt import load_server_opt, save_server_opt
+from lorafed.server.specs import federation_labels, spec_for
+from lorafed.server.step import Incoming, RoundPolicy, RoundResult
+from lorafed.server.validate import UpdateSpec
+from lorafed.wire.payload import ModelIdentity, PayloadMeta, load_payload, save_payload
+from lorafed.wire.roles import round_keys
+
+
+@dataclass(frozen=True)
+class Start:
+    """What the clients of a round started from.
+
+    Attributes:
+        identity: The federation's base fingerprint, LoRA config and labels.
+        reference: The adapter the clients started from, every tensor, fp32.
+        round: The round the updates belong to.
+        source: Where ``reference`` came from (for messages).
+        global_path: The previous global adapter, or ``None`` in round 1 from the config.
+    """
+
+    identity: ModelIdentity
+    reference: dict[str, torch.Tensor]
+    round: int
+    source: str
+    global_path: Path | None = None
+
+
+def server_opt_path(adapter: str | Path) -> Path:
+    """Where the server optimizer state of the global adapter ``adapter`` is kept (``X.safetensors`` ->
+    ``X.server_opt.safetensors``)."""
+    p = Path(adapter)
+    return p.with_name(f"{p.stem}.server_opt.safetensors")
+
+
+def start_from_global(path: str | Path, config: RunConfig | None = None, round_: int | None = None) -> Start:
+    """The round after the global adapter at ``path`` (its header and tensors are trusted).
+
+    Args:
+        path: The previous global adapter.
+        config: The federation's config, whose ``data.labels`` (if set) must match the adapter's.
+        round_: The round of the updates (default: the adapter's round + 1).
+
+    Raises:
+        PayloadError: The file is not a readable lorafed payload.
+        ConfigError: ``data.labels`` differs from the adapter's labels.
+    """
+    glob = load_payload(path)
+    if config is not None:
+        federation_labels(config, glob.meta, str(path))
+    round_ = glob.meta.round + 1 if round_ is None else round_
+    reference = {k: v.to(torch.float32) for k, v in glob.decoded().items()}
+    return Start(ModelIdentity.of(glob.meta), reference, round_, str(path), Path(path))
+
+
+def start_from_config(config: RunConfig, round_: int | None = None, source: str = "config") -> Start:
+    """Round 1 of the federation ``config`` describes: the seeded fresh adapter every client starts from.
+
+    Loads the base model in fp32 to fingerprint it and to build the adapter (``config.seed``).
+
+    Raises:
+        ConfigError: ``data.labels`` is not set.
+        LorafedError: ``round_`` is not 1 (a later round needs the global adapter its clients started from).
+        ModelError: The base model cannot be loaded.
+    """
+    from lorafed.model.backbone import load_client_model, lora_config_dict
+    from lorafed.wire.adapter import get_adapter_state
+
+    round_ = 1 if round_ is None else round_
+    if round_ != 1:
+        raise LorafedError(
+            f"round {round_}: without the previous global adapter only round 1 can be aggregated (its clients "
+            "start from the seeded fresh adapter); pass --global global_r{N-1}.safetensors"
+        )
+    labels = federation_labels(config, None, source)
+    client = load_client_model(config.model, labels, config.seed, precision="fp32")
+    identity = ModelIdentity(client.fingerprint, lora_config_dict(config.model.lora), labels)
+    reference = {k: v.detach().to(torch.float32).clone() for k, v in get_adapter_state(client.model).items()}
+    return Start(identity, reference, round_, f"the fresh adapter seeded by {source}")
+
+
+def round_spec(start: Start, config: RunConfig) -> UpdateSpec:
+    """The spec of the round's updates: the tensors this round's clients send (FFA/RoLoRA send a subset)."""
+    fcfg = config.federation
+    keys = round_keys(fcfg.aggregation, start.round, start.reference)
+    sent = {k: start.reference[k] for k in keys}
+    return spec_for(start.identity, sent, start.round, fcfg.max_num_examples)
+
+
+def aggregate_by_hand(updates: Sequence[str | Path], config: RunConfig, start: Start) -> tuple[RoundResult, RoundPolicy]:
+    """Validate and aggregate update files as the federation's server would.
+
+    The policy has ``len(updates)`` clients, the config's seed, and the server optimizer state
+    saved beside ``start.global_path`` (when there is one).
+
+    Returns:
+        The result (``state`` is ``None`` when fewer than ``federation.min_clients`` updates were
+        valid) and the policy (its ``server_opt`` is the state to save with the new global adapter).
+
+    Raises:
+        PayloadError: The saved server optimizer state is unreadable.
+        AggregationError: It is not an optimizer state.
+    """
+    policy = RoundPolicy(config.federation, num_clients=len(updates), seed=config.seed)
+    if start.global_path is not None and config.federation.server_optimizer != "none":
+        saved = server_opt_path(start.global_path)
+        if saved.is_file():
+            policy.server_opt = load_server_opt(saved)
+    spec = round_spec(start, config)
+    result = policy.try_aggregate([Incoming.from_file(p) for p in updates], spec, start.reference, start.round)
+    return result, policy
+
+
+def write_global(
+    out: str | Path, result: RoundResult, policy: RoundPolicy, start: Start
+) -> tuple[Path, Path | None, PayloadMeta]:
+    """Write the new global adapter (and the server optimizer state beside it, if any).
+
+    Returns:
+        The adapter's path, the optimizer state's path (or ``None``) and the adapter's header.
+
+    Raises:
+        LorafedError: ``result`` holds no new global adapter.
+    """
+    if result.state is None:
+        raise LorafedError("no global adapter to write: too few valid updates")
+    outcome, fcfg = result.outcome, policy.fcfg
+    metrics: dict[str, Any] = {
+        "clients": [m.client_id for _, m in outcome.accepted],
+        "shares": outcome.shares,
+        "rejected": len(outcome.rejected),
+        "weighting": "uniform" if policy.dp is not None or fcfg.robust != "none" else fcfg.weighting,
+        "robust": fcfg.robust,
+        "aggregation": fcfg.aggregation,
+        "server_optimizer": fcfg.server_optimizer,
+    }
+    if outcome.clipped:
+        metrics["clipped"] = outcome.clipped
+    if result.privacy:
+        metrics["privacy"] = result.privacy
+    meta = start.identity.meta("server", start.round, outcome.num_examples, kind="global", metrics=metrics)
+    path = save_payload(out, result.state, meta)
+    opt_path = save_server_opt(server_opt_path(path), policy.server_opt) if policy.server_opt is not None else None
+    return path, opt_path, meta
