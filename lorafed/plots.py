@@ -10,7 +10,12 @@ from typing import Any
 from lorafed.files import atomic_write_bytes
 
 
-def _figure(*args: Any, **kwargs: Any) -> Any:
+def figure(*args: Any, **kwargs: Any) -> Any:
+    """A new figure and its axes on the file-only Agg backend (``plt.subplots``'s arguments).
+
+    Returns:
+        ``(fig, axes)`` as :func:`matplotlib.pyplot.subplots` gives them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +24,12 @@ def _figure(*args: Any, **kwargs: Any) -> Any:
     return plt.subplots(*args, **kwargs)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG (atomically) and close it.
+
+    Returns:
+        The path written.
+    """
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -31,7 +41,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_rounds(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Global accuracy, macro-F1 and test loss against the round."""
-    fig, (ax1, ax2) = _figure(1, 2, figsize=(9, 3.4))
+    fig, (ax1, ax2) = figure(1, 2, figsize=(9, 3.4))
     rounds = [r["round"] for r in rows]
     ax1.plot(rounds, [r["macro_f1"] for r in rows], marker="o", label="macro-F1")
     ax1.plot(rounds, [r["accuracy"] for r in rows], marker="s", label="accuracy")
@@ -43,7 +53,7 @@ def plot_rounds(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax2.set_xlabel("round")
     ax2.set_ylabel("test loss")
     ax2.grid(alpha=0.3)
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path) -> Path:
@@ -52,7 +62,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], pa
 
     cm = np.asarray(confusion)
     size = max(4.0, 0.45 * len(labels) + 2)
-    fig, ax = _figure(figsize=(size, size))
+    fig, ax = figure(figsize=(size, size))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels=list(labels), rotation=90)
     ax.set_yticks(range(len(labels)), labels=list(labels))
@@ -70,4 +80,4 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], pa
                 fontsize=7,
                 color="white" if cm[i, j] > top / 2 else "black",
             )
-    return _save(fig, Path(path))
+    return save_figure(fig, path)

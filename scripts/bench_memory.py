@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-MB = 1 / 2**20
+sys.path.insert(0, str(ROOT))
+
+import lorafed.measure as lm  # noqa: E402
+from lorafed.measure import MB  # noqa: E402
+
 TARGET_MEMORY, TARGET_TIME = 0.6, 1.2
 
 
@@ -69,24 +72,6 @@ CORE = [v for v, spec in VARIANTS.items() if not spec.tuned_malloc]
 #: glibc settings of the [malloc] variants: large blocks always mmap'd (freed at once), 2 arenas.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _rss() -> int:
-    return _status_kb("VmRSS")
-
-
-def _reset_peak() -> None:
-    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS."""
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-        fh.write("5")
 
 
 def _seeded_trainables(model: Any, seed: int) -> None:
@@ -217,8 +202,8 @@ def measure(
     labels = torch.randint(0, 2, (batch,), generator=g)
     train_cfg = TrainConfig(batch_size=batch)
     gc.collect()
-    baseline = _rss()
-    _reset_peak()
+    baseline = lm.rss_bytes()
+    lm.reset_peak_rss()
 
     t0 = time.perf_counter()
     cfg = ModelConfig(model_dir, precision, LoraSettings(), int8_backend=backend, quantize_embeddings=emb)
@@ -234,10 +219,14 @@ def measure(
     opt = torch.optim.AdamW(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
     model.train()
     gc.collect()
-    peak_load = _status_kb("VmHWM")
-    before_train = _rss()
-    _reset_peak()
+    peak_load = lm.peak_rss_bytes()
+    before_train = lm.rss_bytes()
+    lm.reset_peak_rss()
 
+    # The steps of train_local (AdamW over the trainable tensors, client_loss in fp32 after the
+    # autocast block, clipping), written out here rather than calling train_local: the benchmark
+    # times each step, hooks autograd's saved tensors on the first one, reads the peak between
+    # loading and training, and trains on one fixed batch (train_local draws batches from rows).
     torch.manual_seed(seed)
     profile = SavedTensorProfile(model)
     times, losses = [], []
@@ -256,7 +245,7 @@ def measure(
         losses.append(float(loss.detach()))
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    peak_train = _status_kb("VmHWM")
+    peak_train = lm.peak_rss_bytes()
 
     model.eval()
     with torch.no_grad(), autocast(model, mode):
@@ -286,7 +275,7 @@ def measure(
             "grads_and_optimizer": optimizer,
             "other_transient_and_allocator": peak - resident - sum(saved.values()) + saved["weights"] - optimizer,
         },
-        "step_s": {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times},
+        "step_s": lm.summarize(times, runs=True),
         "train_losses": losses,
         "eval_loss_after": eval_loss,
         "initial_logits": logits0.tolist(),
@@ -349,7 +338,7 @@ def run_variant(model_dir: str, variant: str, args: argparse.Namespace, cuda: bo
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model-dir", model_dir, "--variant", variant]
     cmd += ["--steps", str(args.steps_for[model_dir]), "--warmup", str(args.warmup)]
     cmd += ["--batch", str(args.batch), "--length", str(args.length)] + (["--cuda"] if cuda else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = lm.pythonpath_env(ROOT)
     if not cuda and VARIANTS[variant].tuned_malloc:
         env.update(MALLOC_ENV)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -361,22 +350,7 @@ def run_variant(model_dir: str, variant: str, args: argparse.Namespace, cuda: bo
 
 def make_bert_base(folder: Path) -> Path:
     """A randomly initialised bert-base-size BERT (110M parameters) with the packaged tokenizer, cached."""
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from lorafed.config import PACKAGED_BACKBONE
-    from lorafed.model.backbone import resolve_backbone
-
-    tok = AutoTokenizer.from_pretrained(resolve_backbone(PACKAGED_BACKBONE))
-    torch.manual_seed(0)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, **BERT_BASE)).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    return lm.random_bert(folder, 0, **BERT_BASE)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -398,15 +372,15 @@ def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if "memory_ratio" not in r or r["precision"] != "int8" or r["variant"].endswith("[malloc]"):
             continue
-        out.append(
-            {
-                "variant": r["variant"],
-                "memory_ratio": r["memory_ratio"],
-                "memory_met": r["memory_ratio"] <= TARGET_MEMORY,
-                "time_ratio": r["time_ratio"],
-                "time_met": r["time_ratio"] <= TARGET_TIME,
-            }
-        )
+        for metric, limit, what in (
+            ("memory_ratio", TARGET_MEMORY, "peak memory"),
+            ("time_ratio", TARGET_TIME, "step time"),
+        ):
+            out.append(
+                lm.target(
+                    f"{what} <= {limit}x fp32", r[metric], r[metric] <= limit, variant=r["variant"], metric=metric
+                )
+            )
     return out
 
 
@@ -492,13 +466,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     for name, m in report["models"].items():
-        for t in m["targets"]:
-            mem = "met" if t["memory_met"] else "NOT met"
-            tim = "met" if t["time_met"] else "NOT met"
+        by: dict[str, dict[str, dict[str, Any]]] = {}
+        for t in judge_targets(m["variants"]):  # judged again, so --render reads older reports too
+            by.setdefault(t["variant"], {})[t["metric"]] = t
+        for variant, ts in by.items():
+            mem, tim = ts["memory_ratio"], ts["time_ratio"]
             lines.append(
-                f"- {name}, {t['variant']}: memory {t['memory_ratio']:.2f}x ({mem}), "
-                f"time {t['time_ratio']:.2f}x ({tim})"
-                + (" - both targets met" if t["memory_met"] and t["time_met"] else "")
+                f"- {name}, {variant}: memory {mem['value']:.2f}x ({lm.met_word(mem['met'])}), "
+                f"time {tim['value']:.2f}x ({lm.met_word(tim['met'])})"
+                + (" - both targets met" if mem["met"] and tim["met"] else "")
             )
     lines += ["", "## Results", ""]
     for name, m in report["models"].items():
@@ -560,9 +536,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     """Bars of memory and step-time ratio to fp32, per variant and model, with the target lines."""
     import numpy as np
 
-    from lorafed.plots import _figure, _save
+    from lorafed.plots import figure, save_figure
 
-    fig, axes = _figure(1, 2, figsize=(11, 4.2))
+    fig, axes = figure(1, 2, figsize=(11, 4.2))
     names = list(report["models"])
     present = {r["variant"] for m in report["models"].values() for r in m["variants"] if "error" not in r}
     variants = [v for v in VARIANTS if v in present]
@@ -583,7 +559,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def summarize(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
@@ -599,14 +575,11 @@ def summarize(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
 
 def write_reports(report: dict[str, Any], out: Path, with_plot: bool = True) -> None:
     """results/memory.json, memory.md and (optionally) memory.png."""
-    from lorafed.files import atomic_write_json, atomic_write_text
-
     slim = json.loads(json.dumps(report))
     for m in slim["models"].values():
         for r in m["variants"]:
             r.pop("initial_logits", None)
-    atomic_write_json(out / "memory.json", slim)
-    atomic_write_text(out / "memory.md", render_markdown(report))
+    lm.write_results(out / "memory", slim, render_markdown(report))
     if with_plot:
         plot(report, out / "memory.png")
 
@@ -642,9 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         models["bert-base (random init)"] = (str(make_bert_base(args.cache / "bert-base-random")), 3)
     args.steps_for = {d: s for d, s in models.values()}
-    command = "flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/bench_memory.py" + (
-        " --quick" if args.quick else ""
-    )
+    command = lm.command_line("bench_memory.py", ["--quick"] if args.quick else [])
     report: dict[str, Any] = {
         "command": command,
         "batch": args.batch,

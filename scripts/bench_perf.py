@@ -15,8 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -31,31 +29,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import lorafed.measure as lm  # noqa: E402
+from lorafed.client.round import set_threads  # noqa: E402
 from lorafed.client.train import train_local  # noqa: E402
 from lorafed.config import RunConfig, load_config  # noqa: E402
-from lorafed.engine.federation import prepare_federation, set_threads  # noqa: E402
+from lorafed.engine.federation import prepare_federation  # noqa: E402
 from lorafed.engine.inprocess import simulate  # noqa: E402
-from lorafed.files import atomic_write_json, atomic_write_text  # noqa: E402
+from lorafed.engine.record import read_metrics  # noqa: E402
 from lorafed.model.backbone import load_client_model, lora_config_dict  # noqa: E402
+from lorafed.plots import figure, save_figure  # noqa: E402
 from lorafed.server.aggregate import WeightedMean  # noqa: E402
 from lorafed.server.step import aggregate_files  # noqa: E402
 from lorafed.server.validate import UpdateSpec  # noqa: E402
 from lorafed.wire.adapter import adapter_spec, get_adapter_state, is_lora_key, set_adapter_state  # noqa: E402
 from lorafed.wire.compress import TRANSPORTS  # noqa: E402
-from lorafed.wire.payload import PayloadMeta, payload_to_bytes, save_payload  # noqa: E402
+from lorafed.wire.payload import ModelIdentity, payload_to_bytes, save_payload  # noqa: E402
 
 SECTIONS = ("comm", "quality", "speed", "aggregation")
 
 
 def stats(values: list[float]) -> dict[str, Any]:
-    """Median with min-max and the raw values."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-        "runs": values,
-    }
+    """Median with min-max (and mean, std) and the raw values."""
+    return lm.summarize(values, runs=True)
 
 
 # --- 1. communication --------------------------------------------------------------------------
@@ -75,17 +70,15 @@ def comm_sizes(config: RunConfig, block_size: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in get_adapter_state(lora.model).items()}
     b_only = {k: v for k, v in state.items() if not (is_lora_key(k) and ".lora_A." in k)}
+    identity = ModelIdentity(full.fingerprint, lora_config_dict(config.model.lora), labels)
     rows = []
     for variant, tensors in (("A+B+head", state), ("B+head (A frozen)", b_only)):
         for transport in TRANSPORTS:
             # The header a simulated client writes (same fields, realistic metric values).
-            meta = PayloadMeta(
-                full.fingerprint,
-                lora_config_dict(config.model.lora),
-                labels,
-                10_490,
-                1,
+            meta = identity.meta(
                 "Intimate",
+                1,
+                10_490,
                 dtype=transport,
                 block_size=block_size if transport == "int8_block" else None,
                 metrics={"loss": 0.4182394, "steps": 12, "seconds": 9.532148},
@@ -121,7 +114,7 @@ def quality(config: RunConfig, transports: list[str], out_dir: Path) -> dict[str
         cfg = dataclasses.replace(config, federation=dataclasses.replace(config.federation, transport=transport))
         t0 = time.perf_counter()
         summary = simulate(cfg, out_dir / transport, progress=False, fed=dataclasses.replace(fed, config=cfg))
-        rows = [json.loads(x) for x in (out_dir / transport / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(out_dir / transport / "metrics.jsonl")
         runs.append(
             {
                 "transport": transport,
@@ -218,39 +211,11 @@ def memcpy_bandwidth(reps: int, nbytes: int = 256 << 20) -> dict[str, Any]:
     """Bytes/s of a numpy copy of a large buffer (beyond any cache)."""
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
-    times = []
-    for _ in range(reps + 1):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t)
-    bw = [nbytes / t for t in times[1:]]
-    return stats(bw)
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's RSS high-water mark (Linux: writing 5 to clear_refs resets VmHWM)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass  # not Linux: the peak then includes the imports (same for every N, so still comparable)
-
-
-def peak_rss() -> int:
-    """RSS high-water mark in bytes since the last reset (VmHWM), or ru_maxrss where /proc is absent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return stats([nbytes / t for t in lm.time_runs(lambda: np.copyto(dst, src), reps)])
 
 
 def agg_worker(args: argparse.Namespace) -> None:
     """One N in a fresh process: time the file path and the in-memory path, report RSS high-water."""
-    import psutil
-
     spec_obj = json.loads(Path(args.spec).read_text())
     spec = UpdateSpec(
         spec_obj["fingerprint"],
@@ -261,29 +226,26 @@ def agg_worker(args: argparse.Namespace) -> None:
     )
     paths = sorted(Path(args.files).glob("*.safetensors"))[: args.n]
     torch.set_num_threads(1)
-    rss0 = psutil.Process().memory_info().rss
-    reset_peak_rss()  # imports peak above rss0 and free again; measure from here
+    rss0 = lm.rss_bytes()
+    lm.reset_peak_rss()  # imports peak above rss0 and free again; measure from here
     file_bytes = sum(p.stat().st_size for p in paths)
-    files_t = []
-    for _ in range(args.reps + 1):  # first run warms the page cache
-        t = time.perf_counter()
-        out = aggregate_files(paths, spec)
-        files_t.append(time.perf_counter() - t)
-        if len(out.accepted) != args.n:
-            raise RuntimeError(f"{len(out.rejected)} rejected: {out.rejected[:1]}")
-    peak_files = peak_rss()
+    out = aggregate_files(paths, spec)  # the first run warms the page cache and is not timed
+    if len(out.accepted) != args.n:
+        raise RuntimeError(f"{len(out.rejected)} rejected: {out.rejected[:1]}")
+    files_t = lm.time_runs(lambda: aggregate_files(paths, spec), args.reps, warmup=0)
+    peak_files = lm.peak_rss_bytes()
     bw = memcpy_bandwidth(args.reps)  # after the peak was read: its 512 MB of buffers are not the aggregation's
     # In memory: a pool of distinct updates cycled N times (the updates themselves are the caller's memory).
     pool = [out.state] + [{k: torch.randn(s) for k, (s, _) in spec.tensors.items()} for _ in range(min(args.n, 64) - 1)]
     tensor_bytes = sum(v.numel() * 4 for v in pool[0].values()) * args.n
-    mem_t = []
-    for _ in range(args.reps + 1):
-        t = time.perf_counter()
+
+    def in_memory() -> None:
         acc = WeightedMean()
         for i in range(args.n):
             acc.add(pool[i % len(pool)], 1.0 + i % 7)
         acc.result()
-        mem_t.append(time.perf_counter() - t)
+
+    mem_t = lm.time_runs(in_memory, args.reps)
     print(
         json.dumps(
             {
@@ -291,8 +253,8 @@ def agg_worker(args: argparse.Namespace) -> None:
                 "file_bytes": file_bytes,
                 "tensor_bytes": tensor_bytes,
                 "memcpy_bytes_per_s": bw,
-                "files_seconds": stats(files_t[1:]),
-                "memory_seconds": stats(mem_t[1:]),
+                "files_seconds": stats(files_t),
+                "memory_seconds": stats(mem_t),
                 "rss_before_bytes": rss0,
                 "peak_rss_files_bytes": peak_files,
             }
@@ -311,18 +273,16 @@ def aggregation(config: RunConfig, ns: list[int], reps: int, work: Path) -> dict
         json.dumps({"fingerprint": client.fingerprint, "lora": lora, "labels": ["0", "1"], "tensors": tensors})
     )
     files = work / "updates"
+    identity = ModelIdentity(client.fingerprint, lora, ("0", "1"))
     gen = torch.Generator().manual_seed(0)
     for i in range(max(ns)):
         upd = {k: torch.randn(v.shape, generator=gen) for k, v in state.items()}
-        meta = PayloadMeta(client.fingerprint, lora, ("0", "1"), 1 + i % 500, 1, f"client-{i:05d}")
-        save_payload(files / f"client-{i:05d}.safetensors", upd, meta)
+        save_payload(files / f"client-{i:05d}.safetensors", upd, identity.meta(f"client-{i:05d}", 1, 1 + i % 500))
     rows = []
     for n in ns:
         cmd = [sys.executable, __file__, "--agg-worker", str(n), "--files", str(files), "--spec", str(spec_path)]
         cmd += ["--reps", str(reps)]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=lm.pythonpath_env(ROOT))
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         bw = row["memcpy_bytes_per_s"]["median"]
         row["files_bound_seconds"] = row["file_bytes"] / bw
@@ -340,11 +300,8 @@ def aggregation(config: RunConfig, ns: list[int], reps: int, work: Path) -> dict
 # --- report -------------------------------------------------------------------------------------
 
 
-def fmt(s: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
-    return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}-{s['max'] * scale:.{digits}f})"
-
-
-def write_report(res: dict[str, Any], out: Path) -> None:
+def render_report(res: dict[str, Any], out: Path) -> str:
+    """perf.md from the results (with results/flower_overhead.md appended where present)."""
     lines = ["# lorafed performance", "", f"Machine: {res.get('machine', '')}", ""]
     if "comm" in res:
         c = res["comm"]
@@ -400,8 +357,8 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             "",
             "| loop | samples/s median (min-max) |",
             "|---|---|",
-            f"| lorafed train_local | {fmt(s['engine_samples_per_s'], digits=2)} |",
-            f"| raw loop (pre-padded batches) | {fmt(s['raw_samples_per_s'], digits=2)} |",
+            f"| lorafed train_local | {lm.fmt_range(s['engine_samples_per_s'], digits=2)} |",
+            f"| raw loop (pre-padded batches) | {lm.fmt_range(s['raw_samples_per_s'], digits=2)} |",
             "",
             f"Engine overhead: **{s['engine_overhead_pct']:+.1f}%** (raw / engine - 1, medians). "
             f"Tokenization: {s['tokenization']}.",
@@ -425,24 +382,21 @@ def write_report(res: dict[str, Any], out: Path) -> None:
         for r in a["rows"]:
             lines.append(
                 f"| {r['n']} | {r['file_bytes'] / 1e6:.1f} | {r['memcpy_bytes_per_s']['median'] / 1e9:.2f} | "
-                f"{fmt(r['files_seconds'], 1e3)} | {r['files_vs_bound']:.2f}x | {fmt(r['memory_seconds'], 1e3)} | "
+                f"{lm.fmt_range(r['files_seconds'], 1e3)} | {r['files_vs_bound']:.2f}x | "
+                f"{lm.fmt_range(r['memory_seconds'], 1e3)} | "
                 f"{r['memory_vs_bound']:.2f}x | {r['peak_rss_files_bytes'] / 2**20:.0f} |"
             )
         lines.append("")
     flower = out / "flower_overhead.md"  # written by scripts/flower_overhead.py (issue: Flower path cost)
     if flower.is_file():
         lines += ["", flower.read_text().rstrip(), ""]
-    atomic_write_text(out / "perf.md", "\n".join(lines))
+    return "\n".join(lines)
 
 
 def plot_aggregation(a: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Aggregation time and peak memory against the number of updates."""
     ns = [r["n"] for r in a["rows"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = figure(1, 2, figsize=(10, 4))
     for key, label in (("files_seconds", "aggregate_files (disk)"), ("memory_seconds", "WeightedMean (memory)")):
         med = [r[key]["median"] * 1e3 for r in a["rows"]]
         lo = [m - r[key]["min"] * 1e3 for m, r in zip(med, a["rows"], strict=True)]
@@ -455,10 +409,7 @@ def plot_aggregation(a: dict[str, Any], path: Path) -> None:
     ax2.plot(ns, [r["rss_before_bytes"] / 2**20 for r in a["rows"]], "k--", label="RSS before aggregating")
     ax2.set(xscale="log", xlabel="updates N", ylabel="MB", title="peak memory vs N", ylim=(0, None))
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -477,9 +428,7 @@ def main() -> None:
         args.n = args.agg_worker
         agg_worker(args)
         return
-    command = "flock /tmp/lorafed-heavy.lock .venv/bin/python scripts/bench_perf.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
+    command = lm.command_line("bench_perf.py", sys.argv[1:], python=".venv/bin/python")
     reps = 1 if args.quick else args.reps
     quality_set = [] if args.quick else ["federation.rounds=3", "train.max_steps=4", "federation.max_test_rows=800"]
     config = load_config(args.config, [*quality_set, *args.set])
@@ -501,8 +450,7 @@ def main() -> None:
             ns = [2, 4] if args.quick else [10, 100, 1000]
             res["aggregation"] = {**aggregation(config, ns, reps, Path(tmp)), "command": command}
             plot_aggregation(res["aggregation"], out / "perf_aggregation.png")
-        atomic_write_json(res_path, res)
-        write_report(res, out)
+        lm.write_results(out / "perf", res, render_report(res, out))
     print(f"wrote {res_path} and {out / 'perf.md'}")
 
 

@@ -1,9 +1,10 @@
 """Quality benchmark: how much does federating cost against pooling the data, and gain over training alone?
 
 Runs every method with the same data, seeds and training budget (the same total number of
-training samples: rounds x clients x max_steps x batch_size) on three real non-IID settings,
-through the engine's own functions (prepare_federation, train_client, payload files,
-aggregate_files with validation, next_global, evaluate_state):
+training samples: rounds x clients x max_steps x batch_size) on three real non-IID settings.
+The federated methods run through the in-process engine itself (``simulate`` on one prepared
+federation: the same round loop, payload bytes, validation and server step as ``lorafed
+simulate``); the baselines train with the client's ``train_local`` on the same model:
 
     centralized      all clients' training rows pooled, rounds x (clients x max_steps) steps
     local-only       each client alone for rounds x max_steps steps (mean and worst client, on
@@ -26,25 +27,25 @@ import argparse
 import dataclasses
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lorafed import measure
 from lorafed.client.train import train_local
 from lorafed.config import RunConfig, load_config
 from lorafed.engine.federation import Federation, evaluate_state, prepare_federation, train_client
-from lorafed.files import atomic_write_json, atomic_write_text
-from lorafed.plots import _figure, _save
+from lorafed.engine.inprocess import simulate
+from lorafed.engine.record import read_metrics
+from lorafed.plots import figure, save_figure
 from lorafed.seeds import client_seed
-from lorafed.server.step import RoundPolicy
 from lorafed.wire.adapter import get_adapter_state, set_adapter_state
-from lorafed.wire.payload import save_payload
 from lorafed.wire.roles import merge_round
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,32 +96,26 @@ EXACT = ("ffa", "rolora")
 
 
 def run_federated(fed: Federation, cfg: RunConfig, work: Path) -> dict[str, Any]:
-    """One federated run through the engine's payload files; the global scores after every round."""
-    f = cfg.federation
-    fed = dataclasses.replace(fed, config=cfg)
-    state = fed.initial_state
-    policy = RoundPolicy(f, len(fed.partition.client_ids), cfg.seed)  # the engine's server step
-    curve, bytes_cum, per_client = [], 0, []
+    """One federated run through the in-process engine; the global scores after every round.
+
+    Args:
+        fed: The federation prepared once for the setting and seed (data, splits, tokens, model).
+        cfg: The method's config (the setting's, with the method's overrides).
+        work: The run folder (``metrics.jsonl`` and the payloads of every round).
+    """
     t0 = time.perf_counter()
-    for r in range(1, f.rounds + 1):
-        chosen = policy.choose(r)
-        paths = []
-        for k in chosen:
-            tensors, res = train_client(fed, state, k, r, progress=False)
-            cid = fed.partition.client_ids[k]
-            paths.append(
-                save_payload(work / f"r{r}" / f"{cid}.safetensors", tensors, fed.meta(cid, r, res.num_examples))
-            )
-        result = policy.aggregate(paths, fed.spec(r), state, r)
-        state, outcome = result.state, result.outcome
-        bytes_cum += outcome.bytes_in
-        per_client.append(outcome.bytes_in / len(outcome.accepted))
-        ev = evaluate_state(fed, state)
-        curve.append({"round": r, "macro_f1": ev.macro_f1, "accuracy": ev.accuracy, "bytes_up_cum": bytes_cum})
+    simulate(cfg, work, progress=False, fed=dataclasses.replace(fed, config=cfg))
+    rows = read_metrics(work / "metrics.jsonl")[1:]  # row 0: the untrained adapter
+    curve, bytes_cum = [], 0
+    for row in rows:
+        bytes_cum += row["bytes_up"]
+        curve.append(
+            {"round": row["round"], "macro_f1": row["macro_f1"], "accuracy": row["accuracy"], "bytes_up_cum": bytes_cum}
+        )
     return {
         **_final(curve),
         "curve": curve,
-        "bytes_per_client_round": statistics.mean(per_client),
+        "bytes_per_client_round": statistics.mean(row["bytes_up"] / len(row["clients"]) for row in rows),
         "samples": _budget(cfg, len(fed.partition.client_ids)),
         "seconds": time.perf_counter() - t0,
     }
@@ -185,7 +180,7 @@ def _budget(cfg: RunConfig, clients: int) -> int:
     return cfg.federation.rounds * clients * (cfg.train.max_steps or 0) * cfg.train.batch_size
 
 
-def run_setting(key: str, profile: dict[str, Any], methods: list[str], log: Any) -> dict[str, Any]:
+def run_setting(key: str, profile: dict[str, Any], methods: list[str], log: Callable[[str], None]) -> dict[str, Any]:
     """Every method on one setting, for every seed of the profile."""
     spec = SETTINGS[key]
     cfg_path = ROOT / "configs" / spec["config"]
@@ -232,16 +227,6 @@ def run_setting(key: str, profile: dict[str, Any], methods: list[str], log: Any)
     }
 
 
-def _ms(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.mean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
 def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over seeds of every method's final scores."""
     runs = list(per_seed.values())
@@ -250,13 +235,13 @@ def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if m == "round0":
             continue
         fields = [f for f, v in runs[0][m].items() if isinstance(v, (int, float)) and f != "samples"]
-        out[m] = {f: _ms([r[m][f] for r in runs]) for f in fields}
+        out[m] = {f: measure.summarize([r[m][f] for r in runs]) for f in fields}
         out[m]["samples"] = runs[0][m]["samples"]
     return out
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's three targets, with the numbers (macro-F1 in points)."""
+    """The issue's three targets, judged on the mean over seeds (``value`` in macro-F1 points)."""
     targets = []
     for key in ("a", "b"):
         if key not in results:
@@ -269,28 +254,26 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         cen = s["centralized"]["macro_f1"]["mean"]
         loc = s["local-only"]["mean_global_macro_f1"]["mean"]
         gap = 100 * (cen - fed[best])
-        targets.append(
-            {
-                "setting": key,
-                "target": "best federated within 1.0 macro-F1 point of centralized",
-                "best": best,
-                "value_points": -gap,
-                "met": gap <= 1.0,
-                "text": f"{best} {100 * fed[best]:.2f} vs centralized {100 * cen:.2f}: gap {gap:.2f} points",
-            }
-        )
         lift = 100 * (fed[best] - loc)
-        targets.append(
-            {
-                "setting": key,
-                "target": "best federated >= 3 points above the mean local-only client",
-                "best": best,
-                "value_points": lift,
-                "met": lift >= 3.0,
-                "text": f"{best} {100 * fed[best]:.2f} vs mean local-only (global test) {100 * loc:.2f}: "
+        targets += [
+            measure.target(
+                "best federated within 1.0 macro-F1 point of centralized",
+                -gap,
+                gap <= 1.0,
+                setting=key,
+                best=best,
+                text=f"{best} {100 * fed[best]:.2f} vs centralized {100 * cen:.2f}: gap {gap:.2f} points",
+            ),
+            measure.target(
+                "best federated >= 3 points above the mean local-only client",
+                lift,
+                lift >= 3.0,
+                setting=key,
+                best=best,
+                text=f"{best} {100 * fed[best]:.2f} vs mean local-only (global test) {100 * loc:.2f}: "
                 f"+{lift:.2f} points",
-            }
-        )
+            ),
+        ]
     if "c" in results:
         s = results["c"]["summary"]
         fed = {m: v["macro_f1"]["mean"] for m, v in s.items() if m in FEDERATED and m != "fedavg"}
@@ -300,22 +283,22 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             margin = 100 * (fed[best] - base["mean"])
             noise = 100 * max(base["std"], s[best]["macro_f1"]["std"])
             targets.append(
-                {
-                    "setting": "c",
-                    "target": "best method beats FedAvg-LoRA by a clear margin (>= 2 points and > 2 seed std)",
-                    "best": best,
-                    "value_points": margin,
-                    "met": margin >= 2.0 and margin > 2 * noise,
-                    "text": f"{best} {100 * fed[best]:.2f} vs fedavg {100 * base['mean']:.2f}: "
+                measure.target(
+                    "best method beats FedAvg-LoRA by a clear margin (>= 2 points and > 2 seed std)",
+                    margin,
+                    margin >= 2.0 and margin > 2 * noise,
+                    setting="c",
+                    best=best,
+                    text=f"{best} {100 * fed[best]:.2f} vs fedavg {100 * base['mean']:.2f}: "
                     f"{margin:+.2f} points (seed std {noise:.2f})",
-                }
+                )
             )
     return targets
 
 
 def plot_setting(key: str, setting: dict[str, Any], path: Path) -> Path:
     """Global macro-F1 against round and against cumulative upload bytes (first seed's curves)."""
-    fig, (ax1, ax2) = _figure(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = figure(1, 2, figsize=(11, 4))
     first = next(iter(setting["seeds"].values()))
     r0 = first["round0"]["macro_f1"]
     for m, res in first.items():
@@ -337,10 +320,10 @@ def plot_setting(key: str, setting: dict[str, Any], path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def write_markdown(report: dict[str, Any], path: Path) -> None:
+def render_markdown(report: dict[str, Any]) -> str:
     """Tables per setting, the targets, and where and how the figures were taken."""
     lines = [
         "# Quality benchmark (scripts/bench_quality.py)",
@@ -399,11 +382,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         ]
     lines += ["## Targets", ""]
     for t in report["targets"]:
-        lines.append(f"- ({t['setting']}) {t['target']}: **{'met' if t['met'] else 'NOT met'}** — {t['text']}")
+        lines.append(f"- ({t['setting']}) {t['target']}: **{measure.met_word(t['met'])}** — {t['text']}")
     if not report["targets"]:
         lines.append("- not evaluated (settings missing from this run)")
-    lines.append("")
-    atomic_write_text(path, "\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "profile": profile_name,
         "seeds": profile["seeds"],
-        "command": "flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python "
-        + shlex.join(["scripts/bench_quality.py", *sys.argv[1:]]),
+        "command": measure.command_line("bench_quality.py", sys.argv[1:] if argv is None else argv),
         "machine": {
             "where": f"{platform.node()} ({os.cpu_count()} CPU cores, no GPU, shared with other jobs)",
             "python": platform.python_version(),
@@ -440,11 +421,11 @@ def main(argv: list[str] | None = None) -> int:
         report["settings"][key] = run_setting(key, profile, methods, log)
         report["targets"] = check_targets(report["settings"])
         report["wall_seconds"] = time.perf_counter() - t0
-        atomic_write_json(out / "quality.json", report)  # after each setting, so partial runs keep their results
-        write_markdown(report, out / "quality.md")
+        # After each setting, so a partial run keeps its results.
+        measure.write_results(out / "quality", report, render_markdown(report))
         plot_setting(key, report["settings"][key], out / f"quality_{key}.png")
     for t in report["targets"]:
-        log(f"target ({t['setting']}) {t['target']}: {'met' if t['met'] else 'NOT met'}: {t['text']}")
+        log(f"target ({t['setting']}) {t['target']}: {measure.met_word(t['met'])}: {t['text']}")
     return 0
 
 

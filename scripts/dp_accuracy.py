@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lorafed.measure as lm
 from lorafed.config import load_config
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
@@ -24,9 +25,10 @@ from lorafed.wire.payload import load_payload
 
 
 def _median_delta_norm(run: Path) -> float:
-    ref = load_payload(run / "rounds" / "global_r0.safetensors").tensors
-    norms = [clip_delta(load_payload(p).tensors, ref, 1e30)[1] for p in sorted((run / "rounds" / "r1").glob("*"))]
-    return statistics.median(norms)
+    """The median L2 norm of the round-1 updates' deltas from the round-0 global adapter."""
+    ref = load_payload(run / "rounds" / "global_r0.safetensors").decoded()
+    updates = sorted((run / "rounds" / "r1").glob("*"))
+    return statistics.median(clip_delta(load_payload(p).decoded(), ref, 1e30)[1] for p in updates)
 
 
 def main() -> int:
@@ -80,11 +82,8 @@ def main() -> int:
         "rounds": base.federation.rounds,
         "delta": args.delta,
         "rows": rows,
-        "command": "flock /tmp/lorafed-heavy.lock python " + " ".join(sys.argv),
+        "command": lm.command_line("dp_accuracy.py", sys.argv[1:], python="python"),
     }
-    dest = Path(args.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Accuracy cost of client-level DP ({args.config}, {result['clients']} clients, "
         f"{result['rounds']} rounds, delta={args.delta:g})",
@@ -105,7 +104,7 @@ def main() -> int:
         result["command"],
         "```",
     ]
-    dest.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    lm.write_results(args.out, result, lines)
     return 0
 
 

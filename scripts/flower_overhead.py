@@ -14,7 +14,6 @@ Writes results/flower_overhead.json and .md. Reproduce:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,31 +23,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+import lorafed.measure as lm  # noqa: E402
 
-def _tiny_model(out: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from lorafed.config import PACKAGED_BACKBONE
-    from lorafed.model.backbone import resolve_backbone
-
-    tok = AutoTokenizer.from_pretrained(resolve_backbone(PACKAGED_BACKBONE))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    torch.manual_seed(1234)
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+#: The random tiny BERT of the job (hidden 32, 2 layers).
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 128}  # fmt: skip
 
 
 def _round_seconds(metrics: Path) -> list[float]:
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    return [sum(r["seconds"].values()) for r in rows if r["round"] > 0]
+    """Train + aggregate + eval seconds of every round after round 0."""
+    from lorafed.engine.record import read_metrics
 
-
-def _stats(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+    return [sum(r["seconds"].values()) for r in read_metrics(metrics) if r["round"] > 0]
 
 
 def main() -> int:
@@ -60,13 +48,14 @@ def main() -> int:
     from lorafed.engine.inprocess import simulate
 
     work = Path(tempfile.mkdtemp(prefix="lorafed-flower-overhead-"))
-    over = [f"model.name_or_path={_tiny_model(work / 'tiny')}", "partition.num_clients=3", "federation.min_clients=3",
+    tiny = lm.random_bert(work / "tiny", 1234, **TINY)
+    over = [f"model.name_or_path={tiny}", "partition.num_clients=3", "federation.min_clients=3",
             f"federation.rounds={args.rounds}", "train.num_threads=1", f"output_dir={work}"]  # fmt: skip
     config = ROOT / "configs" / "tiny.yaml"
     t = time.perf_counter()
     simulate(load_config(config, over), work / "sim", progress=False)
     sim_wall = time.perf_counter() - t
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = lm.pythonpath_env(ROOT)
     walls = {}
     for name, isolation in (("flower", "subprocess"), ("warm", "process")):
         t = time.perf_counter()
@@ -80,9 +69,9 @@ def main() -> int:
     result = {
         "job": "configs/tiny.yaml, tiny BERT (hidden 32), 3 clients, 3 local steps, batch 8",
         "rounds": args.rounds,
-        "simulator_round_s": _stats(sim),
-        "flower_round_s": _stats(fl),
-        "warm_round_s": _stats(warm),
+        "simulator_round_s": lm.summarize(sim),
+        "flower_round_s": lm.summarize(fl),
+        "warm_round_s": lm.summarize(warm),
         "ratio_median": statistics.median(fl) / statistics.median(sim),
         "warm_ratio_median": statistics.median(warm) / statistics.median(sim),
         "warm_wall_s_incl_startup": warm_wall,
@@ -90,11 +79,8 @@ def main() -> int:
         "flower_wall_s_incl_startup": fl_wall,
         "per_round_s": {"simulator": sim, "flower": fl, "warm": warm},
         "cpu_cores": os.cpu_count(),
-        "command": "flock /tmp/lorafed-heavy.lock python scripts/flower_overhead.py --rounds " + str(args.rounds),
+        "command": lm.command_line("flower_overhead.py", ["--rounds", str(args.rounds)], python="python"),
     }
-    dest = Path(args.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     s, f, w = result["simulator_round_s"], result["flower_round_s"], result["warm_round_s"]
     md = [
         "## Flower deployment overhead (tiny job)",
@@ -103,11 +89,10 @@ def main() -> int:
         "",
         "| path | round time median (min-max), s | whole run incl. start-up, s |",
         "|---|---|---|",
-        f"| in-process simulator | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {sim_wall:.1f} |",
-        f"| Flower, SuperLink + 3 SuperNodes, subprocess isolation | {f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f})"
-        f" | {fl_wall:.1f} |",
+        f"| in-process simulator | {lm.fmt_range(s, digits=2)} | {sim_wall:.1f} |",
+        f"| Flower, SuperLink + 3 SuperNodes, subprocess isolation | {lm.fmt_range(f, digits=2)} | {fl_wall:.1f} |",
         f"| Flower, `--isolation process`: one long-lived ClientApp executor per SuperNode"
-        f" | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) | {warm_wall:.1f} |",
+        f" | {lm.fmt_range(w, digits=2)} | {warm_wall:.1f} |",
         "",
         f"Flower / simulator, median round: {result['ratio_median']:.1f}x (stock), "
         f"{result['warm_ratio_median']:.1f}x (warm).",
@@ -116,7 +101,7 @@ def main() -> int:
         result["command"],
         "```",
     ]
-    dest.with_suffix(".md").write_text("\n".join(md) + "\n")
+    lm.write_results(args.out, result, md)
     print("\n".join(md))
     return 0
 

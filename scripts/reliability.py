@@ -8,6 +8,7 @@ Payload cases go through the server's round (``aggregate_files``), data cases th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,24 +33,25 @@ import torch  # noqa: E402
 from _tiny import make_tiny, tiny_overrides  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 
+import lorafed.measure as lm  # noqa: E402
 from lorafed.config import DataConfig, load_config, save_config  # noqa: E402
 from lorafed.data.clean import load_labeled  # noqa: E402
 from lorafed.engine.faults import delay_clients, fail_clients  # noqa: E402
 from lorafed.engine.inprocess import simulate  # noqa: E402
 from lorafed.engine.record import read_metrics  # noqa: E402
 from lorafed.errors import LorafedError  # noqa: E402
-from lorafed.files import atomic_write_json, atomic_write_text  # noqa: E402
 from lorafed.server.step import aggregate_files  # noqa: E402
 from lorafed.server.validate import UpdateSpec  # noqa: E402
 from lorafed.wire.adapter import adapter_spec  # noqa: E402
-from lorafed.wire.payload import PayloadMeta, load_payload, save_payload  # noqa: E402
+from lorafed.wire.payload import ModelIdentity, PayloadMeta, load_payload, save_payload  # noqa: E402
 
 W = Path(tempfile.mkdtemp(prefix="lorafed-reliability-"))
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query"]}
+_GEN = torch.Generator().manual_seed(0)  # the same tensors every run
 T0 = {
-    "m.lora_A.weight": torch.randn(2, 8),
-    "m.lora_B.weight": torch.randn(8, 2),
-    "classifier.weight": torch.randn(3, 8),
+    "m.lora_A.weight": torch.randn(2, 8, generator=_GEN),
+    "m.lora_B.weight": torch.randn(8, 2, generator=_GEN),
+    "classifier.weight": torch.randn(3, 8, generator=_GEN),
 }
 SPEC = UpdateSpec("fp", LORA, ("a", "b", "c"), adapter_spec(T0), round=1, max_num_examples=10_000)
 
@@ -63,18 +66,9 @@ class Marker:
         return (open, (self.path, "w"))
 
 
-def meta(cid: str, **kw) -> PayloadMeta:
-    return PayloadMeta(
-        **{
-            "base_fingerprint": "fp",
-            "lora": LORA,
-            "labels": ("a", "b", "c"),
-            "num_examples": 10,
-            "round": 1,
-            "client_id": cid,
-            **kw,
-        }
-    )
+def meta(cid: str, **kw: Any) -> PayloadMeta:
+    """A round-1 header of client ``cid`` with 10 examples, then the fields in ``kw`` changed."""
+    return dataclasses.replace(ModelIdentity("fp", LORA, ("a", "b", "c")).meta(cid, 1, 10), **kw)
 
 
 def upd(cid: str, tensors=None, **kw) -> Path:
@@ -125,7 +119,7 @@ def mixed_round() -> tuple[str, bool]:
     bad = [upd("b_round", round=2), upd("b_nan", nan_tensors(float("nan"))), raw("b_pickle", pickle.dumps([1]))]
     out = aggregate_files([*good, *bad], SPEC, min_clients=3)
     oracle = np.average(np.stack([T0["classifier.weight"].numpy() + i for i in range(3)]), axis=0, weights=[10, 20, 30])
-    close = out.state is not None and np.allclose(out.state["classifier.weight"].numpy(), oracle, rtol=1e-6)
+    close = out.state is not None and np.allclose(out.state["classifier.weight"].numpy(), oracle, rtol=1e-6, atol=1e-6)
     names = sorted(m.client_id for _, m in out.accepted)
     return f"accepted {names}, rejected {len(out.rejected)}, state == np.average(valid): {close}", close and len(
         out.rejected
@@ -396,8 +390,7 @@ def main() -> None:
             happened, ok = f"crashed: {type(exc).__name__}: {exc}", False
         results.append({"case": case, "happened": happened, "expected": expected, "pass": bool(ok)})
         print(("PASS " if ok else "FAIL ") + case, flush=True)
-    command = "flock /tmp/lorafed-heavy.lock python scripts/reliability.py"
-    atomic_write_json(ROOT / "results" / "reliability.json", {"command": command, "cases": results})
+    command = lm.command_line("reliability.py", python="python")
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = [
         "# Reliability checks",
@@ -412,7 +405,7 @@ def main() -> None:
         f"| {esc(r['case'])} | {esc(r['happened'])} | {esc(r['expected'])} | {'pass' if r['pass'] else 'FAIL'} |"
         for r in results
     ]
-    atomic_write_text(ROOT / "results" / "reliability.md", "\n".join(lines) + "\n")
+    lm.write_results(ROOT / "results" / "reliability", {"command": command, "cases": results}, lines)
 
 
 if __name__ == "__main__":

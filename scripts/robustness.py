@@ -22,10 +22,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from _tiny import make_tiny, tiny_overrides  # noqa: E402
 
+import lorafed.measure as lm  # noqa: E402
 from lorafed.config import load_config  # noqa: E402
 from lorafed.engine.faults import scale_update  # noqa: E402
 from lorafed.engine.inprocess import simulate  # noqa: E402
-from lorafed.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 ATTACKS = {"none": None, "delta x100": 100.0, "sign flip": -1.0}
 
@@ -75,7 +75,7 @@ def main() -> None:
             )
             print(runs[-1], flush=True)
     clean = next(r for r in runs if r["attack"] == "none" and r["defence"] == "fedavg")
-    command = f"flock /tmp/lorafed-heavy.lock python scripts/robustness.py --setting {args.setting} --clip {args.clip}"
+    command = lm.command_line("robustness.py", ["--setting", args.setting, "--clip", str(args.clip)], python="python")
     result = {
         "setting": args.setting,
         "config": str(config_path.relative_to(ROOT)),
@@ -86,7 +86,6 @@ def main() -> None:
         "command": command,
     }
     out = Path(args.out + f"_{args.setting}")
-    atomic_write_json(out.with_suffix(".json"), result)
     shown = " ".join(o for o in base if not o.startswith(("data.path", "model.name")))
     lines = [
         f"# Robust aggregation against one poisoning client ({args.setting})",
@@ -103,8 +102,8 @@ def main() -> None:
         d = 100 * (r["accuracy"] - clean["accuracy"])
         cells = [r["attack"], r["defence"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{d:+.2f}", r["seconds"]]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", f"Reproduce: `{command}`", ""]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
+    lines += ["", f"Reproduce: `{command}`"]
+    lm.write_results(out, result, lines)
     print(f"wrote {out}.md and .json")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def test_measurements_and_reports_on_the_tiny_model(bench, tiny_model_dir: Path,
     variants = ["fp32", "bnb int8", "int8 linear+emb", "int8 linear+emb +ckpt"]
     rows = [bench.measure(str(tiny_model_dir), v, steps=1, warmup=1, batch=3, length=10) for v in variants]
     for r in rows:
-        assert isinstance(r["peak_train_mb"], float) and len(r["step_s"]["all"]) == 1 and len(r["train_losses"]) == 2
+        assert isinstance(r["peak_train_mb"], float) and len(r["step_s"]["runs"]) == 1 and len(r["train_losses"]) == 2
         assert set(r["breakdown_mb"]) == {
             "model_resident",
             "saved_activations",
@@ -76,4 +77,38 @@ def test_targets_are_judged_from_the_ratios(bench) -> None:
         return {"variant": variant, "precision": precision, "memory_ratio": mem, "time_ratio": t}
 
     t = bench.judge_targets([row("fp32", "fp32", 1, 1), row("a", "int8", 0.59, 1.3), row("b", "int8", 0.61, 1.2)])
-    assert [(x["variant"], x["memory_met"], x["time_met"]) for x in t] == [("a", True, False), ("b", False, True)]
+    assert [(x["variant"], x["metric"], x["value"], x["met"]) for x in t] == [
+        ("a", "memory_ratio", 0.59, True),
+        ("a", "time_ratio", 1.3, False),
+        ("b", "memory_ratio", 0.61, False),
+        ("b", "time_ratio", 1.2, True),
+    ]
+    assert t[0]["target"] == "peak memory <= 0.6x fp32"
+
+
+def test_measure_helpers(tmp_path: Path) -> None:
+    from lorafed import measure
+
+    s = measure.summarize([3.0, 1.0, 2.0], runs=True)
+    assert (s["median"], s["mean"], s["min"], s["max"], s["n"], s["runs"]) == (2.0, 2.0, 1.0, 3.0, 3, [3.0, 1.0, 2.0])
+    assert s["std"] == pytest.approx(1.0) and measure.summarize([5.0])["std"] == 0.0
+    assert measure.fmt_range(s, scale=10, digits=0) == "20 (10-30)"
+    assert len(measure.time_runs(lambda: None, reps=3, warmup=2)) == 3
+    assert measure.target("x <= 1", 0.5, True, variant="a") == {
+        "target": "x <= 1",
+        "value": 0.5,
+        "met": True,
+        "variant": "a",
+    }
+    assert measure.rss_bytes() > 0 and measure.peak_rss_bytes() >= measure.rss_bytes() // 2
+    before = measure.rss_bytes()
+    if measure.reset_peak_rss():
+        block = bytes(range(256)) * (1 << 18)  # 64 MiB, written, so resident
+        assert measure.peak_rss_bytes() >= before + len(block) // 2
+        del block
+    j, m = measure.write_results(tmp_path / "out" / "r", {"a": 1}, ["# t", "", "x"])
+    assert json.loads(j.read_text()) == {"a": 1} and m.read_text() == "# t\n\nx\n"
+    assert measure.command_line("bench_perf.py", ["--quick", "a b"]) == (
+        "flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/bench_perf.py --quick 'a b'"
+    )
+    assert measure.pythonpath_env("/x")["PYTHONPATH"].split(os.pathsep)[0] == "/x"

@@ -56,8 +56,8 @@ def test_targets_are_judged_from_the_numbers(bench) -> None:
         ("a", "ffa", True),
         ("c", "ffa", True),
     ]
-    assert t[0]["value_points"] == pytest.approx(-0.5)
-    assert t[1]["value_points"] == pytest.approx(9.5)
+    assert t[0]["value"] == pytest.approx(-0.5)
+    assert t[1]["value"] == pytest.approx(9.5)
     c_summary["ffa"] = s(0.51, 0.01)
     assert not bench.check_targets({"c": {"summary": c_summary}})[0]["met"]
 
