@@ -119,3 +119,21 @@ def test_resume_errors(tiny_config, tmp_path: Path, capsys: pytest.CaptureFixtur
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(LorafedError, match=r"global_r1.safetensors\) rejected: lora config r: expected \{'r': 8\}"):
         simulate(tiny_config("federation.rounds=1", "model.lora.r=8"), run, progress=False, resume=True)
+
+
+def test_continued_iteration_with_new_clients_keeps_the_lineage(tiny_config, tmp_path: Path) -> None:
+    import hashlib
+
+    run = tmp_path / "run"
+    simulate(tiny_config("federation.rounds=2", "partition.num_clients=2", "federation.min_clients=2"), run, False)
+    later = tiny_config("federation.rounds=4", "partition.num_clients=3", "federation.min_clients=2")
+    simulate(later, run, progress=False, resume=True)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [len(r["clients"]) for r in rows] == [0, 2, 2, 3, 3]  # a third party joined for rounds 3-4
+    metas = [load_payload(run / "rounds" / f"global_r{r}.safetensors").meta for r in range(5)]
+    assert len({m.metrics["run"] for m in metas}) == 1  # one run id across the resume
+    for r in range(1, 5):
+        parent = (run / "rounds" / f"global_r{r - 1}.safetensors").read_bytes()
+        assert metas[r].metrics["parent_round"] == r - 1
+        assert metas[r].metrics["parent"] == hashlib.sha256(parent).hexdigest()

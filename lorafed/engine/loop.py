@@ -24,7 +24,7 @@ from lorafed.errors import AggregationError
 from lorafed.metrics import EvalResult
 from lorafed.server.step import Incoming, RoundPolicy, RoundResult
 from lorafed.server.validate import UpdateSpec
-from lorafed.wire.payload import ModelIdentity, payload_to_bytes
+from lorafed.wire.payload import ModelIdentity, payload_digest, payload_to_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +88,15 @@ class Federated:
         return self.evaluate(state) if self.evaluate is not None else None
 
 
-def publish(fed: Federated, r: int, state: dict[str, torch.Tensor], num_examples: int) -> bytes:
-    """Write the global adapter after round ``r`` to the record; return its bytes."""
-    data = payload_to_bytes(state, fed.identity.meta("server", r, max(num_examples, 1), kind="global"))
+def publish(
+    fed: Federated, r: int, state: dict[str, torch.Tensor], num_examples: int, parent: bytes | None = None
+) -> bytes:
+    """Write the global adapter after round ``r`` to the record, with its lineage; return its bytes."""
+    lineage: dict[str, Any] = {"run": fed.record.run_id}
+    if parent is not None:
+        lineage.update(parent_round=r - 1, parent=payload_digest(parent))
+    meta = fed.identity.meta("server", r, max(num_examples, 1), kind="global", metrics=lineage)
+    data = payload_to_bytes(state, meta)
     fed.record.write_global(r, data, fed.policy.server_opt)
     return data
 
@@ -171,7 +177,7 @@ def run_round(
         )
     new_state = result.state
     fed.record.write_updates(r, outcome.payloads)
-    data = publish(fed, r, new_state, outcome.num_examples)
+    data = publish(fed, r, new_state, outcome.num_examples, parent=global_bytes)
     t = time.perf_counter()
     scores = fed.score(new_state)
     times["eval"] = time.perf_counter() - t

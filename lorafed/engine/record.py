@@ -9,6 +9,11 @@ Layout::
     rounds/server_opt_rN.safetensors FedAdam/FedYogi moments after round N
     summary.json, metrics.png        written at the end
 
+Each global adapter's header records its lineage under ``metrics``: ``run`` (this run's id, kept
+across resumes), ``parent_round`` and ``parent`` (the sha256 of the global adapter it was
+aggregated from), so ``lorafed inspect --lineage`` can walk a chain back to round 0, across
+resumed runs with new clients or data.
+
 Every file goes through a temporary name and a rename, and a round's global adapter is written
 before its metrics line, so a line in ``metrics.jsonl`` means the round is complete on disk.
 
@@ -23,6 +28,7 @@ import json
 import logging
 import re
 import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,6 +103,8 @@ class RunRecord:
     def __init__(self, out: str | Path) -> None:
         self.out = Path(out)
         self.rows: list[dict[str, Any]] = []
+        #: This run's id, written in every global adapter's lineage (kept across resumes).
+        self.run_id = uuid.uuid4().hex[:12]
 
     @property
     def metrics_path(self) -> Path:
@@ -151,6 +159,7 @@ class RunRecord:
         self._remove_rounds_after(last)
         opt = load_server_opt(self.server_opt_path(last)) if with_server_opt and last > 0 else None
         self.rows = rows
+        self.run_id = str(payload.meta.metrics.get("run") or self.run_id)
         logger.info("resuming %s after round %d", self.out, last)
         return {k: v.to(torch.float32) for k, v in payload.decoded().items()}, opt
 

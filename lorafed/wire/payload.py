@@ -11,6 +11,7 @@ is recognised by its first bytes and refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -30,6 +31,14 @@ FORMAT_VERSION = 1
 #: Refuse headers above this size before parsing them (a real header is a few KB).
 MAX_HEADER_BYTES = 1 << 20
 _META_KEY = "lorafed"
+#: Deepest JSON nesting accepted in a header (a real one nests 3 levels; Python's parser would
+#: raise RecursionError on thousands, and deep objects break every later repr or comparison).
+MAX_JSON_DEPTH = 16
+#: Most dimensions of a tensor, and largest size of one dimension (torch needs int64 sizes).
+MAX_NDIM = 8
+MAX_DIM = 1 << 40
+#: Largest ``block_size`` a header may state (the server bounds it further by its tensors).
+MAX_BLOCK_SIZE = 1 << 31
 #: safetensors dtype codes read back (any other code is refused as corrupted).
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -154,6 +163,11 @@ def payload_to_bytes(tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> 
     return st_save(data, metadata={_META_KEY: json.dumps(header, sort_keys=True)})
 
 
+def payload_digest(data: bytes | bytearray) -> str:
+    """A payload's fingerprint: the sha256 of its bytes (hex), as global adapters name their parent."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def save_payload(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> Path:
     """Write a payload file atomically (temporary file, then rename)."""
     return atomic_write_bytes(path, payload_to_bytes(tensors, meta))
@@ -254,15 +268,27 @@ def _tensors_from_buffer(header: dict[str, Any], buf: bytearray, start: int, sou
             shape = tuple(entry["shape"])
             begin, end = entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise PayloadError(f"corrupted safetensors header: tensor {name!r}: {exc!r}", path=source) from exc
-        if any(type(d) is not int or d < 0 for d in shape) or type(begin) is not int or type(end) is not int:
-            raise PayloadError(f"corrupted safetensors header: tensor {name!r}: bad shape or offsets", path=source)
+            raise PayloadError(
+                f"corrupted safetensors header: tensor {_short(name)}: {_short(exc, 120)}", path=source
+            ) from exc
+        if (
+            len(shape) > MAX_NDIM
+            or any(type(d) is not int or not 0 <= d <= MAX_DIM for d in shape)
+            or type(begin) is not int
+            or type(end) is not int
+        ):
+            raise PayloadError(
+                f"corrupted safetensors header: tensor {_short(name)}: bad shape or offsets "
+                f"(shape {_short(entry.get('shape'))}, data_offsets {_short(entry.get('data_offsets'))}; "
+                f"at most {MAX_NDIM} dimensions of at most {MAX_DIM})",
+                path=source,
+            )
         numel = math.prod(shape)
         nbytes = numel * dtype.itemsize
         if not 0 <= begin <= end <= body or end - begin != nbytes:
             raise PayloadError(
-                f"corrupted safetensors data: tensor {name!r} of shape {shape} ({nbytes} bytes) "
-                f"claims bytes [{begin}, {end}) of a {body}-byte data section",
+                f"corrupted safetensors data: tensor {_short(name)} of shape {_short(shape)} ({_short(nbytes)} bytes) "
+                f"claims bytes [{_short(begin)}, {_short(end)}) of a {body}-byte data section",
                 path=source,
             )
         spans.append((begin, end, name))
@@ -297,25 +323,68 @@ def _check_container(data: bytes | bytearray, source: str, max_header_bytes: int
         raise PayloadError(f"header of {n} bytes exceeds the bound of {max_header_bytes}", path=source)
     if 8 + n > len(data):
         raise PayloadError(f"truncated: header says {n} bytes but the file has {len(data) - 8}", path=source)
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"corrupted header: not JSON ({exc})", path=source) from exc
+    header = _loads_bounded(bytes(data[8 : 8 + n]), "corrupted header", source)
     if not isinstance(header, dict):
         raise PayloadError("corrupted header: not a JSON object", path=source)
     return header
 
 
-def _parse_meta(raw: str, source: str) -> PayloadMeta:
+def _loads_bounded(raw: str | bytes, what: str, source: str) -> Any:
+    """``json.loads`` that turns every way hostile JSON can fail into a :class:`PayloadError`.
+
+    Refused: invalid UTF-8 or JSON, nesting deeper than :data:`MAX_JSON_DEPTH` (also when it is so
+    deep that the parser itself raises ``RecursionError``) and integers of more digits than
+    Python converts (``ValueError`` from ``sys.int_info.str_digits_check_threshold``).
+    """
     try:
         obj = json.loads(raw)
+    except RecursionError as exc:
+        raise PayloadError(f"{what}: JSON nested too deep (more than {MAX_JSON_DEPTH} levels)", path=source) from exc
+    except UnicodeDecodeError as exc:
+        raise PayloadError(f"{what}: not UTF-8 JSON ({exc.reason} at byte {exc.start})", path=source) from exc
     except json.JSONDecodeError as exc:
-        raise PayloadError(f"lorafed metadata is not JSON: {exc}", path=source) from exc
+        raise PayloadError(f"{what}: not JSON ({exc})", path=source) from exc
+    except ValueError as exc:  # e.g. an integer literal of thousands of digits
+        raise PayloadError(f"{what}: unreadable JSON value ({str(exc)[:120]})", path=source) from exc
+    depth = _json_depth(obj)
+    if depth > MAX_JSON_DEPTH:
+        raise PayloadError(f"{what}: JSON nested {depth} levels deep, above the bound of {MAX_JSON_DEPTH}", path=source)
+    return obj
+
+
+def _json_depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``[]`` is 1), without recursion; stops past the bound."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def _parse_meta(raw: str, source: str) -> PayloadMeta:
+    """The lorafed header from its JSON string, every field type-checked.
+
+    Raises:
+        PayloadError: Not JSON, nested too deep, a number too long to read, a missing or
+            mistyped field, or a ``block_size`` outside [1, :data:`MAX_BLOCK_SIZE`].
+    """
+    obj = _loads_bounded(raw, "lorafed metadata", source)
     if not isinstance(obj, dict):
         raise PayloadError("lorafed metadata is not a JSON object", path=source)
     version = obj.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PayloadError(f"format_version: expected {FORMAT_VERSION}, got {version!r}", path=source)
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise PayloadError(f"format_version: expected {FORMAT_VERSION}, got {_short(version)}", path=source)
     checks: dict[str, type | tuple[type, ...]] = {
         "base_fingerprint": str,
         "lora": dict,
@@ -330,17 +399,20 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
         value = obj.get(name)
         if not isinstance(value, tp) or isinstance(value, bool):
             raise PayloadError(
-                f"metadata field {name}: expected {getattr(tp, '__name__', tp)}, got {value!r}", path=source
+                f"metadata field {name}: expected {getattr(tp, '__name__', tp)}, got {_short(value)}", path=source
             )
     if not all(isinstance(x, str) for x in obj["labels"]):
         raise PayloadError("metadata field labels: expected a list of strings", path=source)
     if not isinstance(obj.get("metrics") or {}, dict):
-        raise PayloadError(f"metadata field metrics: expected an object, got {obj['metrics']!r}", path=source)
+        raise PayloadError(f"metadata field metrics: expected an object, got {_short(obj['metrics'])}", path=source)
     block_size = obj.get("block_size")
     if obj["dtype"] == "int8_block" and (
-        not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1
+        not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= MAX_BLOCK_SIZE
     ):
-        raise PayloadError(f"metadata field block_size: expected an integer >= 1, got {block_size!r}", path=source)
+        raise PayloadError(
+            f"metadata field block_size: expected an integer in [1, {MAX_BLOCK_SIZE}], got {_short(block_size)}",
+            path=source,
+        )
     return PayloadMeta(
         base_fingerprint=obj["base_fingerprint"],
         lora=obj["lora"],
@@ -354,6 +426,14 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
         format_version=version,
         block_size=block_size if obj["dtype"] == "int8_block" else None,
     )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile value may be megabytes long)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def header_from_bytes(
