@@ -97,7 +97,15 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA hyper-parameters, passed to peft's ``LoraConfig``."""
+    """LoRA hyper-parameters, passed to peft's ``LoraConfig``.
+
+    Attributes:
+        r: Rank of each LoRA factor pair (A is r x in, B is out x r).
+        alpha: Scaling numerator; the update B A is scaled by alpha / r.
+        dropout: Dropout on the LoRA branch's input during training.
+        target_modules: Names of the linear layers that get LoRA (BERT: ``query``, ``key``,
+            ``value``, ``dense``).
+    """
 
     r: int = 8
     alpha: int = 16
@@ -256,7 +264,18 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole run: the sections above plus a name, a seed and an output folder."""
+    """A whole run: a name, a seed, an output folder and one of each section.
+
+    Attributes:
+        name: Name of the run; results go to ``output_dir/name``.
+        seed: Seeds the data split, the partition, the fresh adapter, client sampling and training.
+        output_dir: Folder that holds run folders.
+        data: The data section.
+        partition: The partition section.
+        model: The model section.
+        train: The train section.
+        federation: The federation section.
+    """
 
     name: str = "run"
     seed: int = 0
@@ -459,7 +478,11 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(d.max_length >= 8, f"data.max_length: must be >= 8, got {d.max_length}")
     need(0 <= d.val_fraction < 1, f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
     need(0 < d.test_fraction < 1, f"data.test_fraction: must be in (0, 1), got {d.test_fraction}")
-    need(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
+    need(
+        d.val_fraction + d.test_fraction < 1,
+        f"data.val_fraction + data.test_fraction must be < 1 (no rows would be left to train on), got "
+        f"{d.val_fraction} + {d.test_fraction}",
+    )
     need(d.max_rows is None or d.max_rows > 0, f"data.max_rows: must be > 0, got {d.max_rows}")
     need(d.labels is None or len(set(d.labels)) >= 2, "data.labels: needs at least 2 distinct labels")
     need(part.scheme != "natural" or bool(part.column), "partition.column: required with scheme natural")
@@ -531,6 +554,20 @@ def _check_ranges(c: RunConfig) -> list[str]:
             f.clip_update_norm is None,
             "federation.clip_update_norm: must be null with federation.dp.enabled (federation.dp.clip_norm "
             f"bounds every update), got {f.clip_update_norm}",
+        )
+    # Settings that are each valid but contradict each other.
+    if part.scheme in ("iid", "dirichlet"):
+        need(
+            f.min_clients <= part.num_clients,
+            f"federation.min_clients={f.min_clients} is more than partition.num_clients={part.num_clients}: "
+            "no round could ever collect enough updates; lower min_clients or raise num_clients",
+        )
+    if t.max_steps is not None and t.warmup_ratio > 0:
+        need(
+            int(t.max_steps * t.warmup_ratio) >= 1,
+            f"train.warmup_ratio={t.warmup_ratio} of train.max_steps={t.max_steps} is "
+            f"{int(t.max_steps * t.warmup_ratio)} warm-up steps, so no warm-up would happen; raise max_steps "
+            "or set warmup_ratio: 0",
         )
     need(
         f.transport_block_size >= 8,

@@ -134,3 +134,60 @@ def test_every_verb_has_help(verb: str, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main([verb, "--help"])
     assert info.value.code == 0 and len(capsys.readouterr().out) > 200
+
+
+def _leaf_parsers(parser) -> dict[str, object]:
+    """Every verb's parser, by its full name (``client train``, ``flower run``...)."""
+    import argparse
+
+    out: dict[str, object] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                inner = _leaf_parsers(sub)
+                out.update({f"{name} {k}": v for k, v in inner.items()} if inner else {name: sub})
+    return out
+
+
+def test_every_verb_teaches_with_an_example() -> None:
+    from lorafed.cli import build_parser
+
+    leaves = _leaf_parsers(build_parser())
+    assert len(leaves) >= 15 and {"client train", "flower run", "config show", "aggregate"} <= set(leaves)
+    for name, parser in leaves.items():
+        text = parser.format_help()  # type: ignore[attr-defined]
+        assert "example:\n  lorafed " in text or "example:\n  #" in text, name
+        assert "--quiet" in text and "--verbose" in text, name
+
+
+def test_version_and_removed_flags(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and "lorafed 0." in capsys.readouterr().out
+    assert main(["coordinate", "--dir", "d", "--config", TINY, "--rounds", "3"]) == 2
+    assert "--rounds was removed; pass federation.rounds=N" in capsys.readouterr().err
+    assert main(["export", "--adapter", "a", "--out", "o", "--set", "train.max_steps=1"]) == 2
+    assert "--set was removed" in capsys.readouterr().err
+
+
+def test_simulate_logs_rounds_and_table_quiet_hides_them(capsys, synthetic_csv, tiny_model_dir, tmp_path) -> None:
+    base = ["--config", TINY, *_base(synthetic_csv, tiny_model_dir, tmp_path), "federation.rounds=1"]
+    assert main(["simulate", *base, "train.max_steps=1", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "round 0 (untrained): accuracy" in err and "round 1: 2 client(s), accuracy" in err
+    assert main(["simulate", *base, "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["--quiet", "simulate", *base, "--out", str(tmp_path / "a"), "--overwrite", "--no-progress"]) == 0
+    assert "round 1:" not in capsys.readouterr().err
+
+
+def test_config_show_prints_the_resolved_config(capsys, synthetic_csv, tiny_model_dir, tmp_path) -> None:
+    import yaml
+
+    assert main(["config", "show", "--config", TINY, *_base(synthetic_csv, tiny_model_dir, tmp_path),
+                 "federation.rounds=7"]) == 0  # fmt: skip
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["federation"]["rounds"] == 7 and shown["federation"]["server_tau"] == 0.001
+    assert shown["model"]["lora"]["target_modules"] == ["query", "value"]
+    assert main(["config", "show", "--config", TINY, "federation.min_clients=5"]) == 2
+    assert "federation.min_clients=5 is more than partition.num_clients=2" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from lorafed.seeds import split_seed
 from lorafed.wire.payload import Payload, load_payload, save_payload
 from tests.helpers_adapter import random_adapter
 
-QUIET = {"progress": False, "log": lambda _: None}
+QUIET = {"progress": False}
 
 
 def _two_class_file(path: Path, n: int = 30) -> Path:
@@ -97,15 +97,19 @@ def test_aggregate_cli_validates_rejects_and_averages(tiny_model_dir, tmp_path, 
     (ups / "shop5.safetensors").write_bytes(b"\x80\x04pickled")
     files.append(ups / "shop5.safetensors")
     out = tmp_path / "global_r4.safetensors"
+    cfg = tmp_path / "fed.yaml"
+    cfg.write_text("data: {path: unused.csv}\npartition: {num_clients: 3}\nfederation: {min_clients: 3}\n")
     args = ["aggregate", *map(str, files), "--global", str(gpath), "--out", str(out)]
-    assert main([*args, "--min-clients", "3"]) == 2
+    assert main([*args, "--config", str(cfg)]) == 2
     captured = capsys.readouterr()
     assert not out.exists()
-    assert "fewer than --min-clients=3; nothing was written" in captured.err
+    assert "fewer than federation.min_clients=3; nothing was written" in captured.err
     assert f"rejected {files[2]}: " in captured.out and "NaN/Inf" in captured.out
     assert f"rejected {files[3]}: " in captured.out and "round: expected 4, received 2" in captured.out
     assert f"rejected {files[4]}: " in captured.out and "pickle" in captured.out
-    assert main([*args, "--min-clients", "2", "--report", str(tmp_path / "report.json")]) == 0
+    assert main([*args, "--config", str(cfg), "federation.min_clients=2", "--report", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert f"accepted {files[0]}: client 'shop1', round 4, 30 examples, share 0.7500" in printed
     result = load_payload(out)
     assert result.meta.round == 4 and result.meta.num_examples == 40 and result.meta.kind == "global"
     for k in glob.tensors:
@@ -122,22 +126,69 @@ def test_aggregate_with_config_needs_labels(tiny_config, tmp_path, capsys) -> No
     assert "data.labels: required" in capsys.readouterr().err
 
 
-def test_cross_silo_refuses_modes_it_does_not_run(tiny_config, synthetic_csv) -> None:
-    from lorafed.client.round import run_client_round
-    from lorafed.errors import ConfigError
+def test_client_train_sends_the_round_tensors_of_ffa(tiny_config, synthetic_csv) -> None:
+    """FFA-LoRA: a client's update carries B and the head only (A stays at the shared seeded init)."""
+    cfg = tiny_config("federation.aggregation=ffa", "data.labels=[bad, good, meh]", f"data.path={synthetic_csv}")
+    update = run_client_round(cfg, "shopA", None, 1, progress=False)
+    assert update.tensors and not any(".lora_A." in k for k in update.tensors)
+    assert any(".lora_B." in k for k in update.tensors)
 
-    cfg = tiny_config("federation.aggregation=ffa", "data.labels=[bad, good, meh]")
-    with pytest.raises(ConfigError, match=r"federation\.aggregation='ffa': the cross-silo commands .* plain FedAvg"):
-        run_client_round(cfg, "shopA", None, 1, progress=False)
 
-
-def test_aggregate_cli_refuses_server_settings_it_cannot_apply(tiny_config, tmp_path, capsys) -> None:
+def test_aggregate_cli_applies_the_config_server_settings(tiny_model_dir, tmp_path, capsys) -> None:
+    """robust=median is numpy's coordinate-wise median of the clients' tensors (an independent oracle)."""
+    glob = random_adapter(tiny_model_dir, 0)
+    gpath = save_payload(tmp_path / "global_r3.safetensors", glob.tensors, glob.meta)
+    ups = [_update(tiny_model_dir, s, n) for s, n in ((1, 30), (2, 10), (3, 5))]
+    files = [str(save_payload(tmp_path / f"u{i}.safetensors", u.tensors, u.meta)) for i, u in enumerate(ups)]
     cfg = tmp_path / "fed.yaml"
-    save_config(tiny_config("federation.robust=median", "federation.clip_update_norm=1.0"), cfg)
-    assert main(["aggregate", "x.safetensors", "--config", str(cfg), "--out", str(tmp_path / "g.safetensors")]) == 2
-    err = capsys.readouterr().err
-    assert "federation.robust='median'" in err and "federation.clip_update_norm=1.0" in err
-    assert "lorafed coordinate" in err and not (tmp_path / "g.safetensors").exists()
+    cfg.write_text("data: {path: unused.csv}\n")
+    out = tmp_path / "global_r4.safetensors"
+    base = ["aggregate", *files, "--global", str(gpath), "--config", str(cfg), "--out", str(out)]
+    assert main([*base, "federation.robust=median"]) == 0
+    assert "share 0.3333" in capsys.readouterr().out
+    result = load_payload(out)
+    assert result.meta.metrics["robust"] == "median" and result.meta.round == 4
+    for k in glob.tensors:
+        expected = np.median([u.tensors[k].numpy() for u in ups], axis=0)
+        assert np.allclose(result.tensors[k].numpy(), expected, atol=1e-6)
+    # clip_update_norm: every delta from the global adapter is scaled to norm <= 1 before averaging.
+    assert main([*base, "federation.clip_update_norm=1.0", "federation.weighting=uniform"]) == 0
+    result = load_payload(out)
+    deltas = []
+    for u in ups:
+        d = {k: u.tensors[k].numpy() - glob.tensors[k].numpy() for k in glob.tensors}
+        norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in d.values()))
+        deltas.append({k: v * min(1.0, 1.0 / norm) for k, v in d.items()})
+    for k in glob.tensors:
+        expected = glob.tensors[k].numpy() + np.mean([d[k] for d in deltas], axis=0)
+        assert np.allclose(result.tensors[k].numpy(), expected, atol=1e-5)
+    # A server optimizer's state is written beside the output and read back beside the next --global.
+    opt = tmp_path / "global_r4.server_opt.safetensors"
+    assert main([*base, "federation.server_optimizer=fedadam"]) == 0
+    assert opt.is_file() and "fedadam state written to" in capsys.readouterr().out
+    from lorafed.server.server_opt import load_server_opt
+
+    assert load_server_opt(opt).step == 1
+    ups5 = [Payload(u.tensors, replace(u.meta, round=5)) for u in ups]
+    files5 = [str(save_payload(tmp_path / f"v{i}.safetensors", u.tensors, u.meta)) for i, u in enumerate(ups5)]
+    out5 = tmp_path / "global_r5.safetensors"
+    assert main(["aggregate", *files5, "--global", str(out), "--config", str(cfg), "--out", str(out5),
+                 "federation.server_optimizer=fedadam"]) == 0  # fmt: skip
+    assert load_server_opt(tmp_path / "global_r5.server_opt.safetensors").step == 2
+
+
+def test_aggregate_cli_round_one_from_the_config_and_removed_flags(tiny_config, tmp_path, capsys) -> None:
+    cfg = tmp_path / "fed.yaml"
+    save_config(tiny_config("data.labels=[bad,good,meh]"), cfg)
+    out = str(tmp_path / "g.safetensors")
+    assert main(["aggregate", "x.safetensors", "--config", str(cfg), "--expect-round", "2", "--out", out]) == 2
+    assert "only round 1 can be aggregated" in capsys.readouterr().err
+    assert main(["aggregate", "x.safetensors", "--config", str(cfg), "--min-clients", "3", "--out", out]) == 2
+    assert "--min-clients was removed; pass federation.min_clients=N" in capsys.readouterr().err
+    assert (
+        main(["aggregate", "x.safetensors", "--global", "g.safetensors", "federation.robust=median", "--out", out]) == 2
+    )
+    assert "need --config" in capsys.readouterr().err
 
 
 def test_client_train_writes_the_configured_transport(tiny_config, tmp_path) -> None:

@@ -65,3 +65,43 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(ROOT / "configs" / "tiny.yaml", ["rounds"])
+
+
+def test_contradictory_settings_are_refused_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None,
+            [
+                "data.path=x.csv",
+                "partition.num_clients=3",
+                "federation.min_clients=4",
+                "train.max_steps=3",
+                "train.warmup_ratio=0.2",
+                "data.val_fraction=0.5",
+                "data.test_fraction=0.5",
+            ],
+        )
+    text = str(info.value)
+    assert "federation.min_clients=4 is more than partition.num_clients=3" in text
+    assert "train.warmup_ratio=0.2 of train.max_steps=3 is 0 warm-up steps" in text
+    assert "data.val_fraction + data.test_fraction must be < 1" in text
+    with pytest.raises(ConfigError, match=r"federation\.robust: must be none with federation\.dp\.enabled"):
+        load_config(None, ["data.path=x.csv", "federation.dp.enabled=true", "federation.dp.noise_multiplier=1",
+                           "federation.weighting=uniform", "federation.robust=median"])  # fmt: skip
+    # Legitimate combinations stay allowed: natural partitions, a small fraction, warm-up with enough steps.
+    load_config(
+        None, ["data.path=x.csv", "partition.scheme=natural", "partition.column=shop", "federation.min_clients=9"]
+    )
+    load_config(
+        None, ["data.path=x.csv", "partition.num_clients=10", "federation.fraction=0.1", "federation.min_clients=3"]
+    )
+    load_config(None, ["data.path=x.csv", "train.max_steps=10", "train.warmup_ratio=0.1"])
+
+
+def test_readme_config_reference_is_generated() -> None:
+    from lorafed.config_doc import config_reference, current_section
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert current_section(readme) == config_reference(), "run: python scripts/config_reference.py --write"
+    for key in ("`federation.dp.noise_seed`", "`model.lora.r`", "`train.autocast`", "`seed`"):
+        assert key in config_reference()

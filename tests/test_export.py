@@ -97,7 +97,7 @@ def test_export_cli_fp16_predict_and_evaluate(adapter, tiny_model_dir, tmp_path,
     text = capsys.readouterr().out
     assert "logit difference" in text and "after casting to fp16" in text
     # Running it twice replaces the earlier export.
-    assert main(["export", "--adapter", str(src), "--out", str(out), "--base", str(tiny_model_dir)]) == 0
+    assert main(["export", "--adapter", str(src), "--out", str(out), "--base", str(tiny_model_dir), "--overwrite"]) == 0
     capsys.readouterr()
     rows = tmp_path / "rows.csv"
     rows.write_text(

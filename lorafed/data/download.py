@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from lorafed.errors import LorafedError
 from lorafed.files import atomic_write_bytes
 from lorafed.progress import progress_bar

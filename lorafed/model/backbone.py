@@ -156,6 +156,30 @@ def _quiet_loading() -> Iterator[None]:
             lg.setLevel(level)
 
 
+class _DropKernelsNotice(logging.Filter):
+    """Drops bitsandbytes' import-time notice that the optional ``kernels`` package is missing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+def import_peft_quietly() -> None:
+    """Import peft (which imports bitsandbytes) without bitsandbytes' 'Failed to load CPU gemm_4bit_forward
+    from kernels-community' notice.
+
+    bitsandbytes logs it once, when it is first imported, on CPUs with AVX512-BF16 and without the
+    optional ``kernels`` package; lorafed never uses 4-bit kernels. The filter is on that one logger,
+    only for the import, and drops only that message.
+    """
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    notice = _DropKernelsNotice()
+    logger.addFilter(notice)
+    try:
+        import peft  # noqa: F401 - imported for its side effect of importing bitsandbytes once
+    finally:
+        logger.removeFilter(notice)
+
+
 def quiet_bitsandbytes() -> None:
     """Silence bitsandbytes' per-call 'inputs will be cast to float16' message (its logger only)."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -183,6 +207,7 @@ def load_client_model(
     Raises:
         ModelError: The backbone cannot be found or loaded.
     """
+    import_peft_quietly()
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     prec = precision or cfg.precision

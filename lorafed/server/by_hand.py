@@ -111,7 +111,9 @@ def round_spec(start: Start, config: RunConfig) -> UpdateSpec:
     return spec_for(start.identity, sent, start.round, fcfg.max_num_examples)
 
 
-def aggregate_by_hand(updates: Sequence[str | Path], config: RunConfig, start: Start) -> tuple[RoundResult, RoundPolicy]:
+def aggregate_by_hand(
+    updates: Sequence[str | Path], config: RunConfig, start: Start
+) -> tuple[RoundResult, RoundPolicy]:
     """Validate and aggregate update files as the federation's server would.
 
     The policy has ``len(updates)`` clients, the config's seed, and the server optimizer state

@@ -17,6 +17,7 @@ from lorafed.client.round import LocalClient
 from lorafed.config import parse_config
 from lorafed.engine.flower.records import payload_record, record_bytes
 from lorafed.errors import ConfigError
+from lorafed.logs import ensure_handler
 from lorafed.wire.payload import payload_from_bytes, payload_to_bytes
 
 app = ClientApp()
@@ -50,6 +51,7 @@ def node_identity(context: Context) -> tuple[int, str, str]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training from the global payload in ``msg``."""
+    ensure_handler()  # lorafed's log lines reach 'flwr log'
     conf = msg.content.config_records["config"]
     round_ = int(conf["round"])
     source = f"global adapter of round {round_ - 1}"

@@ -35,6 +35,7 @@ from lorafed.engine.flower.records import payload_record, record_bytes
 from lorafed.engine.loop import Dispatched, Federated, run_rounds, start
 from lorafed.engine.record import RunRecord
 from lorafed.errors import AggregationError, LorafedError
+from lorafed.logs import ensure_handler
 from lorafed.server.step import Incoming, RoundPolicy
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class FlowerGrid:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
+    ensure_handler()  # lorafed's log lines reach 'flwr log'
     rc = dict(context.run_config)
     config = resolve_run_config(rc)
     out = Path(str(rc["out-dir"]))

@@ -1,78 +1,63 @@
-"""The ``lorafed`` command line.
-
-Each verb parses its arguments, calls the library and prints. Input errors
-(:class:`~lorafed.errors.LorafedError`) print one message and give exit code 2.
-"""
+"""Verbs of a whole run in one process: ``simulate``, ``partition``, ``inspect``."""
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from lorafed import cli_download, cli_remote
-from lorafed.cli_silo import add_silo_verbs
+from lorafed.cli.common import add_output, add_overrides, add_verb, output_folder
 from lorafed.config import load_config
 from lorafed.errors import LorafedError
 
-EXIT_INPUT_ERROR = 2
 
-_OVERRIDES_HELP = (
-    "config overrides as dotted key=value pairs, values parsed as YAML, e.g. "
-    "federation.rounds=5 train.max_steps=20 model.precision=fp32 data.max_rows=2000"
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every verb."""
-    parser = argparse.ArgumentParser(
-        prog="lorafed",
-        description=(
-            "Federated LoRA fine-tuning of BERT-family classifiers. Each client keeps a frozen "
-            "(8-bit by default) backbone and trains only LoRA adapters and the classifier head; "
-            "only those tensors travel, as safetensors, and the server averages them with "
-            "sample-weighted FedAvg."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'lorafed VERB --help' for the options of each verb.",
-    )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    sim = sub.add_parser(
+def add_parsers(sub: Any) -> None:
+    """Register ``simulate``, ``partition`` and ``inspect``."""
+    sim = add_verb(
+        sub,
         "simulate",
         help="run a whole federation in this process (all clients and the server)",
         description=(
-            "Run R rounds in-process: sample clients, train each from the global adapter, write "
-            "their payloads, validate and aggregate them, and evaluate the global adapter on the "
-            "held-out test rows (round 0 is the untrained adapter). Results go to "
-            "OUTPUT_DIR/NAME/ (config.yaml, metrics.jsonl, summary.json, metrics.png, rounds/)."
+            "Run federation.rounds rounds in-process: sample clients, train each from the global adapter, "
+            "write their payloads, validate and aggregate them with the federation's server settings, and "
+            "evaluate the global adapter on the held-out test rows (round 0 is the untrained adapter). "
+            "Results go to OUTPUT_DIR/NAME/ (config.yaml, metrics.jsonl, summary.json, metrics.png, rounds/)."
+            "\n\nEvery setting is a config key: change one with KEY=VALUE after the verb, e.g. "
+            "federation.rounds=5 federation.min_clients=2 train.max_steps=20."
         ),
-        epilog="example: lorafed simulate --config configs/clothing_recommend.yaml federation.rounds=2",
+        example=(
+            "lorafed simulate --config configs/clothing_recommend.yaml federation.rounds=2 train.max_steps=10\n"
+            "lorafed simulate --resume results/clothing_recommend federation.rounds=5   # two more rounds"
+        ),
     )
     sim.add_argument("--config", help="YAML run config (see configs/); with --resume, default RUN_DIR/config.yaml")
-    sim.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
-    sim.add_argument("--out", help="output folder (default: OUTPUT_DIR/NAME from the config)")
-    sim.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    sim.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_overrides(sim)
+    add_output(sim, "OUTPUT_DIR/NAME from the config", "run folder")
+    sim.add_argument("--no-progress", action="store_true", help="hide progress bars (shown on a terminal only)")
     sim.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR after its last completed round (an interrupted round is redone)",
     )
-    sim.set_defaults(func=_cmd_simulate)
+    sim.set_defaults(func=cmd_simulate)
 
-    part = sub.add_parser(
+    part = add_verb(
+        sub,
         "partition",
         help="show how a config deals rows to clients, without training",
-        description="Load the data of a config and print the client sizes and label histograms.",
+        description=(
+            "Load the data of a config, deal its rows to clients as partition.* says, and print each "
+            "client's size and label histogram. Use it to see how skewed a dirichlet partition is "
+            "before you spend time training on it."
+        ),
+        example="lorafed partition --config configs/retail_intents.yaml partition.scheme=dirichlet partition.alpha=0.1",
     )
     part.add_argument("--config", required=True, help="YAML run config")
-    part.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
-    part.set_defaults(func=_cmd_partition)
+    add_overrides(part)
+    part.set_defaults(func=cmd_partition)
 
-    insp = sub.add_parser(
+    insp = add_verb(
+        sub,
         "inspect",
         help="show a payload's header and tensors; with --config, check it fits that federation",
         description=(
@@ -80,18 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
             "client) and its tensors. With --config, also load that config's base model and labels and "
             "validate the payload against them, as the server would (exit code 2 if it would be refused)."
         ),
+        example=(
+            "lorafed inspect results/clothing_recommend/rounds/global_r3.safetensors\n"
+            "lorafed inspect update.safetensors --config configs/clothing_recommend.yaml   # would it be accepted?"
+        ),
     )
     insp.add_argument("payload", help="a .safetensors payload file")
     insp.add_argument("--config", help="YAML run config whose federation the payload should fit")
-    insp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
-    insp.set_defaults(func=_cmd_inspect)
-    cli_download.add_parser(sub)
-    add_silo_verbs(sub)
-    cli_remote.add_parser(sub)  # flower, coordinate, poll
-    return parser
+    add_overrides(insp)
+    insp.set_defaults(func=cmd_inspect)
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``lorafed simulate``."""
     from lorafed.engine.inprocess import simulate
 
     if args.resume:
@@ -105,19 +91,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(f"results in {summary['output_dir']}")
         return 0
     if not args.config:
-        raise LorafedError("simulate: --config is required (or --resume RUN_DIR)")
+        raise LorafedError("--config is required (or --resume RUN_DIR)")
     config = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path(config.output_dir) / config.name
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise LorafedError(f"output folder {out} already exists; pass --overwrite or --out ELSEWHERE")
-        shutil.rmtree(out)
+    out = output_folder(args.out, Path(config.output_dir) / config.name, args.overwrite)
     summary = simulate(config, out, progress=not args.no_progress)
     print(f"results in {summary['output_dir']}")
     return 0
 
 
-def _cmd_partition(args: argparse.Namespace) -> int:
+def cmd_partition(args: argparse.Namespace) -> int:
+    """``lorafed partition``."""
     from lorafed.data.clean import load_labeled
     from lorafed.partition import client_table, partition
 
@@ -130,7 +113,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``lorafed inspect``."""
     from lorafed.wire.payload import load_payload
 
     payload = load_payload(args.payload)
@@ -159,24 +143,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         )
         validate_update(payload, spec, args.payload)
         print(f"valid for {args.config}")
+    elif args.overrides:
+        raise LorafedError(f"config overrides {args.overrides} need --config")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run a verb and return the exit code (2 for input errors)."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # KEY=VALUE overrides may follow options (argparse stops filling a positional list at them).
-    if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = [*args.overrides, *extra]
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return int(args.func(args))
-    except LorafedError as exc:
-        print(f"lorafed {args.verb}: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

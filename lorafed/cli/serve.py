@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
+from lorafed.cli.common import add_output, add_overrides, add_verb, output_folder
 from lorafed.errors import LorafedError
 
 _MERGE_MATH = """\
@@ -23,15 +23,22 @@ math (w_i = weights normalised to sum 1, s_i = alpha_i / r_i, delta_i = s_i B_i 
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     """Register ``merge``, ``export``, ``predict`` and ``evaluate``."""
-    merge = sub.add_parser(
+    merge = add_verb(
+        sub,
         "merge",
         help="combine several adapters into one, with weights (tensor FedAvg or exact delta merge)",
-        description="Merge lorafed adapters trained on the same base, labels and target modules.",
-        epilog=_MERGE_MATH + "\nexample: lorafed merge runA/global_r3.safetensors runB/global_r3.safetensors "
-        "--mode cat --weights 0.7,0.3 --out merged.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Merge lorafed adapters trained on the same base, labels and target modules, for example the "
+            "global adapters of two runs. The weights default to each adapter's num_examples."
+        ),
+        notes=_MERGE_MATH,
+        example=(
+            "lorafed merge runA/global_r3.safetensors runB/global_r3.safetensors "
+            "--mode cat --weights 0.7,0.3 --out merged.safetensors\n"
+            "lorafed merge a.safetensors b.safetensors c.safetensors --mode svd --rank 8 --out merged.safetensors"
+        ),
     )
     merge.add_argument("adapters", nargs="+", help="adapter files (.safetensors)")
     merge.add_argument("--out", required=True, help="where to write the merged adapter")
@@ -40,7 +47,8 @@ def add_parser(sub: Any) -> None:
     merge.add_argument("--rank", type=int, help="target rank of --mode svd")
     merge.set_defaults(func=_cmd_merge)
 
-    export = sub.add_parser(
+    export = add_verb(
+        sub,
         "export",
         help="merge an adapter into its fp32 base and save a transformers model (or a peft adapter)",
         description=(
@@ -51,28 +59,46 @@ def add_parser(sub: Any) -> None:
             "(adapter_model.safetensors + adapter_config.json; loads with PeftModel.from_pretrained). "
             "The base must have the fingerprint recorded in the adapter's header."
         ),
-        epilog=(
-            "example: lorafed export --adapter results/run/rounds/global_r3.safetensors "
-            "--config configs/clothing_recommend.yaml --out merged/"
+        example=(
+            "lorafed export --adapter results/run/rounds/global_r3.safetensors "
+            "--config configs/clothing_recommend.yaml --out merged/\n"
+            "lorafed predict --model merged/ --input new_reviews.csv --out predictions.jsonl"
         ),
     )
     export.add_argument("--adapter", required=True, help="the adapter to export (.safetensors)")
-    export.add_argument("--out", required=True, help="output directory (an earlier export there is replaced)")
+    add_output(export, None, "output directory")
     export.add_argument("--config", help="run config: gives the base (model.name_or_path) and the text columns")
+    add_overrides(export)
     export.add_argument("--base", help="base model directory or name (default: the config's, else the packaged MiniLM)")
     export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved weight dtype (merged)")
     export.add_argument("--format", dest="fmt", choices=["merged", "peft"], default="merged", help="what to write")
     export.add_argument("--sample", help="CSV/JSONL/Parquet whose first 32 texts join the parity sample")
-    export.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
-    )
     export.set_defaults(func=_cmd_export)
 
-    for name, helptext in (
-        ("predict", "classify the texts of a file (or stdin) with an exported model; writes JSONL"),
-        ("evaluate", "score an exported model on a labelled file: accuracy, macro-F1, per-class, confusion PNG"),
-    ):
-        p = sub.add_parser(name, help=helptext, description=helptext)
+    predict = add_verb(
+        sub,
+        "predict",
+        help="classify the texts of a file (or stdin) with an exported model; writes JSONL",
+        description=(
+            "Classify each text of --input with a model written by 'lorafed export' (merged format) and "
+            "write one JSON line per row: the row number, the predicted label and every label's probability."
+        ),
+        example=(
+            "lorafed predict --model merged/ --input new_reviews.csv --out predictions.jsonl\n"
+            "echo 'the zip broke after one wash' | lorafed predict --model merged/ --input -"
+        ),
+    )
+    evaluate = add_verb(
+        sub,
+        "evaluate",
+        help="score an exported model on a labelled file: accuracy, macro-F1, per-class, confusion PNG",
+        description=(
+            "Score a model written by 'lorafed export' on a labelled file: accuracy, macro-F1, per-class "
+            "precision/recall/F1, written to OUT/metrics.json with a confusion matrix OUT/confusion.png."
+        ),
+        example="lorafed evaluate --model merged/ --input held_out.csv --label-column rating --out eval/",
+    )
+    for name, p in (("predict", predict), ("evaluate", evaluate)):
         p.add_argument("--model", required=True, help="a directory written by 'lorafed export' (merged format)")
         p.add_argument(
             "--input",
@@ -84,13 +110,11 @@ def add_parser(sub: Any) -> None:
         )
         p.add_argument("--pair-column", help="second text column (default: the export's, if the file has it)")
         p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
-        if name == "predict":
-            p.add_argument("--out", default="-", help="JSONL output file, or - for stdout (default)")
-            p.set_defaults(func=_cmd_predict)
-        else:
-            p.add_argument("--label-column", help="the gold label column (default: the export's, else 'label')")
-            p.add_argument("--out", required=True, help="folder for metrics.json and confusion.png")
-            p.set_defaults(func=_cmd_evaluate)
+    predict.add_argument("--out", default="-", help="JSONL output file, or - for stdout (default)")
+    predict.set_defaults(func=_cmd_predict)
+    evaluate.add_argument("--label-column", help="the gold label column (default: the export's, else 'label')")
+    add_output(evaluate, None, "folder for metrics.json and confusion.png")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -126,7 +150,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from lorafed.wire.payload import load_payload
 
     if args.overrides and not args.config:
-        raise LorafedError(f"--set {args.overrides} needs --config")
+        raise LorafedError(f"config overrides {args.overrides} need --config")
     config = load_config(args.config, args.overrides) if args.config else None
     base = args.base or (config.model.name_or_path if config else PACKAGED_BACKBONE)
     texts: list[str] = []
@@ -141,8 +165,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             )
         texts = [str(t) for t in frame[col].dropna().tolist()[:32] if str(t).strip()]
     payload = load_payload(args.adapter)
+    out = output_folder(args.out, None, args.overwrite)
     report = export_adapter(
-        payload, args.out, base, args.fmt, args.dtype, texts, config.data if config else None, args.adapter
+        payload, out, base, args.fmt, args.dtype, texts, config.data if config else None, args.adapter
     )
     print(
         f"parity ({report.sample_rows} sequences): max |{report.format} - adapter| logit difference "
@@ -152,13 +177,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"after casting to {report.dtype}: max logit difference {report.cast_max_abs_diff:.3e}")
     print(f"{report.format} model ({len(report.labels)} labels, {report.dtype}) written to {report.out}")
     return 0
-
-
-def _open_out(path: str) -> Any:
-    if path == "-":
-        return sys.stdout
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w", encoding="utf-8")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -190,6 +208,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _check_batch(args.batch_size)
     if args.input == "-":
         raise LorafedError("--input -: evaluate needs a labelled file, not stdin")
+    out = output_folder(args.out, None, args.overwrite)
     sm = load_serving_model(args.model)
     frame, texts, pairs = read_texts(args.input, sm, args.text_column, args.pair_column)
     col = args.label_column or sm.text.get("label_column") or "label"
@@ -202,7 +221,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     gold = [_label_str(v) or "" for v in frame[col].tolist()]
     probs = predict_proba(sm, texts, pairs, args.batch_size)
     scores = score_labels(probs, gold, sm.labels, args.input, col)
-    out = Path(args.out)
     atomic_write_json(
         out / "metrics.json",
         {**asdict(scores), "labels": list(scores.labels), "model": str(args.model), "input": args.input},
