@@ -41,7 +41,7 @@ def test_flower_deployment_matches_the_simulation(
     out = tmp_path / "flower"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "lorafed", "flower", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           "--nodes", "3", "--out", str(out), "--timeout", "150", "--round-timeout", "60",
+           "--nodes", "3", "--out", str(out), "--timeout", "150", "federation.client_timeout_s=60",
            "--isolation", isolation, *over]  # fmt: skip
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     t0 = time.monotonic()

@@ -9,22 +9,18 @@ import pytest
 
 from lorafed.config import parse_config
 from lorafed.engine.flower.app_dir import DEFAULT_RUN_CONFIG, GLUE_MODULE, write_app_dir, write_run_config
-from lorafed.engine.flower.client_app import node_client
+from lorafed.engine.flower.client_app import node_identity
 from lorafed.errors import ConfigError
 
 
-def _fed(n: int) -> SimpleNamespace:
-    return SimpleNamespace(partition=SimpleNamespace(client_ids=[f"client{i}" for i in range(n)]))
-
-
-def test_node_client_from_partition_or_own_file() -> None:
-    assert node_client(SimpleNamespace(node_config={"partition-id": 2}, node_id=9), _fed(3)) == (2, "client2")
+def test_node_identity_from_partition_or_own_file() -> None:
+    assert node_identity(SimpleNamespace(node_config={"partition-id": 2}, node_id=9)) == (2, "", "")
     own = SimpleNamespace(node_config={"data-path": "/d.csv", "client-id": "shopA", "partition-id": 5}, node_id=9)
-    assert node_client(own, _fed(1)) == (0, "shopA")
-    with pytest.raises(ConfigError, match=r"partition-id: expected 0\.\.2 \(the config has 3 clients\), got 3"):
-        node_client(SimpleNamespace(node_config={"partition-id": 3}, node_id=1), _fed(3))
+    assert node_identity(own) == (0, "/d.csv", "shopA")
+    anon = SimpleNamespace(node_config={"data-path": "/d.csv"}, node_id=9)
+    assert node_identity(anon) == (0, "/d.csv", "node9")
     with pytest.raises(ConfigError, match="set partition-id=K"):
-        node_client(SimpleNamespace(node_config={}, node_id=1), _fed(3))
+        node_identity(SimpleNamespace(node_config={}, node_id=1))
 
 
 def test_app_dir_and_run_config_round_trip_the_yaml(tmp_path) -> None:

@@ -137,3 +137,12 @@ def test_continued_iteration_with_new_clients_keeps_the_lineage(tiny_config, tmp
         parent = (run / "rounds" / f"global_r{r - 1}.safetensors").read_bytes()
         assert metas[r].metrics["parent_round"] == r - 1
         assert metas[r].metrics["parent"] == hashlib.sha256(parent).hexdigest()
+
+
+def test_inspect_lineage_walks_back_to_round_0(tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    simulate(tiny_config("federation.rounds=2"), run, progress=False)
+    assert main(["inspect", str(run / "rounds" / "global_r2.safetensors"), "--lineage"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.split("lineage (newest first):")[1].splitlines() if line.strip()]
+    assert [line.split()[1] for line in lines] == ["2", "1", "0"] and lines[-1].split()[4] == "root"

@@ -41,6 +41,29 @@ def add_parsers(sub: Any) -> None:
     )
     sim.set_defaults(func=cmd_simulate)
 
+    cmp = add_verb(
+        sub,
+        "compare",
+        help="federated vs centralized (pooled rows) vs each client alone, on the same test rows",
+        description=(
+            "Prepare the config's federation once, then train three ways from the same seeded adapter: "
+            "the federation itself; one model on every client's training rows pooled (what pooling the "
+            "data would give); and each client alone on its own rows. The baselines train federation.rounds "
+            "checkpoints of train.max_steps steps each, the sequential progress the federation makes. Every "
+            "model is scored on the same test rows, and each reports its best checkpoint on the pooled "
+            "validation rows (early stopping). Writes OUT/compare.json and OUT/federated/ (a run folder)."
+        ),
+        example=(
+            "lorafed compare --config configs/clothing_recommend.yaml          # the README's main job\n"
+            "lorafed compare --config my_federation.yaml federation.rounds=10  # your data, same baselines"
+        ),
+    )
+    cmp.add_argument("--config", required=True, help="YAML run config")
+    add_overrides(cmp)
+    add_output(cmp, "OUTPUT_DIR/NAME-compare from the config", "output folder")
+    cmp.add_argument("--no-progress", action="store_true", help="hide progress bars (shown on a terminal only)")
+    cmp.set_defaults(func=cmd_compare)
+
     part = add_verb(
         sub,
         "partition",
@@ -67,11 +90,18 @@ def add_parsers(sub: Any) -> None:
         ),
         example=(
             "lorafed inspect results/clothing_recommend/rounds/global_r3.safetensors\n"
-            "lorafed inspect update.safetensors --config configs/clothing_recommend.yaml   # would it be accepted?"
+            "lorafed inspect update.safetensors --config configs/clothing_recommend.yaml   # would it be accepted?\n"
+            "lorafed inspect results/clothing_recommend/rounds/global_r5.safetensors --lineage   # where it came from"
         ),
     )
     insp.add_argument("payload", help="a .safetensors payload file")
     insp.add_argument("--config", help="YAML run config whose federation the payload should fit")
+    insp.add_argument(
+        "--lineage", action="store_true", help="walk a global adapter's parents back to round 0 (by sha256)"
+    )
+    insp.add_argument(
+        "--search", action="append", default=[], metavar="DIR", help="more folders to look for parents in (repeatable)"
+    )
     add_overrides(insp)
     insp.set_defaults(func=cmd_inspect)
 
@@ -96,6 +126,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = output_folder(args.out, Path(config.output_dir) / config.name, args.overwrite)
     summary = simulate(config, out, progress=not args.no_progress)
     print(f"results in {summary['output_dir']}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``lorafed compare``."""
+    from lorafed.engine.compare import compare, format_compare
+
+    config = load_config(args.config, args.overrides)
+    out = output_folder(args.out, Path(config.output_dir) / f"{config.name}-compare", args.overwrite)
+    result = compare(config, out, progress=not args.no_progress)
+    print(format_compare(result))
+    print(f"results in {out}")
     return 0
 
 
@@ -126,22 +168,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  {'labels':<16} {len(m.labels)}: {', '.join(m.labels[:10])}{' ...' if len(m.labels) > 10 else ''}")
     total = sum(t.numel() for t in payload.tensors.values())
     print(f"  tensors          {len(payload.tensors)} ({total:,} values)")
+    if m.metrics:
+        print(f"  {'metrics':<16} {m.metrics}")
+    if args.lineage:
+        from lorafed.engine.record import lineage
+
+        print("lineage (newest first):")
+        for path, fields in lineage(args.payload, args.search):
+            parent = (
+                f"parent {fields['parent'][:12]}... (round {fields['parent_round']})" if fields["parent"] else "root"
+            )
+            print(f"  round {fields['round']:>3}  run {fields['run']}  {parent}  {path}")
     if args.config:
         from lorafed.data.clean import load_labeled
         from lorafed.model.backbone import load_client_model, lora_config_dict
-        from lorafed.server.validate import UpdateSpec, validate_update
-        from lorafed.wire.adapter import adapter_spec, get_adapter_state
+        from lorafed.server.specs import spec_for
+        from lorafed.server.validate import validate_update
+        from lorafed.wire.adapter import get_adapter_state
+        from lorafed.wire.payload import ModelIdentity
+        from lorafed.wire.roles import round_keys, select
 
         config = load_config(args.config, args.overrides)
         labels = config.data.labels or load_labeled(config.data, config.seed).label_names
         client = load_client_model(config.model, labels, config.seed)
-        spec = UpdateSpec(
-            base_fingerprint=client.fingerprint,
-            lora=lora_config_dict(config.model.lora),
-            labels=tuple(labels),
-            tensors=adapter_spec(get_adapter_state(client.model)),
-        )
-        validate_update(payload, spec, args.payload)
+        fresh = get_adapter_state(client.model)
+        identity = ModelIdentity(client.fingerprint, lora_config_dict(config.model.lora), tuple(labels))
+        # An update carries its round's tensors only (FFA/RoLoRA send a subset); a global carries all.
+        round_ = m.round if m.kind == "update" else None
+        sent = select(fresh, round_keys(config.federation.aggregation, round_, fresh))
+        validate_update(payload, spec_for(identity, sent, round_), args.payload)
         print(f"valid for {args.config}")
     elif args.overrides:
         raise LorafedError(f"config overrides {args.overrides} need --config")

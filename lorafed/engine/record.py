@@ -245,3 +245,36 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             raise LorafedError(f"{path}: line {i} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def lineage(path: str | Path, search: list[str | Path] | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """The chain of global adapters from ``path`` back to its run's round 0 (or as far as files are found).
+
+    Parents are found by their sha256 among the ``.safetensors`` files of ``path``'s folder and of
+    ``search`` (each global's header names its parent's digest, see the module docstring).
+
+    Returns:
+        ``(file, lineage fields)`` from ``path`` back to the oldest ancestor found.
+    """
+    from lorafed.wire.payload import load_payload, payload_digest
+
+    folders = [Path(path).parent, *(Path(d) for d in search or [])]
+    by_digest: dict[str, Path] = {}
+    for folder in folders:
+        for f in sorted(folder.glob("*.safetensors")):
+            by_digest.setdefault(payload_digest(f.read_bytes()), f)
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    seen: set[Path] = set()
+    current: Path | None = Path(path)
+    while current is not None and current not in seen:
+        seen.add(current)
+        meta = load_payload(current).meta
+        fields = {
+            "round": meta.round,
+            "kind": meta.kind,
+            **{k: meta.metrics.get(k) for k in ("run", "parent_round", "parent")},
+        }
+        chain.append((current, fields))
+        parent = meta.metrics.get("parent")
+        current = by_digest.get(parent) if isinstance(parent, str) else None
+    return chain
