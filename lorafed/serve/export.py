@@ -11,11 +11,19 @@ written (to a temporary sibling, renamed into place, so a crash never leaves hal
 * ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (+ tokenizer) for
   ``PeftModel.from_pretrained`` on the base model.
 
-Both carry ``lorafed_export.json`` (labels, base fingerprint, parity figures, text columns).
+Both carry ``lorafed_export.json`` (labels, base fingerprint, parity figures, text columns, the
+federation summary when the adapter came from a run folder) and a model card ``README.md``. The
+saved tokenizer truncates to the training ``max_length`` (``model_max_length``), and a merged
+export's ``config.json`` carries the input rule as ``lorafed`` (``text``: columns, ``pair_mode``,
+``max_length``), so ``transformers.pipeline("text-classification", model=DIR)`` called with
+``truncation=True`` sees the text as training did. A peft export's ``adapter_config.json`` names a
+portable base (the hub id, or the packaged name) instead of a local path.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -27,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from lorafed.config import DataConfig, LoraSettings, ModelConfig
+from lorafed.config import PACKAGED_BACKBONE, DataConfig, LoraSettings, ModelConfig
 from lorafed.errors import LorafedError, ModelError, PayloadValidationError
 from lorafed.files import atomic_write_json
 from lorafed.model.backbone import ClientModel, _quiet_loading, load_client_model
@@ -39,6 +47,8 @@ ExportDtype = Literal["fp32", "fp16", "bf16"]
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: Written into every export; its presence also marks a folder that a new export may replace.
 EXPORT_INFO = "lorafed_export.json"
+#: The hub id the packaged backbone was copied from (named in peft exports and model cards).
+PACKAGED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 #: Largest |merged - adapter| logit difference accepted (fp32 on both sides).
 PARITY_TOLERANCE = 1e-4
 
@@ -61,6 +71,9 @@ class ExportReport:
         labels: The label list.
         base_fingerprint: The base the adapter was trained on.
         text: Text columns and tokenization settings for ``lorafed predict`` (if known).
+        base: Portable name of the base (hub id, packaged name, or the path as given).
+        adapter_fingerprint: ``sha256:`` of the adapter's tensors (names, shapes, fp32 bytes).
+        federation: Rounds, clients' examples and final metrics, when the adapter's run folder has them.
     """
 
     out: str
@@ -72,6 +85,51 @@ class ExportReport:
     labels: list[str]
     base_fingerprint: str
     text: dict[str, Any] = field(default_factory=dict)
+    base: str = ""
+    adapter_fingerprint: str = ""
+    federation: dict[str, Any] = field(default_factory=dict)
+
+
+def portable_base(base: str) -> str:
+    """The name of ``base`` to write into an export: the packaged backbone becomes its hub id.
+
+    A hub id is kept; a local directory is kept as given (lorafed cannot know where it came from).
+    """
+    return PACKAGED_HUB_ID if base == PACKAGED_BACKBONE else base
+
+
+def adapter_fingerprint(payload: Payload) -> str:
+    """``sha256:`` over the adapter's tensor names, shapes and fp32 values (independent of transport)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(payload.decoded().items()):
+        t = tensor.detach().to(torch.float32).contiguous().cpu()
+        h.update(f"{key}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def federation_summary(payload: Payload, source: str) -> dict[str, Any]:
+    """What the export can tell about the federation behind ``payload``.
+
+    From the header: kind, round, examples. When ``source`` is ``<run>/rounds/global_rN.safetensors``
+    and ``<run>/metrics.jsonl`` exists, also that round's test metrics (accuracy, macro-F1, loss).
+    """
+    m = payload.meta
+    out: dict[str, Any] = {"kind": m.kind, "rounds": int(m.round), "num_examples": int(m.num_examples)}
+    if m.metrics:
+        out["header_metrics"] = dict(m.metrics)
+    path = Path(source)
+    metrics = path.parent.parent / "metrics.jsonl"
+    if path.parent.name == "rounds" and metrics.is_file():
+        try:
+            rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError):
+            rows = []
+        for row in rows:
+            if row.get("round") == m.round:
+                out["final_metrics"] = {k: row.get(k) for k in ("accuracy", "macro_f1", "test_loss")}
+                out["clients"] = row.get("clients", [])
+    return out
 
 
 def load_adapter_model(payload: Payload, base: str, source: str = "adapter") -> ClientModel:
@@ -196,8 +254,9 @@ def export_adapter(
                 model.save_pretrained(str(tmp))
             diff = _max_diff(_reload_peft(client, tmp, payload.meta.labels), batches, reference)
             _require_parity(diff, tolerance, "peft")
+        tok.model_max_length = max_length  # plain transformers then truncates as training did
         tok.save_pretrained(tmp)
-        text = {}
+        text: dict[str, Any] = {}
         if data is not None:
             text = {
                 "text_column": data.text_column,
@@ -207,14 +266,135 @@ def export_adapter(
                 "max_length": data.max_length,
             }
         report = ExportReport(
-            str(out), fmt, dtype, diff, cast_diff, rows, list(payload.meta.labels), payload.meta.base_fingerprint, text
+            str(out),
+            fmt,
+            dtype,
+            diff,
+            cast_diff,
+            rows,
+            list(payload.meta.labels),
+            payload.meta.base_fingerprint,
+            text,
+            portable_base(base),
+            adapter_fingerprint(payload),
+            federation_summary(payload, source),
         )
+        if fmt == "merged":
+            _annotate_config(tmp, report, max_length)
+        else:
+            _portable_adapter_config(tmp, report.base)
         atomic_write_json(tmp / EXPORT_INFO, {**asdict(report), "adapter": source, "lora": payload.meta.lora})
+        (tmp / "README.md").write_text(model_card(report, payload.meta.lora), encoding="utf-8")
         _publish(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _annotate_config(tmp: Path, report: ExportReport, max_length: int) -> None:
+    """Store the input rule in ``config.json`` as ``lorafed`` (kept by ``from_pretrained``)."""
+    path = tmp / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["lorafed"] = {
+        "text": {"pair_mode": "pair", "max_length": max_length, **report.text},
+        "base": report.base,
+        "base_fingerprint": report.base_fingerprint,
+        "adapter_fingerprint": report.adapter_fingerprint,
+    }
+    atomic_write_json(path, cfg)
+
+
+def _portable_adapter_config(tmp: Path, base: str) -> None:
+    """Name a portable base in ``adapter_config.json`` (peft writes the resolved local directory)."""
+    path = tmp / "adapter_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base
+    atomic_write_json(path, cfg)
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` looks like a hub id (``org/name`` or ``name``), not a local path."""
+    return bool(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
+
+
+def model_card(report: ExportReport, lora: dict[str, Any]) -> str:
+    """A model card (``README.md``): labels, base, task, data columns, federation summary, how to load."""
+    text = report.text
+    pair_mode = text.get("pair_mode", "pair")
+    max_length = text.get("max_length", 128)
+    lines = [
+        "---",
+        "library_name: " + ("transformers" if report.format == "merged" else "peft"),
+        "pipeline_tag: text-classification",
+        *([f"base_model: {report.base}"] if _is_hub_id(report.base) else []),
+        "tags: [lorafed, lora, federated-learning]",
+        "---",
+        "",
+        f"# Text classifier fine-tuned with lorafed ({report.format} export)",
+        "",
+        f"- **Task:** single-label text classification into {len(report.labels)} labels",
+        f"- **Labels (id order):** {', '.join(f'`{lab}`' for lab in report.labels)}",
+        f"- **Base model:** `{report.base}` (fingerprint `{report.base_fingerprint[:23]}...`)",
+        f"- **Adapter:** LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, "
+        f"modules {', '.join(map(str, lora.get('target_modules', [])))}; fingerprint "
+        f"`{report.adapter_fingerprint[:23]}...`",
+        f"- **Weights:** {report.dtype}; parity with the adapter model: max logit difference "
+        f"{report.max_abs_diff:.2e} on {report.sample_rows} sequences",
+    ]
+    if text:
+        second = text.get("text_pair_column")
+        rule = (
+            "none (one text per example)"
+            if not second
+            else f"`{second}` as the tokenizer's second segment"
+            if pair_mode == "pair"
+            else f"`{second}` put in front of the text as `{{{second}}}. {{text}}`"
+        )
+        lines += [
+            f"- **Data columns:** text `{text.get('text_column')}`, label `{text.get('label_column')}`, "
+            f"second text: {rule}",
+        ]
+    lines.append(f"- **Max length:** {max_length} tokens (longer inputs are truncated, as in training)")
+    fed = report.federation
+    if fed:
+        lines += ["", "## Federation", "", f"- {fed.get('kind', 'global')} adapter after {fed.get('rounds')} round(s)"]
+        lines.append(f"- examples behind the last update: {fed.get('num_examples')}")
+        if fed.get("clients"):
+            lines.append(f"- clients in the last round: {', '.join(map(str, fed['clients']))}")
+        final = fed.get("final_metrics") or {}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, int | float))
+        if shown:
+            lines.append(f"- final test metrics: {shown}")
+    lines += ["", "## How to load", ""]
+    if report.format == "merged":
+        lines += [
+            "```python",
+            "from transformers import pipeline",
+            'clf = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")',
+            'clf("text to classify", truncation=True, top_k=None)  # all labels\' probabilities',
+            "```",
+            "",
+            "Pass `truncation=True` so long texts are cut at the training length. With a second text, pass "
+            + (
+                '`{"text": text, "text_pair": second}`.'
+                if pair_mode == "pair"
+                else '`f"{second}. {text}"` as one text (the training rule).'
+            ),
+            "The input rule is also stored in `config.json` under `lorafed`. With lorafed installed: "
+            "`lorafed predict --model PATH --input rows.csv`.",
+        ]
+    else:
+        lines += [
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForSequenceClassification",
+            f'base = AutoModelForSequenceClassification.from_pretrained("{report.base}", '
+            f"num_labels={len(report.labels)})",
+            'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _max_diff(model: Any, batches: list[dict[str, torch.Tensor]], reference: list[torch.Tensor]) -> float:

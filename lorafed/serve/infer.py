@@ -62,6 +62,8 @@ def load_serving_model(model_dir: str | Path) -> ServingModel:
     labels = tuple(str(id2label[i]) for i in range(len(id2label)))
     info = d / EXPORT_INFO
     text = json.loads(info.read_text(encoding="utf-8")).get("text", {}) if info.is_file() else {}
+    if not text:  # a merged export copied without lorafed_export.json still carries its input rule
+        text = dict((getattr(model.config, "lorafed", None) or {}).get("text", {}))
     return ServingModel(model, tokenizer, labels, text)
 
 
