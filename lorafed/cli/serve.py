@@ -24,7 +24,34 @@ math (w_i = weights normalised to sum 1, s_i = alpha_i / r_i, delta_i = s_i B_i 
 
 
 def add_parsers(sub: Any) -> None:
-    """Register ``merge``, ``export``, ``predict`` and ``evaluate``."""
+    """Register ``merge``, ``export``, ``predict``, ``evaluate`` and ``serve``."""
+    srv = add_verb(
+        sub,
+        "serve",
+        help="serve an exported model over HTTP: /predict, /health, /metadata and a shopping-guide page at /",
+        description=(
+            "Start an HTTP service (FastAPI on uvicorn) for a merged export. POST /predict takes "
+            '{"texts": [...]} or {"pairs": [[text, second], ...]} in the input rule training used, and answers '
+            "labels with probabilities; add \"explain\": true for per-word attributions. Requests are gathered "
+            "into micro-batches; limits on body size, texts per request and text length answer 413/422 with "
+            "the limit named, and a full queue answers 503. Binds 127.0.0.1 unless --host says otherwise; "
+            "stops cleanly on SIGTERM or Ctrl-C."
+        ),
+        example=(
+            "lorafed serve --model results/clothing_recommend/merged\n"
+            "curl -s localhost:8000/predict -H 'content-type: application/json' "
+            "-d '{\"texts\": [\"Runs small, lovely fabric\"]}'\n"
+            "open http://127.0.0.1:8000/ for the shopping-guide page"
+        ),
+    )
+    srv.add_argument("--model", required=True, help="a merged export folder (lorafed export)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--max-batch", type=int, default=32, help="texts per forward pass (micro-batch size)")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a micro-batch waits to fill")
+    srv.add_argument("--max-queue", type=int, default=256, help="requests waiting before 503")
+    srv.set_defaults(func=cmd_serve)
+
     merge = add_verb(
         sub,
         "merge",
@@ -234,3 +261,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _check_batch(batch_size: int) -> None:
     if batch_size < 1:
         raise LorafedError(f"--batch-size: must be >= 1, got {batch_size}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``lorafed serve``."""
+    from lorafed.serve.http import ServeLimits, serve
+
+    limits = ServeLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    serve(args.model, host=args.host, port=args.port, limits=limits)
+    return 0
