@@ -139,6 +139,39 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class RecordDPConfig:
+    """Record-level differential privacy in each client (DP-SGD; see :mod:`lorafed.client.dp`).
+
+    Each step samples every training row with probability q = batch_size / n (Poisson), clips
+    each row's gradient of the LoRA and head tensors to ``clip_norm`` and adds Gaussian noise of
+    std ``noise_multiplier * clip_norm`` to their sum. Epsilon is composed over
+    ``round x steps per round`` steps (as if the client took part in every round so far).
+
+    Attributes:
+        enabled: Train every client with DP-SGD.
+        clip_norm: C, the bound on each row's gradient norm (LoRA and head tensors together).
+        noise_multiplier: z, noise std over C. Give this or ``target_epsilon``.
+        target_epsilon: Pick each client's z so that its epsilon after ``federation.rounds``
+            rounds is at most this (Opacus' ``get_noise_multiplier``).
+        delta: The delta of the guarantee; ``null``: 1 / (10 n) for a client of n training rows.
+        max_epsilon: The budget: a client refuses a round after which its epsilon would exceed
+            it. ``null``: ``target_epsilon`` when given, else no limit.
+        accountant: ``rdp`` (Rényi DP) or ``prv`` (privacy random variables, tighter), from Opacus.
+        noise_seed: Seeds the row sampling and the noise, for reproducible experiments only;
+            ``null`` (the default) seeds them from the operating system, so they cannot be predicted.
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    max_epsilon: float | None = None
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise_seed: int | None = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One client's local training in one round.
 
@@ -166,6 +199,7 @@ class TrainConfig:
             LoRA weights, their gradients, AdamW and the loss stay fp32. With int8 weights it
             measured 0.55-0.57x of fp32's peak at 0.6-0.75x its step time, on a CPU with
             AVX512-BF16; without bf16 instructions (AVX512-BF16 or AMX) it is slower than fp32.
+        record_dp: Record-level differential privacy in each client (off by default).
     """
 
     batch_size: int = 16
@@ -181,6 +215,7 @@ class TrainConfig:
     prox_mu: float = 0.0
     gradient_checkpointing: bool = False
     autocast: Literal["none", "bf16"] = "none"
+    record_dp: RecordDPConfig = field(default_factory=RecordDPConfig)
 
 
 @dataclass(frozen=True)
@@ -525,6 +560,39 @@ def _check_ranges(c: RunConfig) -> list[str]:
         f"federation.client_timeout_s: must be > 0 or null, got {f.client_timeout_s}",
     )
     need(f.round_retries >= 0, f"federation.round_retries: must be >= 0, got {f.round_retries}")
+    rdp = t.record_dp
+    if rdp.enabled:
+        need(rdp.clip_norm > 0, f"train.record_dp.clip_norm: must be > 0, got {rdp.clip_norm}")
+        need(
+            (rdp.noise_multiplier is None) != (rdp.target_epsilon is None),
+            "train.record_dp: give exactly one of noise_multiplier and target_epsilon",
+        )
+        need(
+            rdp.noise_multiplier is None or rdp.noise_multiplier > 0,
+            f"train.record_dp.noise_multiplier: must be > 0, got {rdp.noise_multiplier}",
+        )
+        need(
+            rdp.target_epsilon is None or rdp.target_epsilon > 0,
+            f"train.record_dp.target_epsilon: must be > 0, got {rdp.target_epsilon}",
+        )
+        need(
+            rdp.delta is None or 0 < rdp.delta < 1,
+            f"train.record_dp.delta: must be in (0, 1) or null, got {rdp.delta}",
+        )
+        need(
+            rdp.max_epsilon is None or rdp.max_epsilon > 0,
+            f"train.record_dp.max_epsilon: must be > 0 or null, got {rdp.max_epsilon}",
+        )
+        need(
+            t.class_weighting == "none",
+            "train.class_weighting: must be none with train.record_dp.enabled (balanced weights depend on every "
+            f"row's label, so one row would change every other row's gradient), got {t.class_weighting}",
+        )
+        need(
+            not t.gradient_checkpointing,
+            "train.gradient_checkpointing: must be false with train.record_dp.enabled (the recomputed forward "
+            "would feed Opacus' per-sample gradient hooks twice)",
+        )
     dp = f.dp
     if dp.enabled:
         need(dp.clip_norm > 0, f"federation.dp.clip_norm: must be > 0, got {dp.clip_norm}")

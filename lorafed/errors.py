@@ -80,5 +80,38 @@ class PayloadValidationError(LorafedError):
         )
 
 
+class StorageError(LorafedError):
+    """A file-drop name or file is refused: a symbolic link, a name leaving the drop, or two
+    names that the file system maps to one file.
+
+    Attributes:
+        name: The name in the drop.
+    """
+
+    def __init__(self, message: str, name: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {message}")
+
+
 class AggregationError(LorafedError):
     """Aggregation cannot proceed (no updates, weights that do not sum to a positive number)."""
+
+
+class PrivacyBudgetError(LorafedError):
+    """A client's next round would spend more record-level privacy than its budget allows.
+
+    Attributes:
+        client: The client id.
+        round: The round that was refused.
+        epsilon: The epsilon the client would have spent after that round.
+        budget: The configured budget (``train.record_dp.max_epsilon``).
+        delta: The delta of the guarantee.
+    """
+
+    def __init__(self, client: str, round_: int, epsilon: float, budget: float, delta: float) -> None:
+        self.client, self.round, self.epsilon, self.budget, self.delta = client, round_, epsilon, budget, delta
+        super().__init__(
+            f"client {client!r} refuses round {round_}: its privacy budget would be exceeded (epsilon "
+            f"{epsilon:.3f} > max_epsilon {budget:.3f} at delta {delta:.3g}); raise train.record_dp.max_epsilon "
+            "or stop training this client"
+        )

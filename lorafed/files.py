@@ -6,6 +6,7 @@ if the process is killed mid-write.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,9 +14,38 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lorafed.errors import LorafedError
+
+#: Why a write failed, for the errors a user can fix (anything else is raised as it is).
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def current_umask() -> int:
+    """The process umask: from ``/proc/self/status`` on Linux (no race with other threads),
+    else by setting it and restoring it at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it, ``0o666 & ~umask``
+    (0644 under umask 022), and new folders ``0o777 & ~umask``, not the 0600 of a temporary file.
 
     Args:
         path: Destination; its parent folders are created.
@@ -23,19 +53,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     Returns:
         The destination path.
+
+    Raises:
+        LorafedError: The disk is full, read-only or not writable by this user, naming the path
+            and the reason; the destination is untouched and no temporary file is left behind.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp: str | None = None
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        dest.parent.mkdir(parents=True, exist_ok=True)  # mkdir applies the umask itself
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), 0o666 & ~current_umask())
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        reason = _WRITE_ERRORS.get(exc.errno or 0)
+        if reason is None:
+            raise
+        raise LorafedError(f"{dest}: cannot write: {reason} ({exc.strerror}); nothing was changed") from exc
     return dest
 
 

@@ -14,6 +14,7 @@ of it but a validation slice, whose scores it reports) or one client of a config
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -87,6 +88,8 @@ def update_meta(
     metrics: dict[str, Any] = {"loss": result.mean_loss, "steps": result.steps, "seconds": round(result.seconds, 3)}
     if validation is not None:
         metrics.update(val_loss=validation.loss, val_accuracy=validation.accuracy, val_macro_f1=validation.macro_f1)
+    if result.privacy:
+        metrics.update(result.privacy)
     dtype, block_size = update_wire(config.federation)
     return identity.meta(client_id, round_, result.num_examples, "update", metrics, dtype, block_size)
 
@@ -116,11 +119,23 @@ def client_step(
         identity: The federation identity written in the header.
         progress: Show a progress bar over steps.
         validate: Score the validation rows after training and report them in the header.
+
+    Raises:
+        PrivacyBudgetError: Under ``train.record_dp``, this round would exceed the client's budget
+            (checked before any training; see :mod:`lorafed.client.dp`).
     """
     aggregation = config.federation.aggregation
+    train_fn: Any = train_local
+    plan = None
+    if config.train.record_dp.enabled:
+        from lorafed.client.dp import plan_record_dp, train_local_dp
+
+        plan = plan_record_dp(config.train, len(split.train), config.federation.rounds)
+        plan.check_budget(round_, client_id)
+        train_fn = functools.partial(train_local_dp, plan=plan)
     set_adapter_state(model.model, global_state)
     with trainable_roles(model.model, round_roles(aggregation, round_)):
-        result = train_local(
+        result = train_fn(
             model.model,
             rows,
             split.train,
@@ -129,6 +144,8 @@ def client_step(
             desc=f"r{round_} {client_id}",
             progress=progress,
         )
+    if plan is not None:
+        result = dataclasses.replace(result, privacy=plan.report(round_))
     sent = select(get_adapter_state(model.model), round_keys(aggregation, round_, global_state))
     val = None
     if validate and len(split.val):

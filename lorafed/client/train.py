@@ -34,6 +34,8 @@ class TrainResult:
         samples: Samples processed (steps x batch, the last batch may be short).
         mean_loss: Mean training loss over the steps.
         seconds: Wall time of the training loop.
+        privacy: Under record-level DP, what the header reports (``epsilon``, ``delta``, ...; see
+            :meth:`lorafed.client.dp.RecordDPPlan.report`); ``None`` otherwise.
     """
 
     num_examples: int
@@ -41,6 +43,7 @@ class TrainResult:
     samples: int
     mean_loss: float
     seconds: float
+    privacy: dict[str, Any] | None = None
 
 
 def planned_steps(n_rows: int, cfg: TrainConfig) -> int:

@@ -7,6 +7,7 @@ Errors name the file, the row (1-based, header excluded) and the column.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,8 @@ def load_labeled(cfg: DataConfig, seed: int, extra_columns: Sequence[str] = ()) 
             raise DataError(
                 f"column not found; the file has: {', '.join(map(str, frame.columns))}", path=path, field=col
             )
+    for col in (cfg.text_column, *([cfg.text_pair_column] if cfg.text_pair_column else [])):
+        _require_scalar_text(frame[col], path, col)
     texts = _as_text(frame[cfg.text_column])
     labels = [_label_str(v) for v in frame[cfg.label_column].tolist()]
     rows = np.arange(1, len(frame) + 1)
@@ -176,6 +179,27 @@ def load_labeled(cfg: DataConfig, seed: int, extra_columns: Sequence[str] = ()) 
         dropped=dropped,
         path=path,
     )
+
+
+def _require_scalar_text(series: pd.Series, path: str, col: str) -> None:
+    """Refuse a text column holding anything but strings (Parquet lists, bytes, numbers, structs).
+
+    Raises:
+        DataError: Naming the column, the first offending row and the type found there.
+    """
+    for row, value in enumerate(series.tolist(), start=1):
+        if isinstance(value, str) or value is None or value is pd.NA or value is pd.NaT:
+            continue
+        if isinstance(value, (float, np.floating)) and math.isnan(value):
+            continue
+        kind = "list" if isinstance(value, (np.ndarray, list, tuple)) else type(value).__name__
+        shown = reprlib.repr(value.tolist() if isinstance(value, np.ndarray) else value)
+        raise DataError(
+            f"a text column must hold strings, found {kind} {shown}",
+            path=path,
+            row=row,
+            field=col,
+        )
 
 
 def _is_missing(value: Any) -> bool:

@@ -25,6 +25,9 @@ _READERS = {
 def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8", bad_lines: str = "error") -> pd.DataFrame:
     """Read a CSV, JSONL or Parquet file into a DataFrame of strings and numbers.
 
+    CSV fields are read as written: only an empty field is missing, so labels such as ``None``,
+    ``NA`` or ``null`` stay strings (pandas' default would read them as missing).
+
     Args:
         path: The file.
         fmt: ``auto`` (from the extension), ``csv``, ``jsonl`` or ``parquet``.
@@ -83,11 +86,13 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8", bad
 
 def _read_csv(p: Path, sep: str, encoding: str, bad_lines: str) -> pd.DataFrame:
     if bad_lines == "error":
-        return pd.read_csv(p, sep=sep, encoding=encoding, dtype=str, keep_default_na=True)
+        return pd.read_csv(p, sep=sep, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""])
     # pandas reports skipped lines as one ParserWarning; record it here (this call only) to count them.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
-        frame = pd.read_csv(p, sep=sep, encoding=encoding, dtype=str, keep_default_na=True, on_bad_lines="warn")
+        frame = pd.read_csv(
+            p, sep=sep, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""], on_bad_lines="warn"
+        )
     skipped = [int(n) for w in caught for n in re.findall(r"Skipping line (\d+)", str(w.message))]
     for w in caught:
         if not issubclass(w.category, pd.errors.ParserWarning):
@@ -120,6 +125,10 @@ def _read_jsonl(p: Path, encoding: str) -> pd.DataFrame:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"not valid JSON: {exc.msg} at column {exc.colno}", path=str(p), row=lineno) from exc
+            except RecursionError as exc:
+                raise DataError("JSON nested too deep to read", path=str(p), row=lineno) from exc
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                raise DataError(f"unreadable JSON value: {str(exc)[:120]}", path=str(p), row=lineno) from exc
             if not isinstance(obj, dict):
                 raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(p), row=lineno)
             records.append(obj)

@@ -18,7 +18,6 @@ after a round was aggregated are ignored. :func:`poll_and_train` is the client s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -37,7 +36,13 @@ from lorafed.model.backbone import load_client_model, lora_config_dict
 from lorafed.server.specs import federation_labels, spec_for
 from lorafed.server.step import Incoming, RoundPolicy
 from lorafed.wire.adapter import get_adapter_state
-from lorafed.wire.payload import ModelIdentity, header_from_bytes, payload_from_bytes, payload_to_bytes
+from lorafed.wire.payload import (
+    ModelIdentity,
+    PayloadMeta,
+    header_from_bytes,
+    payload_from_bytes,
+    payload_to_bytes,
+)
 from lorafed.wire.roles import round_keys, select
 
 logger = logging.getLogger(__name__)
@@ -88,12 +93,23 @@ class FileDrop:
                 if item in seen:
                     continue
                 seen.add(item)
-                data = self.storage.read(item)
-                out.replies.append((-1, Incoming(item, data)))
-                with contextlib.suppress(PayloadError):  # the server step rejects it, with its reason
+                try:
+                    data = self.storage.read(item)
+                except (LorafedError, OSError) as exc:  # a link, a vanished file: this file only
+                    out.failures.append({"client": item, "reason": f"unreadable: {exc}"})
+                    continue
+                try:
                     meta = header_from_bytes(data, item).meta
-                    if meta.round == round_ and meta.base_fingerprint == self.identity.base_fingerprint:
-                        ids.add(meta.client_id)
+                except PayloadError:  # the server step rejects it, with its reason
+                    out.replies.append((-1, Incoming(item, data)))
+                    continue
+                reason = self._misplaced(item, meta, ids)
+                if reason:
+                    out.failures.append({"client": item, "reason": reason})
+                    continue
+                out.replies.append((-1, Incoming(item, data)))
+                if meta.round == round_ and meta.base_fingerprint == self.identity.base_fingerprint:
+                    ids.add(meta.client_id)
             if len(ids) >= len(clients):
                 return out
             if time.monotonic() - t0 > self.deadline_s:
@@ -106,6 +122,31 @@ class FileDrop:
                 )
                 return out
             time.sleep(self.poll_s)
+
+    @staticmethod
+    def _misplaced(item: str, meta: PayloadMeta, ids: set[str]) -> str | None:
+        """Why a readable update file is not handed to the server step, or ``None``.
+
+        A file must be named after the client id in its header (``round_N/<client>.safetensors``),
+        so a party cannot drop an update under another client's id and get that client's genuine
+        update refused as a duplicate; a second file of a client already counted this round is
+        recorded as a duplicate (the server step would refuse both).
+        """
+        stem = item.rsplit("/", 1)[-1].removesuffix(".safetensors")
+        if stem != meta.client_id:
+            return (
+                f"file name {item!r} does not match the client id {_brief(meta.client_id)} in its header "
+                "(expected round_N/<client_id>.safetensors); not aggregated"
+            )
+        if meta.client_id in ids:
+            return f"duplicate: a second update of client {meta.client_id!r} this round; not aggregated"
+        return None
+
+
+def _brief(text: str, limit: int = 60) -> str:
+    """``repr(text)`` cut to ``limit`` characters."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def coordinate(

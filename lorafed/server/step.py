@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
-from lorafed.server.aggregate import WeightedMean, Weighting
+from lorafed.server.aggregate import WeightedMean, Weighting, require_finite
 from lorafed.server.privacy import DPSum, calibrate_noise, compute_epsilon, poisson_sample
 from lorafed.server.robust import Robust, clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.server.server_opt import ServerOptSettings, ServerOptState, server_step
@@ -90,6 +90,8 @@ class RoundOutcome:
         clipped: Client ids whose delta was scaled down to ``clip_update_norm``.
         shares: Client id -> its share of the average (weights summing to 1).
         payloads: Client id -> the accepted bytes (for the run record), when kept.
+        weight_clipped: Client id -> the weight it was averaged with, for every client whose
+            weight ``max_share`` lowered (its claimed weight is its ``num_examples``).
     """
 
     state: dict[str, torch.Tensor] | None
@@ -100,6 +102,7 @@ class RoundOutcome:
     clipped: list[str] = field(default_factory=list)
     shares: dict[str, float] = field(default_factory=dict)
     payloads: dict[str, bytes] = field(default_factory=dict)
+    weight_clipped: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -119,6 +122,8 @@ def fold_updates(
     trim_ratio: float = 0.2,
     accumulator: WeightedMean | DPSum | None = None,
     keep_bytes: bool = False,
+    max_update_norm: float | None = None,
+    max_share: float | None = None,
 ) -> RoundOutcome:
     """Validate each update once and fold the valid ones into the round's average.
 
@@ -141,17 +146,35 @@ def fold_updates(
         accumulator: Where valid updates are added (default: a fresh :class:`WeightedMean`;
             a :class:`~lorafed.server.privacy.DPSum` for client-level DP, with uniform weights).
         keep_bytes: Keep each accepted update's bytes in the outcome (for the run record).
+        max_update_norm: Reject an update whose delta from ``reference`` has an L2 norm above
+            this (an absolute bound, checked before any clipping; a non-finite norm is always
+            above it). Needs ``reference``.
+        max_share: No client's share of a weighted mean may exceed this, in (0, 1]: the
+            heaviest weights are lowered to the one level c at which each is ``max_share`` of
+            the total (recorded in ``weight_clipped``); when fewer than ``1 / max_share``
+            clients are valid, every weight becomes equal. It applies to the default
+            :class:`WeightedMean` with ``robust="none"`` (the robust rules are unweighted) and
+            keeps that round's valid updates in memory until the weights are known.
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
 
     Raises:
-        AggregationError: An unknown ``robust`` rule, or ``clip_update_norm`` without a ``reference``.
+        AggregationError: An unknown ``robust`` rule, ``clip_update_norm`` or ``max_update_norm``
+            without a ``reference``, a ``max_share`` outside (0, 1], or an average that is not
+            finite (nothing is published then).
     """
     if robust not in typing.get_args(Robust):
         raise AggregationError(f"robust: expected one of {typing.get_args(Robust)}, got {robust!r}")
     if clip_update_norm is not None and reference is None:
         raise AggregationError("clip_update_norm needs the reference (global) adapter the clients started from")
+    if max_update_norm is not None and reference is None:
+        raise AggregationError("max_update_norm needs the reference (global) adapter the clients started from")
+    if max_update_norm is not None and not max_update_norm > 0:
+        raise AggregationError(f"max_update_norm: expected a number > 0, got {max_update_norm!r}")
+    if max_share is not None and not 0 < max_share <= 1:
+        raise AggregationError(f"max_share: expected a number in (0, 1], got {max_share!r}")
+    defer = max_share is not None and robust == "none" and accumulator is None
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
     readable: list[tuple[Incoming, bytes, PayloadHeader]] = []
@@ -161,6 +184,9 @@ def fold_updates(
             head = header_from_bytes(data, up.source)
         except PayloadError as exc:
             out.rejected.append((up.source, str(exc)))
+            continue
+        except _UNEXPECTED as exc:  # a hostile file must never end the federation
+            out.rejected.append((up.source, _unexpected(up.source, exc)))
             continue
         owners.setdefault(head.meta.client_id, []).append(up.source)
         readable.append((up, data if up.data is not None else b"", head))
@@ -182,11 +208,27 @@ def fold_updates(
             raw = data or up.read()  # a file is read again only here, one at a time
             payload = payload_with_header(raw, head, up.source)
             validate_update(payload, spec, up.source)
+            tensors = _fold_one(payload, reference, clip_update_norm, out)
+            if max_update_norm is not None and not out.norms[cid] <= max_update_norm:
+                out.rejected.append(
+                    (
+                        up.source,
+                        f"update from client {cid!r} ({up.source}) rejected: update norm: expected an L2 norm of "
+                        f"the delta from the global adapter <= {max_update_norm:g} (max_update_norm), "
+                        f"received {out.norms[cid]:.6g}",
+                    )
+                )
+                continue
         except (PayloadError, PayloadValidationError) as exc:
             out.rejected.append((up.source, str(exc)))
             continue
-        tensors = _fold_one(payload, reference, clip_update_norm, out)
-        if robust == "none":
+        except _UNEXPECTED as exc:
+            out.rejected.append((up.source, _unexpected(up.source, exc)))
+            continue
+        if defer:
+            weights[cid] = update_weight(payload.meta, weighting)
+            kept.append(tensors)
+        elif robust == "none":
             weights[cid] = update_weight(payload.meta, weighting)
             acc.add(tensors, weights[cid])
         else:
@@ -196,6 +238,13 @@ def fold_updates(
         out.bytes_in += payload.nbytes
         if keep_bytes:
             out.payloads[cid] = bytes(raw)
+    if defer:
+        capped = cap_shares(weights, float(max_share or 1.0))
+        out.weight_clipped = {c: w for c, w in capped.items() if w < weights[c]}
+        weights = capped
+        for tensors, w in zip(kept, weights.values(), strict=True):
+            acc.add(tensors, w)
+        kept = []
     total = sum(weights.values())
     out.shares = {c: w / total for c, w in weights.items()} if total > 0 else {}
     if len(out.accepted) >= min_clients and out.accepted:
@@ -205,7 +254,48 @@ def fold_updates(
             out.state = coordinate_median(kept)
         else:
             out.state = acc.result()
+        require_finite(out.state, f"round average ({robust if robust != 'none' else 'weighted mean'})")
     return out
+
+
+#: Exceptions a malformed payload could still raise past the named checks (a bug in lorafed);
+#: the server step records them as a rejection of that update instead of ending the federation.
+_UNEXPECTED = (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError, RecursionError, MemoryError)
+
+
+def _unexpected(source: str, exc: BaseException) -> str:
+    """The rejection reason of an update that raised something other than a named error."""
+    return f"{source}: unreadable update, refused ({type(exc).__name__}: {str(exc)[:200]}; please report this)"
+
+
+def cap_shares(weights: Mapping[str, float], max_share: float) -> dict[str, float]:
+    """Lower the heaviest weights so that no share exceeds ``max_share`` (order kept).
+
+    Water-filling: with the weights sorted down, the first ``k`` are set to one level
+    ``c = s R / (1 - k s)`` (``R``: the sum of the others), the smallest ``k`` for which no other
+    weight is above ``c``; then each of the ``k`` has share exactly ``s`` and the others keep
+    their relative weights. If no such ``k`` exists (fewer than ``1 / s`` weights), every weight
+    becomes the smallest one: equal shares, the closest to the bound that can be had.
+
+    Args:
+        weights: Client id -> weight (> 0).
+        max_share: The bound s, in (0, 1].
+
+    Returns:
+        Client id -> capped weight.
+    """
+    order = sorted(weights, key=lambda c: weights[c], reverse=True)
+    values = [weights[c] for c in order]
+    for k in range(len(values)):
+        if k * max_share >= 1:
+            break
+        rest = sum(values[k:])
+        level = max_share * rest / (1 - k * max_share)
+        if values[k] <= level * (1 + 1e-12):
+            top = set(order[:k])
+            return {c: level if c in top else w for c, w in weights.items()}
+    low = min(values, default=0.0)
+    return {c: low for c in weights}
 
 
 def _fold_one(
@@ -310,7 +400,10 @@ class RoundPolicy:
     """Client selection and the server step of one federation.
 
     Args:
-        fcfg: The federation settings.
+        fcfg: The federation settings; besides the fields it always reads, the optional
+            ``max_update_norm`` (reject an update whose delta from the global adapter has a larger
+            L2 norm) and ``max_client_share`` (no client's share of the mean above it), both
+            ``None`` (off) when the config does not have them (see :func:`fold_updates`).
         num_clients: N, the clients that could be asked (partitions, nodes or silos).
         seed: The run seed (client sampling).
     """
@@ -320,6 +413,9 @@ class RoundPolicy:
         self.num_clients = num_clients
         self.seed = seed
         self.server_opt: ServerOptState | None = None
+        # Read with getattr so the policy works with configs that predate these fields.
+        self.max_update_norm: float | None = getattr(fcfg, "max_update_norm", None)
+        self.max_client_share: float | None = getattr(fcfg, "max_client_share", None)
         self.dp = fcfg.dp if fcfg.dp.enabled else None
         self.noise_multiplier = 0.0
         self.generator: torch.Generator | None = None
@@ -390,15 +486,28 @@ class RoundPolicy:
                 robust=f.robust,
                 trim_ratio=f.trim_ratio,
                 keep_bytes=keep_bytes,
+                max_update_norm=self.max_update_norm,
+                max_share=self.max_client_share,
             )
             acc = None
         else:
             sent = {k: reference[k] for k in spec.tensors}  # ffa/rolora send a subset
             acc = DPSum(sent, self.dp.clip_norm, self.noise_multiplier, f.fraction * self.num_clients, self.generator)
-            outcome = fold_updates(updates, spec, "uniform", need, accumulator=acc, keep_bytes=keep_bytes)
+            outcome = fold_updates(
+                updates,
+                spec,
+                "uniform",
+                need,
+                accumulator=acc,
+                keep_bytes=keep_bytes,
+                reference=reference if self.max_update_norm is not None else None,
+                max_update_norm=self.max_update_norm,
+            )
         if outcome.state is None:
             return RoundResult(None, outcome)
-        state, self.server_opt = next_global(reference, outcome.state, f, self.server_opt)
+        state, opt = next_global(reference, outcome.state, f, self.server_opt)
+        require_finite(state, f"round {round_}: the next global adapter")
+        self.server_opt = opt
         privacy: dict[str, Any] = {}
         if acc is not None and self.dp is not None:
             privacy = {

@@ -12,6 +12,7 @@ anything is decoded.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ from lorafed.wire.payload import Payload
 
 #: A single client claiming more examples than this is refused as absurd.
 MAX_NUM_EXAMPLES = 10**9
+#: Longest client id accepted.
+MAX_CLIENT_ID = 128
+#: Largest ``int8_block`` block size accepted whatever the tensors (see :func:`max_block_size`).
+MAX_BLOCK_SIZE = 1 << 16
 #: Largest scale whose decoded codes (up to 127 x scale) stay finite in fp32.
 MAX_SCALE = torch.finfo(torch.float32).max / QMAX
 
@@ -57,10 +62,17 @@ def validate_update(payload: Payload, spec: UpdateSpec, source: str = "") -> Non
         PayloadValidationError: At the first problem, naming client, field and both values.
     """
     m = payload.meta
-    cid = m.client_id
+    cid = m.client_id if len(m.client_id) <= MAX_CLIENT_ID else _brief(m.client_id, 60)
 
     def fail(what: str, expected: object, received: object) -> None:
         raise PayloadValidationError(cid, what, expected, received, source)
+
+    if not client_id_ok(m.client_id):
+        fail(
+            "client_id",
+            f"1 to {MAX_CLIENT_ID} printable characters without '/' or '\\'",
+            _brief(m.client_id, 60) if m.client_id else "an empty string",
+        )
 
     if m.base_fingerprint != spec.base_fingerprint:
         fail(
@@ -72,18 +84,26 @@ def validate_update(payload: Payload, spec: UpdateSpec, source: str = "") -> Non
         keys = sorted(set(m.lora) | set(spec.lora), key=str)
         diff = [k for k in keys if m.lora.get(k, "<absent>") != spec.lora.get(k, "<absent>")]
         fail(
-            f"lora config {', '.join(map(str, diff))}",
+            f"lora config {_brief(', '.join(map(str, diff)))}",
             {k: spec.lora.get(k, "<absent>") for k in diff},
-            {k: m.lora.get(k, "<absent>") for k in diff},
+            _brief({k: m.lora.get(k, "<absent>") for k in diff}),
         )
     if tuple(m.labels) != tuple(spec.labels):
-        fail("labels", list(spec.labels), list(m.labels))
+        fail("labels", list(spec.labels), _brief(list(m.labels)))
     if spec.round is not None and m.round != spec.round:
-        fail("round", spec.round, m.round)
+        fail("round", spec.round, _brief(m.round))
     if m.num_examples <= 0 or m.num_examples > spec.max_num_examples:
-        fail("num_examples", f"an integer in [1, {spec.max_num_examples}]", m.num_examples)
+        fail("num_examples", f"an integer in [1, {spec.max_num_examples}]", _brief(m.num_examples))
     if m.dtype not in TRANSPORTS:
-        fail("dtype (transport)", f"one of {list(TRANSPORTS)}", repr(m.dtype))
+        fail("dtype (transport)", f"one of {list(TRANSPORTS)}", repr(m.dtype)[:80])
+    if m.dtype == "int8_block":
+        bound = max_block_size(spec.tensors)
+        if not isinstance(m.block_size, int) or not 1 <= m.block_size <= bound:
+            fail(
+                "block_size",
+                f"an integer in [1, {bound}] (blocks longer than the largest tensor are never needed)",
+                _brief(m.block_size),
+            )
     expected = wire_spec(spec.tensors, m.dtype, m.block_size or 0)
     missing = sorted(set(expected) - set(payload.tensors))
     extra = sorted(set(payload.tensors) - set(expected))
@@ -99,6 +119,33 @@ def validate_update(payload: Payload, spec: UpdateSpec, source: str = "") -> Non
         if got != dtype:
             fail(f"tensor {name} dtype", f"{dtype} (transport {m.dtype})", got)
     _check_values(payload.tensors, fail)
+
+
+def client_id_ok(client_id: str) -> bool:
+    """Whether ``client_id`` can name a client in messages, records and file names."""
+    return (
+        0 < len(client_id) <= MAX_CLIENT_ID
+        and client_id.isprintable()
+        and not any(c in client_id for c in "/\\")
+        and client_id not in (".", "..")
+    )
+
+
+def _brief(value: object, limit: int = 120) -> str:
+    """A short ``repr`` of a received value (hostile headers hold huge numbers and lists)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    text = reprlib.repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def max_block_size(tensors: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    """Largest ``int8_block`` block size an update may state: :data:`MAX_BLOCK_SIZE` or the largest tensor.
+
+    Decoding costs one block per tensor at least, so an unbounded block size would let a header
+    of a few bytes ask the server for gigabytes.
+    """
+    return max([MAX_BLOCK_SIZE, *(math.prod(shape) for shape, _ in tensors.values())])
 
 
 def _check_values(tensors: Mapping[str, torch.Tensor], fail: Any) -> None:

@@ -118,15 +118,32 @@ def decode(wire: Mapping[str, torch.Tensor], transport: str, block_size: int = 6
         if name.endswith(SCALE_SUFFIX):
             continue
         scale = wire[scale_name(name)]
-        n = q.numel()
         if transport == "int8":
             out[name] = q.to(torch.float32) * scale
             continue
-        nb = scale.numel()
-        padded = torch.zeros(nb * block_size, dtype=torch.float32)
-        padded[:n] = q.reshape(-1)
-        out[name] = (padded.view(nb, block_size) * scale.unsqueeze(1)).reshape(-1)[:n].reshape(q.shape)
+        out[name] = _dequantize_blocks(q, scale.reshape(-1), block_size, name)
     return out
+
+
+def _dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block_size: int, name: str) -> torch.Tensor:
+    """``q * scale`` per block, in O(numel) memory whatever ``block_size`` says (no padding).
+
+    Raises:
+        ValueError: ``block_size < 1`` or a scale count that does not fit ``numel`` (validation
+            refuses both before decoding; this guards direct callers).
+    """
+    n = q.numel()
+    if block_size < 1 or scale.numel() != num_blocks(n, block_size):
+        raise ValueError(f"tensor {name}: {scale.numel()} scales do not fit {n} elements in blocks of {block_size}")
+    flat = q.reshape(-1).to(torch.float32)
+    full = n // block_size
+    out = torch.empty(n, dtype=torch.float32)
+    if full:
+        cut = full * block_size
+        torch.mul(flat[:cut].view(full, block_size), scale[:full].unsqueeze(1), out=out[:cut].view(full, block_size))
+    if n > full * block_size:
+        torch.mul(flat[full * block_size :], scale[full], out=out[full * block_size :])
+    return out.reshape(q.shape)
 
 
 def wire_spec(spec: Spec, transport: str, block_size: int = 64) -> dict[str, tuple[tuple[int, ...], str]]:

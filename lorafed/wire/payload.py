@@ -410,7 +410,8 @@ def _parse_meta(raw: str, source: str) -> PayloadMeta:
         not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= MAX_BLOCK_SIZE
     ):
         raise PayloadError(
-            f"metadata field block_size: expected an integer in [1, {MAX_BLOCK_SIZE}], got {_short(block_size)}",
+            f"metadata field block_size: expected an integer >= 1, got {_short(block_size)} "
+            f"(and at most {MAX_BLOCK_SIZE})",
             path=source,
         )
     return PayloadMeta(

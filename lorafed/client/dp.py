@@ -1,0 +1,339 @@
+"""Record-level differential privacy in each client: DP-SGD through Opacus.
+
+Client-level DP (:mod:`lorafed.server.privacy`) hides whether a *client* took part; with a
+handful of merchants that guarantee is weak (each merchant is a large share of the federation)
+and it is the server that must be trusted to add the noise. Record-level DP hides whether any
+one *row* of a client's data was used, and the client adds the noise itself, before its update
+leaves it.
+
+The mechanism (Abadi et al. 2016, "Deep learning with differential privacy"), per step:
+
+* Poisson sampling: every training row of the client joins the step's batch independently with
+  probability ``q = batch_size / n`` (n: the client's training rows), as the accountant assumes.
+  A step may see an empty batch; it still takes a noise-only step.
+* Per-sample gradients of the *trainable* tensors only (LoRA and head; for FFA-LoRA B and head;
+  for RoLoRA the round's factor and head) through :class:`opacus.GradSampleModule`. The frozen
+  backbone (int8 or not) has no trainable parameters, so Opacus puts no hooks on its layers and
+  needs no grad sampler for them.
+* :class:`opacus.optimizers.DPOptimizer`: each row's gradient (all trainable tensors together)
+  is clipped to L2 norm ``C``, the clipped gradients are summed, Gaussian noise N(0, (z C)^2) is
+  added to every coordinate, and the sum is divided by the *expected* batch size ``q n``. AdamW
+  then steps on that noisy gradient. FedProx's term mu * (w - w_global) depends on no row, so it
+  is added after the noise (post-processing), not through the per-sample gradients.
+
+Accounting: epsilon comes from Opacus' accountant (``rdp``: :class:`opacus.accountants.RDPAccountant`,
+or ``prv``) for ``round x steps_per_round`` sampled-Gaussian steps at rate ``q`` and noise ``z``,
+at ``delta`` (default ``1 / (10 n)``). The client keeps no state between rounds: it charges
+itself as if it had taken part in every round up to the current one, an upper bound when it
+skipped rounds (and exact with ``federation.fraction: 1``). This holds across every engine
+(in-process, file drop, Flower, ``lorafed client train``), which share only the round number. It
+assumes the client's rows and training settings (n, batch size, steps, z) stay the same across
+rounds. Before training, a client whose epsilon after this round would exceed
+``max_epsilon`` raises :class:`~lorafed.errors.PrivacyBudgetError`.
+
+The row sampling and the noise are seeded from the operating system (``noise_seed: null``): a
+noise generator seeded from public values (config seed, round, client id) could be replayed and
+the noise subtracted. So, unlike a non-DP round, a DP round is not reproducible unless
+``noise_seed`` is set, which is for experiments only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import secrets
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafed.client.train import TrainResult, autocast, client_loss, planned_steps
+from lorafed.config import RecordDPConfig, TrainConfig
+from lorafed.data.tokens import TokenizedRows
+from lorafed.errors import PrivacyBudgetError
+from lorafed.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class RecordDPPlan:
+    """One client's DP-SGD settings and accounting, fixed for the whole federation.
+
+    Attributes:
+        noise_multiplier: z: the noise std on the clipped sum is ``z * clip_norm``.
+        clip_norm: C: each row's gradient norm bound.
+        sample_rate: q: the probability each row joins a step's batch.
+        steps_per_round: DP steps the client takes in one round.
+        delta: The delta of the guarantee.
+        max_epsilon: The budget (``inf`` for none).
+        accountant: ``rdp`` or ``prv`` (Opacus' accountant names).
+        noise_seed: Seed of sampling and noise, or ``None`` for operating-system entropy.
+        num_rows: The client's training rows n.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    steps_per_round: int
+    delta: float
+    max_epsilon: float
+    accountant: str = "rdp"
+    noise_seed: int | None = None
+    num_rows: int = 1
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q n``: the divisor of the noisy clipped sum."""
+        return self.sample_rate * self.num_rows
+
+    def steps_through(self, round_: int) -> int:
+        """DP steps charged after ``round_`` rounds (participation in every round assumed)."""
+        return round_ * self.steps_per_round
+
+    def epsilon_after(self, round_: int) -> float:
+        """Epsilon at :attr:`delta` after ``round_`` rounds."""
+        return epsilon_spent(
+            self.noise_multiplier, self.sample_rate, self.steps_through(round_), self.delta, self.accountant
+        )
+
+    def check_budget(self, round_: int, client_id: str) -> float:
+        """Epsilon after ``round_``, if it is within the budget.
+
+        Raises:
+            PrivacyBudgetError: Training round ``round_`` would take epsilon past ``max_epsilon``.
+        """
+        eps = self.epsilon_after(round_)
+        if eps > self.max_epsilon:
+            raise PrivacyBudgetError(client_id, round_, eps, self.max_epsilon, self.delta)
+        return eps
+
+    def report(self, round_: int) -> dict[str, float | int]:
+        """What a client puts in its header's ``metrics`` after round ``round_``."""
+        return {
+            "epsilon": self.epsilon_after(round_),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "dp_steps": self.steps_through(round_),
+        }
+
+
+def epsilon_spent(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon of ``steps`` Poisson-sampled Gaussian steps, from Opacus' accountant.
+
+    Args:
+        noise_multiplier: z (0 gives ``inf``).
+        sample_rate: q in (0, 1].
+        steps: Composed steps (0 gives 0).
+        delta: The delta of the guarantee.
+        accountant: ``rdp`` or ``prv``.
+    """
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    return _epsilon_cached(float(noise_multiplier), float(sample_rate), int(steps), float(delta), accountant)
+
+
+#: Rényi orders of the ``rdp`` accountant: Opacus' defaults and larger ones, which the small
+#: clients (large q, few steps) need for a tight bound.
+RDP_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(12, 64),
+    *(80, 96, 128, 192, 256, 384, 512),
+)
+
+
+def _accountant_kwargs(accountant: str) -> dict[str, Any]:
+    return {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon_cached(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    return float(acc.get_epsilon(delta, **_accountant_kwargs(accountant)))
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
+    """The smallest z (within Opacus' tolerance) whose epsilon after ``steps`` is at most ``target_epsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            **_accountant_kwargs(accountant),
+        )
+    )
+
+
+def plan_record_dp(cfg: TrainConfig, n_rows: int, planned_rounds: int) -> RecordDPPlan:
+    """A client's plan: its sample rate, steps per round, delta, z (calibrated if asked) and budget.
+
+    Args:
+        cfg: Training settings; ``cfg.record_dp`` must be enabled.
+        n_rows: The client's training rows.
+        planned_rounds: ``federation.rounds``: a ``target_epsilon`` is met after this many rounds.
+    """
+    dp: RecordDPConfig = cfg.record_dp
+    n = max(int(n_rows), 1)
+    q = min(1.0, cfg.batch_size / n)
+    steps = planned_steps(n, cfg)
+    delta = dp.delta if dp.delta is not None else 1.0 / (10 * n)
+    if dp.target_epsilon is not None:
+        z = calibrate_noise(dp.target_epsilon, delta, q, max(planned_rounds, 1) * steps, dp.accountant)
+    else:
+        z = float(dp.noise_multiplier or 0.0)
+    budget = dp.max_epsilon if dp.max_epsilon is not None else dp.target_epsilon
+    return RecordDPPlan(
+        z, dp.clip_norm, q, steps, delta, math.inf if budget is None else budget, dp.accountant, dp.noise_seed, n
+    )
+
+
+def _generators(plan: RecordDPPlan, seed: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The row-sampling and noise generators: from ``noise_seed`` and ``seed``, else from OS entropy."""
+    if plan.noise_seed is None:
+        return np.random.default_rng(secrets.randbits(128)), torch.Generator().manual_seed(secrets.randbits(63))
+    mixed = np.random.SeedSequence([plan.noise_seed, seed & 0xFFFFFFFF])
+    sample_seed, noise_seed = mixed.generate_state(2, dtype=np.uint64)
+    return np.random.default_rng(int(sample_seed)), torch.Generator().manual_seed(int(noise_seed) >> 1)
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    noise_multiplier: float,
+    clip_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Any, Any]:
+    """Wrap ``model`` for per-sample gradients of its trainable tensors and ``optimizer`` for DP.
+
+    The caller must call ``cleanup()`` on the returned module when done, which removes Opacus'
+    hooks and per-sample attributes from ``model`` (the model itself is not replaced).
+
+    Returns:
+        ``(GradSampleModule, DPOptimizer)``; ``loss_reduction="mean"``: pass a batch-mean loss.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    dp_opt = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=clip_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    return gsm, dp_opt
+
+
+def _empty_step(dp_opt: Any) -> None:
+    """Mark an empty Poisson batch: zero per-sample gradients, so the step adds noise only."""
+    for p in dp_opt.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def train_local_dp(
+    model: Any,
+    rows: TokenizedRows,
+    positions: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    plan: RecordDPPlan,
+    desc: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """:func:`~lorafed.client.train.train_local` under DP-SGD: same optimizer, warm-up, autocast, FedProx.
+
+    Takes exactly ``plan.steps_per_round`` steps, each on a Poisson sample of ``positions``.
+    ``cfg.max_grad_norm`` is not applied (the per-sample clip ``plan.clip_norm`` replaces it).
+
+    Args:
+        model: A peft model whose adapter holds the starting (global) weights; its trainable
+            tensors are the round's roles.
+        rows: Tokenized rows.
+        positions: This client's training rows.
+        cfg: Training settings.
+        seed: Seeds dropout (and, with ``noise_seed``, sampling and noise).
+        plan: The client's DP plan (:func:`plan_record_dp`).
+        desc: Progress-bar label.
+        progress: Show a progress bar over steps.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = plan.steps_per_round
+    warmup = int(total * cfg.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sampler, noise_gen = _generators(plan, seed)
+    torch.manual_seed(seed)
+    model.train()
+    gsm, dp_opt = make_private(model, opt, plan.noise_multiplier, plan.clip_norm, plan.expected_batch_size, noise_gen)
+    if anchors:
+
+        def add_prox(dpo: Any) -> None:
+            for p, a in zip(dpo.params, anchors, strict=True):
+                p.grad.add_(p.detach() - a, alpha=cfg.prox_mu)
+
+        dp_opt.attach_step_hook(add_prox)
+    pos = np.asarray(positions, dtype=np.int64)
+    losses: list[float] = []
+    samples = 0
+    start = time.perf_counter()
+    bar = progress_bar(total=total, desc=desc or "train (DP)", unit="step", leave=False, enabled=progress)
+    try:
+        for _ in range(total):
+            chosen = pos[sampler.random(len(pos)) < plan.sample_rate]
+            if len(chosen):
+                batch = rows.batch(chosen)
+                labels = batch.pop("labels")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Opacus' notes on backward hooks, once per call
+                    with autocast(model, cfg.autocast):
+                        logits = gsm(**batch).logits
+                    loss = client_loss(logits, labels, None)
+                    loss.backward()
+                losses.append(float(loss.detach()))
+                samples += len(chosen)
+            else:
+                _empty_step(dp_opt)
+            dp_opt.step()
+            sched.step()
+            dp_opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            if losses:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+        gsm.cleanup()
+        for p in params:
+            for attr in ("summed_grad", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+    model.eval()
+    return TrainResult(
+        num_examples=len(positions),
+        steps=total,
+        samples=samples,
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        seconds=time.perf_counter() - start,
+    )
