@@ -1,15 +1,18 @@
-"""The quality benchmark's runners on the tiny federation: same budget, real payload bytes, targets."""
+"""The quality benchmark on the tiny federation: early stopping, resumed rounds = one run, targets, report."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
 
+from lorafed.engine.compare import EarlyStop, val_positions
 from lorafed.engine.federation import prepare_federation
+from lorafed.engine.inprocess import simulate
+from lorafed.engine.record import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,61 +21,136 @@ ROOT = Path(__file__).resolve().parents[1]
 def bench():
     spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass looks its module up
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_methods_share_the_budget_and_ffa_uploads_less(bench, tiny_config, tmp_path) -> None:
-    base = tiny_config()
+def test_early_stop_counts_rounds_without_a_strict_improvement() -> None:
+    stop = EarlyStop(patience=2)
+    assert [stop.update(r, f) for r, f in enumerate([0.1, 0.3, 0.3, 0.2])] == [False, False, False, True]
+    assert (stop.best_at, stop.best) == (1, 0.3)  # the earliest of equal scores
+    never = EarlyStop()
+    assert not any(never.update(r, 0.0) for r in range(10))
+
+
+def test_federated_rounds_one_at_a_time_equal_one_run_and_stop_early(bench, tiny_config, tmp_path) -> None:
+    base = tiny_config("federation.rounds=3")
     fed = prepare_federation(base)
-    fedavg = bench.run_federated(fed, base, tmp_path / "fedavg")
-    ffa = bench.run_federated(fed, tiny_config("federation.aggregation=ffa"), tmp_path / "ffa")
-    cen = bench.run_centralized(fed, base)
-    loc = bench.run_local(fed, base, own_rows=10)
-    budget = base.federation.rounds * 2 * base.train.max_steps * base.train.batch_size
-    assert fedavg["samples"] == ffa["samples"] == cen["samples"] == loc["samples"] == budget
-    assert [p["round"] for p in fedavg["curve"]] == [1, 2]
-    assert ffa["bytes_per_client_round"] < fedavg["bytes_per_client_round"]
-    assert fedavg["curve"][-1]["bytes_up_cum"] == pytest.approx(2 * 2 * fedavg["bytes_per_client_round"])
+    val = val_positions(fed)
+    res = bench.run_federated(fed, base, tmp_path / "fedavg", val, rounds=3, patience=None)
+    simulate(base, tmp_path / "once", progress=False, fed=fed)
+    once = read_metrics(tmp_path / "once" / "metrics.jsonl")
+    assert [p["macro_f1"] for p in res["curve"]] == [r["macro_f1"] for r in once]
+    assert [p["round"] for p in res["curve"]] == [0, 1, 2, 3] and res["rounds_run"] == 3
+    best = max(res["curve"], key=lambda p: (p["val_macro_f1"], -p["round"]))
+    assert res["best_round"] == best["round"] and res["macro_f1"] == best["macro_f1"]
+    assert res["curve"][-1]["bytes_up_cum"] == pytest.approx(3 * 2 * res["bytes_per_client_round"])
+    ffa = bench.run_federated(fed, tiny_config("federation.aggregation=ffa"), tmp_path / "ffa", val, 2, None)
+    assert ffa["bytes_per_client_round"] < res["bytes_per_client_round"]
+    # With patience p the run stops p rounds after its best validation round (or at the cap).
+    short = bench.run_federated(fed, base, tmp_path / "short", val, rounds=3, patience=1)
+    assert short["rounds_run"] == min(3, short["best_round"] + 1)
+    assert short["curve"] == res["curve"][: short["rounds_run"] + 1]
+
+
+def test_baselines_stop_on_validation_and_score_the_global_test_rows(bench, tiny_config) -> None:
+    fed = prepare_federation(tiny_config("partition.num_clients=3"))
+    val = val_positions(fed)
+    cen = bench.run_centralized(fed, val, rounds=3, patience=2)
+    best = max(cen["curve"], key=lambda p: (p["val_macro_f1"], -p["round"]))
+    assert cen["best_round"] == best["round"] and cen["macro_f1"] == best["macro_f1"]
+    assert cen["rounds_run"] == min(3, cen["best_round"] + 2)
+    loc = bench.run_local(fed, rounds=2, patience=1, own_val_rows=5)
     assert set(loc["clients"]) == set(fed.partition.client_ids)
-    assert loc["worst_global_macro_f1"] <= loc["mean_global_macro_f1"]
-    assert all(c["own_rows"] <= 10 for c in loc["clients"].values())
+    assert all(c["own_val_rows"] <= 5 and c["rounds_run"] <= 2 for c in loc["clients"].values())
+    assert loc["worst_macro_f1"] <= loc["macro_f1"]
 
 
 def test_targets_are_judged_from_the_numbers(bench) -> None:
-    def s(f1: float, std: float = 0.0) -> dict:
-        return {"macro_f1": {"mean": f1, "std": std}}
+    def s(f1: float, n: int = 3, final: float | None = None) -> dict:
+        return {"macro_f1": {"mean": f1, "std": 0.0, "n": n}}
 
-    summary = {
-        "centralized": s(0.80),
-        "local-only": {"mean_global_macro_f1": {"mean": 0.70}},
-        "fedavg": s(0.785),
-        "ffa": s(0.795),
+    def setting(summary: dict, seeds: dict | None = None) -> dict:
+        return {"summary": summary, "seeds": seeds or {}}
+
+    a = {"centralized": s(0.80), "local-only": s(0.70), "fedavg": s(0.785), "ffa": s(0.79), "rolora": s(0.85, 1)}
+    d = {"centralized": s(0.80), "fedavg": s(0.785)}
+    e_seeds = {
+        "0": {
+            "round0": {"macro_f1": 0.20},
+            "centralized": {"final_macro_f1": 0.5},
+            "fedavg": {"final_macro_f1": 0.19},
+            "local-only": {"macro_f1": 0.1},
+        }
     }
-    c_summary = {"fedavg": s(0.50, 0.01), "ffa": s(0.56, 0.01), "rolora": s(0.505)}
-    t = bench.check_targets({"a": {"summary": summary}, "c": {"summary": c_summary}})
-    assert [(x["setting"], x["best"], x["met"]) for x in t] == [
-        ("a", "ffa", True),
-        ("a", "ffa", True),
-        ("c", "ffa", True),
-    ]
-    assert t[0]["value"] == pytest.approx(-0.5)
-    assert t[1]["value"] == pytest.approx(9.5)
-    c_summary["ffa"] = s(0.51, 0.01)
-    assert not bench.check_targets({"c": {"summary": c_summary}})[0]["met"]
+    e = {"centralized": s(0.50), "fedavg": s(0.49)}
+    t = bench.check_targets({"a": setting(a), "d": setting(d), "e": setting(e, e_seeds)})
+    got = {x["target"]: (x["met"], round(x["value"], 6), x["best"]) for x in t}
+    # The best federated method is chosen among those run on every seed (rolora ran one seed only).
+    assert got == {
+        "(d) IID FedAvg within 1.0 macro-F1 points of centralized": (False, 1.5, "fedavg"),
+        "(a) best federated within 1.5 macro-F1 points of centralized": (True, 1.0, "ffa"),
+        "(a) best federated >= 3 macro-F1 points above the mean local-only client (global test)": (True, 9.0, "ffa"),
+        "(e) best federated within 2.0 macro-F1 points of centralized": (True, 1.0, "fedavg"),
+        "(e) no run ends below its round 0 (macro-F1 of the last round)": (False, -1.0, "fedavg"),
+    }
+    assert all(set(x) >= {"target", "met", "value"} for x in t)
 
 
-def test_main_writes_json_markdown_and_plots(bench, tiny_model_dir, synthetic_csv, tmp_path, monkeypatch) -> None:
-    tiny = [*tiny_overrides(synthetic_csv, tiny_model_dir), "federation.rounds=2"]
-    monkeypatch.setitem(bench.SETTINGS, "a", {"title": "(a) tiny", "config": "tiny.yaml"})
-    monkeypatch.setitem(bench.PROFILES, "quick", {"seeds": [0, 1], "own_test_rows": 8, "overrides": {"a": tiny}})
-    assert bench.main(["--quick", "--settings", "a", "--out", str(tmp_path)]) == 0
+def test_reach_is_the_first_round_at_the_share_of_centralized(bench) -> None:
+    curve = [{"round": r, "macro_f1": f, "bytes_up_cum": 1e6 * r} for r, f in enumerate([0.1, 0.6, 0.77, 0.8])]
+    per_seed = {
+        "0": {"round0": {}, "centralized": {"macro_f1": 0.8, "curve": []}, "fedavg": {"macro_f1": 0.8, "curve": curve}}
+    }
+    summary = bench.summarize(per_seed)
+    r95 = summary["fedavg"]["reach_95"]
+    assert r95["level"] == pytest.approx(0.76)
+    assert (r95["reached"], r95["of"], r95["rounds"], r95["mb_up"]) == (1, 1, 2, 2.0)
+    assert summary["fedavg"]["reach_99"]["rounds"] == 3
+
+
+def test_main_tiny_writes_json_markdown_and_plots(bench, tmp_path) -> None:
+    out = tmp_path / "res"
+    assert (
+        bench.main(
+            ["--tiny", "--settings", "a,d,e", "--methods", "centralized,local-only,fedavg,ffa", "--out", str(out)]
+        )
+        == 0
+    )
+    report = json.loads((out / "quality.json").read_text())
+    a = report["settings"]["a"]
+    assert set(a["summary"]) == {"centralized", "local-only", "fedavg", "ffa"}
+    # Seeds 0 and 1 for the baselines, fedavg and the best other method; seed 0 for the rest.
+    assert set(a["seeds"]) == {"0", "1"} and set(a["multi_seed"]) == {"centralized", "local-only", "fedavg", "ffa"}
+    f1 = [a["seeds"][s]["ffa"]["macro_f1"] for s in ("0", "1")]
+    assert a["summary"]["ffa"]["macro_f1"]["mean"] == pytest.approx(sum(f1) / 2)
+    assert a["summary"]["ffa"]["macro_f1"]["std"] == pytest.approx(abs(f1[0] - f1[1]) / 2**0.5)
+    assert all(len(r["curve"]) - 1 <= 3 for r in a["seeds"]["0"].values() if "curve" in r)
+    assert len(report["settings"]["d"]["clients"]) == len(a["clients"]) == 3  # (d): IID over as many clients as (a)
+    assert report["settings"]["d"]["config"] == "configs/tiny.yaml"
+    assert {t["target"][:3] for t in report["targets"]} == {"(a)", "(d)", "(e)"}
+    assert all(isinstance(t["met"], bool) and isinstance(t["value"], float) for t in report["targets"])
+    md = (out / "quality.md").read_text()
+    assert "| ffa |" in md and "local-only, worst client" in md and "## Targets" in md and "## Profile choices" in md
+    for key in ("a", "d", "e"):
+        assert (out / f"quality_{key}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_time_budget_skips_runs_and_says_so(bench, tmp_path) -> None:
+    argv = ["--tiny", "--settings", "a", "--methods", "centralized,fedavg", "--time-budget-s", "1e-9"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "quality.json").read_text())
-    summary = report["settings"]["a"]["summary"]
-    assert set(summary) == {"centralized", "local-only", *bench.FEDERATED}
-    f1 = [report["settings"]["a"]["seeds"][s]["ffa"]["macro_f1"] for s in ("0", "1")]
-    assert summary["ffa"]["macro_f1"]["mean"] == pytest.approx(sum(f1) / 2)
-    assert summary["ffa"]["macro_f1"]["std"] == pytest.approx(abs(f1[0] - f1[1]) / 2**0.5)
-    md = (tmp_path / "quality.md").read_text()
-    assert "| ffa |" in md and "local-only (worst client, own test slice)" in md and "## Targets" in md
-    assert (tmp_path / "quality_a.png").read_bytes().startswith(b"\x89PNG")
+    assert report["skipped"] == ["a/seed0/centralized", "a/seed0/fedavg", "a/seed1/centralized", "a/seed1/fedavg"]
+    assert "Skipped (time budget spent)" in (tmp_path / "quality.md").read_text()
+
+
+def test_full_profile_takes_the_winner_of_an_earlier_setting_on_the_same_data(bench) -> None:
+    full = bench.PROFILES["full"]
+    b, c = bench.make_plans(full, ["b", "c"], None, None, None)
+    assert b.methods == bench.ALL_METHODS and b.winner_from is None
+    assert (c.methods, c.winner_from) == (["centralized", "local-only", "fedavg"], "b")
+    (alone,) = bench.make_plans(full, ["c"], None, None, None)  # (b) not run: every method
+    assert alone.methods == bench.ALL_METHODS and alone.winner_from is None
+    (chosen,) = bench.make_plans(full, ["c"], ["fedavg", "centralized"], 2, None)
+    assert (chosen.methods, chosen.seeds) == (["centralized", "fedavg"], 2)

@@ -17,7 +17,9 @@ judged at an arbitrary budget. The test rows are the federation's global test ro
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,11 @@ from lorafed.wire.payload import load_payload
 logger = logging.getLogger(__name__)
 
 
-def _val_positions(fed: Federation) -> np.ndarray:
+def val_positions(fed: Federation) -> np.ndarray:
+    """The pooled validation rows of the federation (union of the clients' slices), capped like the test rows.
+
+    Capped at ``federation.max_test_rows`` by a seeded sample (seed + 1, so not the test sample's draw).
+    """
     val = np.sort(np.concatenate([s.val for s in fed.splits]))
     cap = fed.config.federation.max_test_rows
     if cap is not None and len(val) > cap:
@@ -46,31 +52,104 @@ def _val_positions(fed: Federation) -> np.ndarray:
     return val
 
 
-def _best(checkpoints: list[tuple[int, EvalResult, EvalResult]]) -> dict[str, Any]:
-    """The test scores of the checkpoint with the best validation macro-F1 (earliest on ties)."""
+@dataclass
+class EarlyStop:
+    """Early stopping on validation macro-F1: stop once ``patience`` checkpoints in a row bring no improvement.
+
+    Attributes:
+        patience: Checkpoints without a strictly better score before stopping (``None``: never stop).
+        best: The best score so far.
+        best_at: The checkpoint that scored it (the earliest on ties).
+        since: Checkpoints since the best one.
+    """
+
+    patience: int | None = None
+    best: float = -math.inf
+    best_at: int = -1
+    since: int = 0
+
+    def update(self, checkpoint: int, score: float) -> bool:
+        """Record a checkpoint's validation score; return whether training should stop."""
+        if score > self.best:
+            self.best, self.best_at, self.since = score, checkpoint, 0
+        else:
+            self.since += 1
+        return self.patience is not None and self.since >= self.patience
+
+
+def _best(checkpoints: list[tuple[int, EvalResult, EvalResult | None]]) -> dict[str, Any]:
+    """The test scores of the checkpoint with the best validation macro-F1 (earliest on ties).
+
+    A checkpoint's test scores may be ``None`` (not scored) except at the best one.
+    """
     step, val, test = max(checkpoints, key=lambda c: (c[1].macro_f1, -c[0]))
+    assert test is not None
     return {
         "best_checkpoint": step,
         "val_macro_f1": val.macro_f1,
         "macro_f1": test.macro_f1,
         "accuracy": test.accuracy,
-        "curve": [{"checkpoint": s, "val_macro_f1": v.macro_f1, "macro_f1": t.macro_f1} for s, v, t in checkpoints],
+        "curve": [
+            {
+                "checkpoint": s,
+                "val_macro_f1": v.macro_f1,
+                "macro_f1": t.macro_f1 if t is not None else None,
+                "accuracy": t.accuracy if t is not None else None,
+            }
+            for s, v, t in checkpoints
+        ],
     }
 
 
-def train_alone(fed: Federation, positions: np.ndarray, seed_id: str, val: np.ndarray) -> dict[str, Any]:
-    """Train one model on ``positions`` for rounds x steps, scored at each round-sized checkpoint."""
+def train_alone(
+    fed: Federation,
+    positions: np.ndarray,
+    seed_id: str,
+    val: np.ndarray,
+    *,
+    rounds: int | None = None,
+    patience: int | None = None,
+    test_each: bool = True,
+) -> dict[str, Any]:
+    """Train one model on ``positions``, scored on ``val`` at each round-sized checkpoint (``max_steps`` steps).
+
+    Args:
+        fed: The prepared federation (its model, rows, test rows and config).
+        positions: The training rows.
+        seed_id: Seeds each checkpoint's batches with the run seed and the checkpoint number.
+        val: The validation rows that pick the best checkpoint (and stop early).
+        rounds: At most this many checkpoints after checkpoint 0 (default ``federation.rounds``).
+        patience: Stop after this many checkpoints without a better validation macro-F1
+            (:class:`EarlyStop`; default: never).
+        test_each: Score every checkpoint on the test rows (for a curve); otherwise only the best one.
+
+    Returns:
+        :func:`_best`'s dict, plus ``checkpoints_run`` (trained checkpoints) and ``stopped_early``.
+    """
     cfg = fed.config
     model = fed.client.model
-    state = fed.initial_state
-    checkpoints = [(0, evaluate_state(fed, state, val), evaluate_state(fed, state))]
-    for r in range(1, cfg.federation.rounds + 1):
-        # Each checkpoint is a round's worth of steps; the optimizer restarts, as a federated round's does.
-        set_adapter_state(model, state)
-        train_local(model, fed.rows, positions, cfg.train, client_seed(cfg.seed, r, seed_id), progress=False)
-        state = get_adapter_state(model)
-        checkpoints.append((r, evaluate_state(fed, state, val), evaluate_state(fed, state)))
-    return _best(checkpoints)
+    last = cfg.federation.rounds if rounds is None else rounds
+    stop = EarlyStop(patience)
+    state = best_state = fed.initial_state
+    checkpoints: list[tuple[int, EvalResult, EvalResult | None]] = []
+    stopped = False
+    for r in range(last + 1):
+        if r:
+            # Each checkpoint is a round's worth of steps; the optimizer restarts, as a federated round's does.
+            set_adapter_state(model, state)
+            train_local(model, fed.rows, positions, cfg.train, client_seed(cfg.seed, r, seed_id), progress=False)
+            state = get_adapter_state(model)
+        v = evaluate_state(fed, state, val)
+        checkpoints.append((r, v, evaluate_state(fed, state) if test_each else None))
+        stopped = stop.update(r, v.macro_f1)
+        if stop.best_at == r:
+            best_state = state
+        if stopped:
+            break
+    if not test_each:
+        b = stop.best_at
+        checkpoints[b] = (b, checkpoints[b][1], evaluate_state(fed, best_state))
+    return {**_best(checkpoints), "checkpoints_run": len(checkpoints) - 1, "stopped_early": stopped and r < last}
 
 
 def compare(config: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -83,7 +162,7 @@ def compare(config: RunConfig, out_dir: str | Path, progress: bool = True) -> di
     t0 = time.perf_counter()
     out = Path(out_dir)
     fed = prepare_federation(config)
-    val = _val_positions(fed)
+    val = val_positions(fed)
     times: dict[str, float] = {}
 
     t = time.perf_counter()
