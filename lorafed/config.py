@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lorafed.client.personalize import PersonalizeMethod
 from lorafed.errors import ConfigError
 from lorafed.model.int8 import Int8Backend, Precision
 from lorafed.partition import Scheme
@@ -298,6 +299,32 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PersonalizeConfig:
+    """After federation, each client's own adapter: the global one plus a local part.
+
+    See :mod:`lorafed.client.personalize` (``lorafed.engine.scenarios.personalize_all`` writes one per client).
+
+    Attributes:
+        method: ``none`` (every client uses the global adapter), ``finetune`` (a short local
+            fine-tune of LoRA and head from the global adapter) or ``local_head`` (FedRep-style:
+            the global LoRA kept frozen, only the classifier head retrained on the client's rows).
+        steps: Most local optimizer steps.
+        learning_rate: Local learning rate (``null``: ``train.learning_rate``).
+        eval_every: Steps between validation checkpoints; the checkpoint with the best validation
+            macro-F1 is kept, the global adapter itself being checkpoint 0 (a client without
+            validation rows keeps the last one).
+        patience: Stop after this many checkpoints in a row without a better validation macro-F1
+            (``null``: run every step).
+    """
+
+    method: PersonalizeMethod = "none"
+    steps: int = 20
+    learning_rate: float | None = None
+    eval_every: int = 5
+    patience: int | None = 2
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run: a name, a seed, an output folder and one of each section.
 
@@ -310,6 +337,7 @@ class RunConfig:
         model: The model section.
         train: The train section.
         federation: The federation section.
+        personalize: Per-client personalization after the federation.
     """
 
     name: str = "run"
@@ -320,6 +348,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -641,4 +670,9 @@ def _check_ranges(c: RunConfig) -> list[str]:
         f.transport_block_size >= 8,
         f"federation.transport_block_size: must be >= 8, got {f.transport_block_size}",
     )
+    pz = c.personalize
+    need(pz.steps >= 1, f"personalize.steps: must be >= 1, got {pz.steps}")
+    need(pz.learning_rate is None or pz.learning_rate > 0, "personalize.learning_rate: must be > 0 or null")
+    need(pz.eval_every >= 1, f"personalize.eval_every: must be >= 1, got {pz.eval_every}")
+    need(pz.patience is None or pz.patience >= 1, f"personalize.patience: must be >= 1 or null, got {pz.patience}")
     return p

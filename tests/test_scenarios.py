@@ -1,0 +1,204 @@
+"""Scenarios: personalization (finetune, local_head), personalized payloads and their export, cold start, the bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from lorafed.client import personalize as pmod
+from lorafed.client.personalize import personalize, personalize_local, personalize_report, sample_rows
+from lorafed.config import PersonalizeConfig
+from lorafed.data.tokens import Split
+from lorafed.engine.federation import prepare_federation
+from lorafed.engine.inprocess import simulate
+from lorafed.engine.record import read_metrics
+from lorafed.engine.scenarios import (
+    client_site,
+    cold_start,
+    federation_without,
+    final_global,
+    measure_personalization,
+    personalize_all,
+)
+from lorafed.errors import ConfigError
+from lorafed.metrics import EvalResult
+from lorafed.serve.export import export_adapter
+from lorafed.server.validate import validate_update
+from lorafed.wire.payload import load_payload
+from lorafed.wire.roles import tensor_role
+from tests.conftest import ROOT, write_synthetic_csv
+
+
+def test_personalize_config_section(tiny_config) -> None:
+    cfg = tiny_config("personalize.method=local_head", "personalize.steps=7", "personalize.learning_rate=0.01")
+    assert cfg.personalize == PersonalizeConfig("local_head", 7, 0.01, 5, 2)
+    assert tiny_config().personalize.method == "none"
+    with pytest.raises(ConfigError) as exc:
+        tiny_config("personalize.method=fedrep", "personalize.steps=0", "personalize.eval_every=0")
+    text = str(exc.value)
+    assert "personalize.method" in text and "personalize.steps" in text and "personalize.eval_every" in text
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """A 3-shop natural federation (2 rounds) on synthetic reviews, run once."""
+    from lorafed.config import load_config
+    from tests.conftest import tiny_overrides
+
+    tmp = tmp_path_factory.mktemp("scn")
+    csv_path = write_synthetic_csv(tmp / "reviews.csv", n=300)
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            *tiny_overrides(csv_path, tiny_model_dir),
+            "partition.scheme=natural",
+            "partition.column=shop",
+            "train.learning_rate=0.01",
+            "personalize.method=finetune",
+            "personalize.steps=4",
+            "personalize.eval_every=2",
+        ],
+    )
+    fed = prepare_federation(cfg)
+    simulate(cfg, tmp / "run", progress=False, fed=fed)
+    return cfg, fed, tmp / "run", tmp
+
+
+def test_local_head_trains_the_head_only(tiny_run) -> None:
+    _, fed, run, _ = tiny_run
+    _, glob = final_global(fed, run)
+    site = client_site(fed, 0, Split(fed.splits[0].train, np.empty(0, np.int64), fed.splits[0].test))
+    res = personalize_report(site, glob, PersonalizeConfig("local_head", 4, 0.05, 2, None))
+    assert res.steps == 4 and res.best_step == 4  # no validation rows: the last checkpoint
+    changed = {k for k in glob if not torch.equal(glob[k], res.tensors[k])}
+    assert changed and all(tensor_role(k) == "head" for k in changed)
+    assert all(torch.equal(glob[k], res.tensors[k]) for k in glob if tensor_role(k) != "head")
+    tuned = personalize(site, glob, PersonalizeConfig("finetune", 4, 0.05, 2, None))
+    assert {tensor_role(k) for k in glob if not torch.equal(glob[k], tuned[k])} == {"lora_A", "lora_B", "head"}
+    assert all(torch.equal(glob[k], v) for k, v in personalize(site, glob, PersonalizeConfig()).items())
+
+
+def test_checkpoint_choice_follows_validation(tiny_run, monkeypatch) -> None:
+    _, fed, run, _ = tiny_run
+    _, glob = final_global(fed, run)
+    script = iter([0.5, 0.4, 0.6, 0.55, 0.58, 0.9])  # global, then each checkpoint of 2 steps
+
+    def fake(*args, **kwargs):
+        return EvalResult(0.0, 0.0, next(script), {}, [], 1)
+
+    monkeypatch.setattr("lorafed.metrics.evaluate", fake)
+    res = personalize_report(client_site(fed, 0), glob, PersonalizeConfig("finetune", 20, 0.01, 2, 2))
+    # Best 0.6 at checkpoint 2 (4 steps); 0.55 and 0.58 are not better: patience 2 stops after 8 steps.
+    assert (res.best_step, res.steps, res.val_global, res.val_best) == (4, 8, 0.5, 0.6)
+    script = iter([0.7, 0.7, 0.6])  # a tie keeps the global adapter
+    res = personalize_report(client_site(fed, 0), glob, PersonalizeConfig("finetune", 4, 0.01, 2, None))
+    assert res.best_step == 0 and all(torch.equal(glob[k], res.tensors[k]) for k in glob)
+
+
+def test_personalize_all_writes_payloads_that_export(tiny_run, tiny_model_dir, tmp_path) -> None:
+    cfg, fed, run, _ = tiny_run
+    done = personalize_all(cfg, run, fed=fed)
+    assert set(done) == set(fed.partition.client_ids)
+    final_round = read_metrics(run / "metrics.jsonl")[-1]["round"]
+    for cid, res in done.items():
+        p = load_payload(run / "personalized" / f"{cid}.safetensors")
+        assert p.meta.kind == "personalized" and p.meta.client_id == cid and p.meta.round == final_round
+        assert p.meta.metrics["method"] == "finetune" and p.meta.metrics["steps"] == res.steps
+        validate_update(p, fed.spec(None))  # same base, LoRA config, labels and tensors as the federation
+        for k, v in p.decoded().items():
+            assert torch.equal(v, res.tensors[k])
+    summary = json.loads((run / "personalized" / "summary.json").read_text())
+    assert summary["personalize"]["method"] == "finetune" and set(summary["clients"]) == set(done)
+    cid = fed.partition.client_ids[0]
+    payload = load_payload(run / "personalized" / f"{cid}.safetensors")
+    report = export_adapter(payload, tmp_path / "export", str(tiny_model_dir))
+    assert report.max_abs_diff <= 1e-4 and report.federation["kind"] == "personalized"
+
+
+def test_measure_personalization_against_sklearn(tiny_run) -> None:
+    _, fed, run, _ = tiny_run
+    _, glob = final_global(fed, run)
+    pers = {cid: personalize(client_site(fed, k), glob) for k, cid in enumerate(fed.partition.client_ids)}
+    res = measure_personalization(fed, glob, pers, local_only=True, local_rounds=1)
+    from lorafed.metrics import predict_logits
+    from lorafed.wire.adapter import set_adapter_state
+
+    for k, cid in enumerate(fed.partition.client_ids):
+        test = fed.splits[k].test
+        y = fed.rows.labels[torch.as_tensor(test)].numpy()
+        for key, state in (("global", glob), ("personalized", pers[cid])):
+            set_adapter_state(fed.client.model, state)
+            pred = predict_logits(fed.client.model, fed.rows, test, 64).argmax(1)
+            expected = f1_score(y, pred, average="macro", labels=range(len(fed.data.label_names)), zero_division=0)
+            assert res["clients"][cid][key] == pytest.approx(expected, abs=1e-9), (cid, key)
+        assert 0 <= res["clients"][cid]["local_only"] <= 1
+    rows = res["clients"].values()
+    assert res["mean"]["personalized"] == pytest.approx(np.mean([r["personalized"] for r in rows]))
+    assert res["gained"] == sum(r["personalized"] > r["global"] for r in rows)
+    assert res["max_drop"] == pytest.approx(max(0.0, max(r["global"] - r["personalized"] for r in rows)))
+
+
+def test_personalize_local_on_a_companys_own_file(tiny_run, tmp_path) -> None:
+    cfg, fed, run, _ = tiny_run
+    import dataclasses
+
+    own = write_synthetic_csv(tmp_path / "mine.csv", n=60, seed=5, with_group=False)
+    local_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(own)))
+    out = tmp_path / "mine.safetensors"
+    glob = run / "rounds" / "global_r2.safetensors"
+    res = personalize_local(local_cfg, "shop-z", glob, out, progress=False)
+    p = load_payload(out)
+    assert p.meta.kind == "personalized" and p.meta.client_id == "shop-z" and p.meta.num_examples == res.num_examples
+    assert res.val_global is not None  # its validation slice picked the checkpoint
+    validate_update(p, fed.spec(None))
+
+
+def test_sample_rows_are_nested_and_seeded() -> None:
+    pos = np.arange(100, 200)
+    a, b = sample_rows(pos, 10, 3), sample_rows(pos, 20, 3)
+    assert len(a) == 10 and set(a) <= set(b) and set(b) <= set(pos.tolist())
+    assert np.array_equal(a, sample_rows(pos, 10, 3)) and not np.array_equal(a, sample_rows(pos, 10, 4))
+
+
+def test_federation_without_and_cold_start(tiny_run) -> None:
+    cfg, fed, _, tmp = tiny_run
+    others, k = federation_without(fed, "north")
+    assert "north" not in others.partition.client_ids and fed.partition.client_ids[k] == "north"
+    assert not set(fed.splits[k].test) & set(others.test_positions.tolist())
+    with pytest.raises(ConfigError, match="not in the partition"):
+        federation_without(fed, "west")
+    res = cold_start(cfg, "north", tmp / "cold", (5, 10, 10_000), fed=fed, local_steps=2, alone_steps=3)
+    row = read_metrics(tmp / "cold" / "federation" / "metrics.jsonl")[-1]
+    assert "north" not in row["clients"] and len(row["clients"]) == 2
+    assert [p["rows"] for p in res["curve"]] == [5, 10, 10_000]
+    assert res["curve"][-1]["rows_used"] == len(fed.splits[k].train)
+    assert len({p["global"] for p in res["curve"]}) == 1
+    assert all(0 <= p[key] <= 1 for p in res["curve"] for key in ("global", "global_tuned", "alone"))
+    assert (tmp / "cold" / "cold_start.png").stat().st_size > 1000
+
+
+def test_methods_are_defined_once() -> None:
+    import typing
+
+    assert set(typing.get_args(pmod.PersonalizeMethod)) == set(pmod.METHOD_ROLES)
+
+
+def test_bench_scenarios_tiny(tmp_path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_scenarios
+
+    assert bench_scenarios.main(["--tiny", "--out", str(tmp_path / "results"), "--work", str(tmp_path / "w")]) == 0
+    result = json.loads((tmp_path / "results" / "scenarios.json").read_text())
+    assert result["mode"] == "tiny" and set(result["settings"]) == {"a", "b"}
+    assert result["targets"] and all({"target", "met", "value"} <= set(t) for t in result["targets"])
+    for key, s in result["settings"].items():
+        assert s["command"].endswith(f"scripts/bench_scenarios.py --tiny --settings {key}")
+        assert set(s["personalization"]["methods"]) == {"finetune", "local_head"}
+        assert (tmp_path / "results" / f"scenarios_cold_{key}.png").is_file()
+    md = (tmp_path / "results" / "scenarios.md").read_text()
+    assert "cold start" in md and "Reproduce:" in md
