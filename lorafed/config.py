@@ -55,7 +55,8 @@ class DataConfig:
             ``skip`` drops them and reports their count and line numbers.
         val_fraction: Share of each client's rows held out for validation.
         test_fraction: Share of each client's rows held out for testing; the global test set is
-            the union of the clients' test slices.
+            the union of the clients' test slices. May be 0 in a config used only by cross-silo
+            clients (a company's own file never keeps test rows back); a simulation needs some.
     """
 
     path: str = ""
@@ -256,6 +257,12 @@ class FederationConfig:
         weighting: ``samples`` weights client i by n_i / n; ``uniform`` by 1 / K.
         max_test_rows: Evaluate the global model on at most this many test rows (seeded sample).
         max_num_examples: An update claiming more training examples than this is refused.
+        max_update_norm: Refuse an update whose delta from the global adapter has an L2 norm above
+            this (``null``: no absolute bound).
+        max_update_ratio: Refuse an update whose delta norm is above this multiple of the global
+            adapter's own norm (``null``: off). Honest rounds move it by a fraction of its norm.
+        max_client_share: No client's share of the weighted average may exceed this, in (0, 1]:
+            a client claiming an inflated ``num_examples`` is capped (``null``: off).
         robust: ``none`` (the rule in ``aggregation``), or a coordinate-wise ``trimmed_mean`` or
             ``median`` of the updates (unweighted; both hold every update of a round in memory).
         trim_ratio: Share of updates cut from *each* end of every coordinate by ``trimmed_mean``.
@@ -283,6 +290,9 @@ class FederationConfig:
     weighting: Weighting = "samples"
     max_test_rows: int | None = None
     max_num_examples: int = 10**9
+    max_update_norm: float | None = None
+    max_update_ratio: float | None = 10.0
+    max_client_share: float | None = None
     robust: Robust = "none"
     trim_ratio: float = 0.2
     clip_update_norm: float | None = None
@@ -541,7 +551,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(bool(d.label_column), "data.label_column: required")
     need(d.max_length >= 8, f"data.max_length: must be >= 8, got {d.max_length}")
     need(0 <= d.val_fraction < 1, f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
-    need(0 < d.test_fraction < 1, f"data.test_fraction: must be in (0, 1), got {d.test_fraction}")
+    need(0 <= d.test_fraction < 1, f"data.test_fraction: must be in [0, 1), got {d.test_fraction}")
     need(
         d.val_fraction + d.test_fraction < 1,
         f"data.val_fraction + data.test_fraction must be < 1 (no rows would be left to train on), got "
@@ -579,6 +589,18 @@ def _check_ranges(c: RunConfig) -> list[str]:
     )
     need(d.max_chars_per_field >= 1, f"data.max_chars_per_field: must be >= 1, got {d.max_chars_per_field}")
     need(f.max_num_examples >= 1, f"federation.max_num_examples: must be >= 1, got {f.max_num_examples}")
+    need(
+        f.max_update_norm is None or f.max_update_norm > 0,
+        f"federation.max_update_norm: must be > 0 or null, got {f.max_update_norm}",
+    )
+    need(
+        f.max_update_ratio is None or f.max_update_ratio > 0,
+        f"federation.max_update_ratio: must be > 0 or null, got {f.max_update_ratio}",
+    )
+    need(
+        f.max_client_share is None or 0 < f.max_client_share <= 1,
+        f"federation.max_client_share: must be in (0, 1] or null, got {f.max_client_share}",
+    )
     need(0 <= f.trim_ratio < 0.5, f"federation.trim_ratio: must be in [0, 0.5), got {f.trim_ratio}")
     need(
         f.clip_update_norm is None or f.clip_update_norm > 0,

@@ -23,6 +23,7 @@ class EvalResult:
         per_class: Label -> precision, recall, f1, support.
         confusion: ``confusion[i][j]`` = rows of true label i predicted as j.
         n: Rows scored.
+        labels: The label names, in id order.
     """
 
     loss: float
@@ -31,6 +32,7 @@ class EvalResult:
     per_class: dict[str, dict[str, float]]
     confusion: list[list[int]]
     n: int
+    labels: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, float]:
         """The headline numbers."""
@@ -87,4 +89,4 @@ def evaluate(
     y_true = rows.labels[np.asarray(positions, dtype=np.int64)].numpy()
     loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)))
     acc, macro, report, cm = classification_scores(y_true, logits.argmax(axis=1), label_names)
-    return EvalResult(loss, acc, macro, report, cm, len(y_true))
+    return EvalResult(loss, acc, macro, report, cm, len(y_true), tuple(label_names))

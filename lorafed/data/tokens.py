@@ -42,15 +42,28 @@ def split_indices(indices: np.ndarray, val_fraction: float, test_fraction: float
     )
 
 
+def model_inputs(
+    texts: Sequence[str], pairs: Sequence[str] | None, pair_mode: str
+) -> tuple[list[str], list[str] | None]:
+    """The tokenizer's (first, second) inputs: the one place the pair/prefix rule lives.
+
+    ``pair`` keeps the two texts as a BERT sentence pair; ``prefix`` puts the second text in front
+    of the first as ``"second. first"`` (a missing second text leaves the first alone). Training,
+    ``predict``, ``serve`` and the export's model card all follow this rule.
+    """
+    first = list(texts)
+    if pairs is None:
+        return first, None
+    if pair_mode == "prefix":
+        return [f"{p}. {t}" if p else t for t, p in zip(first, pairs, strict=True)], None
+    return first, list(pairs)
+
+
 class TokenizedRows:
     """Every row tokenized once; clients and rounds slice it by position (no re-tokenizing)."""
 
     def __init__(self, data: LabeledData, tokenizer: Any, max_length: int, pair_mode: str = "pair") -> None:
-        first = data.texts
-        second = data.pairs
-        if second is not None and pair_mode == "prefix":
-            first = [f"{p}. {t}" if p else t for t, p in zip(data.texts, second, strict=True)]
-            second = None
+        first, second = model_inputs(data.texts, data.pairs, pair_mode)
         enc = tokenizer(
             first,
             second,

@@ -198,6 +198,7 @@ def run_round(
         failed=failed,
         attempts=attempt,
         seconds=times,
+        record_epsilon=_record_epsilon(outcome.accepted),
     )
     if result.privacy:
         row["privacy"] = result.privacy
@@ -213,6 +214,16 @@ def run_round(
     else:
         logger.info("round %d: aggregated %d update(s)", r, len(row["clients"]))
     return new_state, data, scores
+
+
+def _record_epsilon(accepted: list[tuple[str, Any]]) -> dict[str, float] | None:
+    """Client id -> the record-level DP epsilon it has spent so far (from its header), or ``None``."""
+    eps = {
+        m.client_id: float(m.metrics["epsilon"])
+        for _, m in accepted
+        if isinstance(m.metrics.get("epsilon"), int | float) and not isinstance(m.metrics.get("epsilon"), bool)
+    }
+    return eps or None
 
 
 def run_rounds(

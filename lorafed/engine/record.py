@@ -62,6 +62,7 @@ ROW_KEYS = (
     "failed",
     "attempts",
     "seconds",
+    "record_epsilon",
 )
 
 
@@ -84,6 +85,7 @@ def metrics_row(r: int, scores: EvalResult | None, **fields: Any) -> dict[str, A
         "failed": [],
         "attempts": 0,
         "seconds": {},
+        "record_epsilon": None,
     }
     unknown = set(fields) - set(ROW_KEYS) - {"privacy"}
     if unknown:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lorafed.data.tokens import model_inputs
 from lorafed.serve.infer import ServingModel
 
 #: Interpolation steps of the integral (more: closer to completeness, slower).
@@ -30,9 +31,8 @@ def captum_available() -> bool:
 
 def encode_one(sm: ServingModel, text: str, pair: str | None, max_length: int) -> tuple[dict[str, torch.Tensor], Any]:
     """Tokenize one example with the export's input rule; returns the batch and the encoding (for offsets)."""
-    first, second = text, pair
-    if pair is not None and sm.text.get("pair_mode", "pair") == "prefix":
-        first, second = (f"{pair}. {text}" if pair else text), None
+    firsts, seconds = model_inputs([text], None if pair is None else [pair], sm.text.get("pair_mode", "pair"))
+    first, second = firsts[0], None if seconds is None else seconds[0]
     fast = bool(getattr(sm.tokenizer, "is_fast", False))
     enc = sm.tokenizer(
         first, second, truncation=True, max_length=max_length, return_tensors="pt", return_offsets_mapping=fast
