@@ -168,3 +168,24 @@ def test_predict_rejects_peft_dir_and_missing_column(adapter, tiny_model_dir, tm
     labelled.write_text("text,label\nhello,unknown\n", encoding="utf-8")
     assert main(["evaluate", "--model", str(merged), "--input", str(labelled), "--out", str(tmp_path / "e")]) == 2
     assert "label 'unknown' is not one of the model's labels" in capsys.readouterr().err
+
+
+def test_predict_skips_rows_without_text_or_refuses_with_strict(adapter, tiny_model_dir, tmp_path, capsys) -> None:
+    merged = tmp_path / "merged"
+    export_adapter(adapter, merged, str(tiny_model_dir))
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text,id\nlove it,a\n,b\nhate it,c\n   ,d\nfine,e\n", encoding="utf-8")
+    assert main(["predict", "--model", str(merged), "--input", str(rows)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 2 rows with no text: rows 2, 4" in captured.err
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["row"] for r in records] == [1, 3, 5]  # the file's row numbers, not positions
+    # Oracle: the same texts alone give the same probabilities.
+    from lorafed.serve.infer import load_serving_model, predict_proba
+
+    want = predict_proba(load_serving_model(merged), ["love it", "hate it", "fine"])
+    got = np.array([[r["probabilities"][lab] for lab in LABELS] for r in records])
+    assert np.abs(got - want).max() <= 1e-6
+    assert main(["predict", "--model", str(merged), "--input", str(rows), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "row 2" in err and "empty or missing text (and 1 more such row(s))" in err

@@ -50,6 +50,13 @@ def add_parsers(sub: Any) -> None:
     srv.add_argument("--max-batch", type=int, default=32, help="texts per forward pass (micro-batch size)")
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a micro-batch waits to fill")
     srv.add_argument("--max-queue", type=int, default=256, help="requests waiting before 503")
+    srv.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="inference engine: onnx runs model.onnx through onnxruntime; auto (default) takes onnx when the "
+        "export has model.onnx (lorafed export --format onnx) and onnxruntime is installed, else torch",
+    )
     srv.set_defaults(func=cmd_serve)
 
     merge = add_verb(
@@ -98,7 +105,14 @@ def add_parsers(sub: Any) -> None:
     add_overrides(export)
     export.add_argument("--base", help="base model directory or name (default: the config's, else the packaged MiniLM)")
     export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved weight dtype (merged)")
-    export.add_argument("--format", dest="fmt", choices=["merged", "peft"], default="merged", help="what to write")
+    export.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["merged", "onnx", "peft"],
+        default="merged",
+        help="what to write; onnx: the merged model plus model.onnx (opset 17, dynamic batch and sequence, "
+        "onnxruntime logits checked against torch within 1e-4; needs pip install 'lorafed[onnx]')",
+    )
     export.add_argument("--sample", help="CSV/JSONL/Parquet whose first 32 texts join the parity sample")
     export.set_defaults(func=_cmd_export)
 
@@ -138,6 +152,15 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--pair-column", help="second text column (default: the export's, if the file has it)")
         p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     predict.add_argument("--out", default="-", help="JSONL output file, or - for stdout (default)")
+    predict.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a file with rows that have no text (default: skip them, listed on stderr; 'row' in the "
+        "output keeps the file's row numbers)",
+    )
+    predict.add_argument(
+        "--backend", choices=["auto", "torch", "onnx"], default="auto", help="inference engine (as for serve)"
+    )
     predict.set_defaults(func=_cmd_predict)
     evaluate.add_argument("--label-column", help="the gold label column (default: the export's, else 'label')")
     add_output(evaluate, None, "folder for metrics.json and confusion.png")
@@ -200,6 +223,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         f"parity ({report.sample_rows} sequences): max |{report.format} - adapter| logit difference "
         f"{report.max_abs_diff:.3e} (tolerance 1e-4)"
     )
+    if report.onnx_max_abs_diff is not None:
+        print(f"onnxruntime vs torch: max logit difference {report.onnx_max_abs_diff:.3e} (tolerance 1e-4)")
     if report.cast_max_abs_diff is not None:
         print(f"after casting to {report.dtype}: max logit difference {report.cast_max_abs_diff:.3e}")
     print(f"{report.format} model ({len(report.labels)} labels, {report.dtype}) written to {report.out}")
@@ -208,18 +233,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from lorafed.files import atomic_write_text
-    from lorafed.serve.infer import load_serving_model, predict_proba, prediction_records, read_texts
+    from lorafed.serve.infer import load_serving_model, predict_proba, prediction_records, read_rows, skipped_message
 
     _check_batch(args.batch_size)
-    sm = load_serving_model(args.model)
-    _, texts, pairs = read_texts(args.input, sm, args.text_column, args.pair_column)
-    probs = predict_proba(sm, texts, pairs, args.batch_size)
-    lines = "".join(json.dumps(r) + "\n" for r in prediction_records(probs, sm.labels))
+    sm = load_serving_model(args.model, args.backend)
+    got = read_rows(args.input, sm, args.text_column, args.pair_column, strict=args.strict)
+    if got.skipped:
+        print(skipped_message(got.skipped), file=sys.stderr)
+    probs = predict_proba(sm, got.texts, got.pairs, args.batch_size)
+    lines = "".join(json.dumps(r) + "\n" for r in prediction_records(probs, sm.labels, got.rows))
     if args.out == "-":
         sys.stdout.write(lines)
     else:
         atomic_write_text(args.out, lines)
-        print(f"{len(texts)} predictions written to {args.out}", file=sys.stderr)
+        print(f"{len(got.texts)} predictions written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -268,5 +295,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lorafed.serve.http import ServeLimits, serve
 
     limits = ServeLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
-    serve(args.model, host=args.host, port=args.port, limits=limits)
+    serve(args.model, host=args.host, port=args.port, limits=limits, backend=args.backend)
     return 0

@@ -8,6 +8,9 @@ written (to a temporary sibling, renamed into place, so a crash never leaves hal
 * ``merged``: ``W + (alpha/r) B @ A`` folded into every adapted weight, the trained head in place;
   a plain transformers directory (config with id2label/label2id, safetensors weights, tokenizer)
   that ``AutoModelForSequenceClassification.from_pretrained`` loads without lorafed or peft.
+* ``onnx``: the ``merged`` directory plus ``model.onnx`` (dynamic batch and sequence axes, opset 17),
+  whose onnxruntime logits are checked against the merged torch model's within ``tolerance``
+  (needs the ``onnx`` extra); ``lorafed serve`` then runs it through onnxruntime.
 * ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (+ tokenizer) for
   ``PeftModel.from_pretrained`` on the base model.
 
@@ -39,10 +42,11 @@ from lorafed.config import PACKAGED_BACKBONE, DataConfig, LoraSettings, ModelCon
 from lorafed.errors import LorafedError, ModelError, PayloadValidationError
 from lorafed.files import atomic_write_json
 from lorafed.model.backbone import ClientModel, _quiet_loading, load_client_model
+from lorafed.serve.onnx import ONNX_FILE, ONNX_OPSET, OnnxError, export_onnx, onnxruntime_available
 from lorafed.wire.adapter import adapter_spec, get_adapter_state, set_adapter_state
 from lorafed.wire.payload import Payload
 
-ExportFormat = Literal["merged", "peft"]
+ExportFormat = Literal["merged", "peft", "onnx"]
 ExportDtype = Literal["fp32", "fp16", "bf16"]
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: Written into every export; its presence also marks a folder that a new export may replace.
@@ -74,6 +78,7 @@ class ExportReport:
         base: Portable name of the base (hub id, packaged name, or the path as given).
         adapter_fingerprint: ``sha256:`` of the adapter's tensors (names, shapes, fp32 bytes).
         federation: Rounds, clients' examples and final metrics, when the adapter's run folder has them.
+        onnx_max_abs_diff: Largest |logit| difference, onnxruntime vs the merged torch model (``onnx`` format).
     """
 
     out: str
@@ -88,6 +93,7 @@ class ExportReport:
     base: str = ""
     adapter_fingerprint: str = ""
     federation: dict[str, Any] = field(default_factory=dict)
+    onnx_max_abs_diff: float | None = None
 
 
 def portable_base(base: str) -> str:
@@ -213,21 +219,26 @@ def export_adapter(
         payload: The adapter (global, client or merged).
         out: Output directory; replaced if it holds a previous lorafed export, refused otherwise.
         base: Base model (directory, hub id or ``packaged:all-MiniLM-L6-v2``).
-        fmt: ``merged`` or ``peft``.
-        dtype: Weight dtype of a merged export (``peft`` exports are fp32).
+        fmt: ``merged``, ``onnx`` (merged plus ``model.onnx``) or ``peft``.
+        dtype: Weight dtype of a merged export (``peft`` and ``onnx`` exports are fp32).
         sample_texts: Texts added to the parity sample (besides 16 random token sequences).
         data: The run's data section; its text columns become ``lorafed predict``'s defaults.
         source: Name of the adapter, for messages.
         tolerance: Largest accepted |logit| difference.
 
     Raises:
-        ExportError: The parity check fails, ``out`` is a foreign non-empty folder, or peft + non-fp32.
+        ExportError: The parity check fails, ``out`` is a foreign non-empty folder, or peft/onnx + non-fp32.
+        OnnxError: ``onnx`` format without onnxruntime, or the ONNX logits differ from torch's.
         ModelError, PayloadValidationError: See :func:`load_adapter_model`.
     """
     out = Path(out)
     _check_destination(out)
     if fmt == "peft" and dtype != "fp32":
         raise ExportError(f"--dtype {dtype}: peft adapters are exported in fp32; use --format merged to cast")
+    if fmt == "onnx" and dtype != "fp32":
+        raise ExportError(f"--dtype {dtype}: onnx exports are fp32; use --format merged to cast")
+    if fmt == "onnx" and not onnxruntime_available():
+        raise OnnxError("--format onnx needs onnxruntime; pip install 'lorafed[onnx]' (onnx, onnxruntime)")
     client = load_adapter_model(payload, base, source)
     model, tok = client.model, client.tokenizer
     max_length = data.max_length if data is not None else 128
@@ -239,11 +250,14 @@ def export_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        cast_diff = None
-        if fmt == "merged":
+        cast_diff = onnx_diff = None
+        if fmt in ("merged", "onnx"):
             merged = model.merge_and_unload()
             diff = _max_diff(merged, batches, reference)
             _require_parity(diff, tolerance, "merged")
+            if fmt == "onnx":  # a second shape, so a graph frozen to the traced sizes fails the check
+                shapes = [*batches, parity_inputs(model.config.vocab_size, tok, rows=3, length=9, seed=1)]
+                onnx_diff = export_onnx(merged, tok, tmp / ONNX_FILE, shapes, tolerance)
             if dtype != "fp32":
                 merged = merged.to(_TORCH_DTYPES[dtype])
                 cast_diff = _max_diff(merged, batches, reference)
@@ -278,8 +292,9 @@ def export_adapter(
             portable_base(base),
             adapter_fingerprint(payload),
             federation_summary(payload, source),
+            onnx_diff,
         )
-        if fmt == "merged":
+        if fmt in ("merged", "onnx"):
             _annotate_config(tmp, report, max_length)
         else:
             _portable_adapter_config(tmp, report.base)
@@ -325,7 +340,7 @@ def model_card(report: ExportReport, lora: dict[str, Any]) -> str:
     max_length = text.get("max_length", 128)
     lines = [
         "---",
-        "library_name: " + ("transformers" if report.format == "merged" else "peft"),
+        "library_name: " + ("peft" if report.format == "peft" else "transformers"),
         "pipeline_tag: text-classification",
         *([f"base_model: {report.base}"] if _is_hub_id(report.base) else []),
         "tags: [lorafed, lora, federated-learning]",
@@ -356,6 +371,11 @@ def model_card(report: ExportReport, lora: dict[str, Any]) -> str:
             f"second text: {rule}",
         ]
     lines.append(f"- **Max length:** {max_length} tokens (longer inputs are truncated, as in training)")
+    if report.onnx_max_abs_diff is not None:
+        lines.append(
+            f"- **ONNX:** `{ONNX_FILE}` (opset {ONNX_OPSET}, dynamic batch and sequence); onnxruntime logits "
+            f"match torch's within {report.onnx_max_abs_diff:.2e}"
+        )
     fed = report.federation
     if fed:
         lines += ["", "## Federation", "", f"- {fed.get('kind', 'global')} adapter after {fed.get('rounds')} round(s)"]
@@ -367,7 +387,7 @@ def model_card(report: ExportReport, lora: dict[str, Any]) -> str:
         if shown:
             lines.append(f"- final test metrics: {shown}")
     lines += ["", "## How to load", ""]
-    if report.format == "merged":
+    if report.format != "peft":
         lines += [
             "```python",
             "from transformers import pipeline",
@@ -384,6 +404,19 @@ def model_card(report: ExportReport, lora: dict[str, Any]) -> str:
             "The input rule is also stored in `config.json` under `lorafed`. With lorafed installed: "
             "`lorafed predict --model PATH --input rows.csv`.",
         ]
+        if report.onnx_max_abs_diff is not None:
+            lines += [
+                "",
+                "With onnxruntime (inputs as the tokenizer gives them, int64):",
+                "",
+                "```python",
+                "import onnxruntime, transformers",
+                'tok = transformers.AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")',
+                f'sess = onnxruntime.InferenceSession("PATH/TO/THIS/FOLDER/{ONNX_FILE}")',
+                'enc = tok(["text to classify"], truncation=True, padding=True, return_tensors="np")',
+                'logits = sess.run(["logits"], {i.name: enc[i.name] for i in sess.get_inputs()})[0]',
+                "```",
+            ]
     else:
         lines += [
             "```python",

@@ -13,6 +13,10 @@ naming the limit::
     {"error": {"code": "too_many_texts", "limit": "max_texts", "allowed": 64, "received": 65,
                "message": "..."}}
 
+The model runs on the ``torch`` or ``onnx`` (onnxruntime) backend; ``auto`` (the default) takes
+``onnx`` when the export has ``model.onnx`` (``lorafed export --format onnx``) and onnxruntime is
+installed. ``GET /metadata`` names the backend in use.
+
 Start it with :func:`serve` (binds 127.0.0.1 by default; uvicorn stops cleanly on SIGTERM/SIGINT).
 """
 
@@ -285,6 +289,8 @@ def model_metadata(model_dir: str | Path, sm: ServingModel, limits: ServeLimits)
         "final_metrics": fed.get("final_metrics"),
         "federation": fed or None,
         "parity_max_abs_diff": info.get("max_abs_diff"),
+        "backend": sm.backend,
+        "onnx_max_abs_diff": info.get("onnx_max_abs_diff"),
         "limits": asdict(limits),
     }
 
@@ -378,22 +384,26 @@ def page_html() -> str:
     return importlib.resources.files("lorafed.serve").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def create_app(model_dir: str | Path, limits: ServeLimits | None = None, sm: ServingModel | None = None) -> FastAPI:
+def create_app(
+    model_dir: str | Path, limits: ServeLimits | None = None, sm: ServingModel | None = None, backend: str = "auto"
+) -> FastAPI:
     """Build the FastAPI app serving the merged export at ``model_dir``.
 
     Args:
-        model_dir: A merged export (``lorafed export --format merged``) or any HF sequence classifier.
+        model_dir: A merged export (``lorafed export --format merged|onnx``) or any HF sequence classifier.
         limits: Bounds (defaults: :class:`ServeLimits`).
         sm: An already loaded model (else loaded from ``model_dir``).
+        backend: ``auto``, ``torch`` or ``onnx`` when loading (ignored when ``sm`` is given).
 
     Returns:
         The app; ``app.state.batcher`` is the micro-batcher, ``app.state.model`` the model.
 
     Raises:
-        ModelError: ``model_dir`` is not a servable model.
+        ModelError: ``model_dir`` is not a servable model (or has no ``model.onnx`` for ``onnx``).
+        OnnxError: ``onnx`` without onnxruntime.
     """
     limits = limits or ServeLimits()
-    sm = sm or load_serving_model(model_dir)
+    sm = sm or load_serving_model(model_dir, backend)
     batcher = Batcher(sm, limits)
     meta = model_metadata(model_dir, sm, limits)
     page = page_html()
@@ -401,7 +411,9 @@ def create_app(model_dir: str | Path, limits: ServeLimits | None = None, sm: Ser
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
-        logger.info("serving %s (%d labels) with limits %s", model_dir, len(sm.labels), asdict(limits))
+        logger.info(
+            "serving %s (%d labels, %s backend) with limits %s", model_dir, len(sm.labels), sm.backend, asdict(limits)
+        )
         try:
             yield
         finally:
@@ -474,6 +486,7 @@ def serve(
     port: int = DEFAULT_PORT,
     limits: ServeLimits | None = None,
     log_level: str = "info",
+    backend: str = "auto",
 ) -> None:
     """Serve ``model_dir`` over HTTP until SIGINT/SIGTERM (uvicorn stops cleanly, finishing open requests).
 
@@ -483,6 +496,7 @@ def serve(
         port: TCP port (0: any free port).
         limits: Bounds (defaults: :class:`ServeLimits`).
         log_level: ``debug``, ``info``, ``warning``...; one ``lorafed.serve.http`` line per request at ``info``.
+        backend: ``auto`` (onnx when the export has ``model.onnx`` and onnxruntime imports), ``torch`` or ``onnx``.
 
     Raises:
         ModelError: ``model_dir`` is not a servable model.
@@ -497,5 +511,5 @@ def serve(
         raise ServeError(f"log level {log_level!r} is not one of debug, info, warning, error")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(level)
-    app = create_app(model_dir, limits)
+    app = create_app(model_dir, limits, backend=backend)
     uvicorn.run(app, host=host, port=int(port), access_log=False, log_level=log_level.lower())

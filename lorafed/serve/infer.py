@@ -3,6 +3,12 @@
 The model is loaded with plain transformers; ``lorafed_export.json`` (written by
 ``lorafed export``) supplies the default text columns and tokenization, so predictions see the
 text exactly as training did (e.g. a title put in front of the review).
+
+Backends: ``torch`` runs the transformers model; ``onnx`` runs the export's ``model.onnx``
+(written by ``lorafed export --format onnx``) through onnxruntime, with the same tokenization and
+the same probabilities within 1e-4. ``auto`` picks ``onnx`` when the folder has ``model.onnx`` and
+onnxruntime imports, else ``torch``. The torch model is loaded in both cases (its config gives the
+labels, and attributions need it).
 """
 
 from __future__ import annotations
@@ -12,14 +18,19 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import torch
 
+from lorafed.data.tokens import model_inputs
 from lorafed.errors import DataError, ModelError
 from lorafed.metrics import classification_scores
 from lorafed.serve.export import EXPORT_INFO
+from lorafed.serve.onnx import ONNX_FILE, OnnxClassifier, onnxruntime_available, softmax
+
+Backend = Literal["auto", "torch", "onnx"]
+BACKENDS = ("auto", "torch", "onnx")
 
 
 @dataclass
@@ -31,19 +42,52 @@ class ServingModel:
         tokenizer: Its tokenizer.
         labels: Label names in id order.
         text: Defaults from the export: text_column, text_pair_column, pair_mode, label_column, max_length.
+        backend: ``torch`` or ``onnx`` (what :func:`predict_proba` runs).
+        onnx: The onnxruntime classifier when ``backend`` is ``onnx``.
     """
 
     model: Any
     tokenizer: Any
     labels: tuple[str, ...]
     text: dict[str, Any]
+    backend: str = "torch"
+    onnx: OnnxClassifier | None = None
 
 
-def load_serving_model(model_dir: str | Path) -> ServingModel:
-    """Load a merged model directory (as written by ``lorafed export``, or any HF sequence classifier).
+def resolve_backend(model_dir: str | Path, backend: str = "auto") -> str:
+    """The backend to serve ``model_dir`` with: ``auto`` is ``onnx`` when ``model.onnx`` exists and
+    onnxruntime imports, else ``torch``.
 
     Raises:
-        ModelError: Not a model directory, a peft adapter directory, or unloadable.
+        ModelError: An unknown backend, or ``onnx`` for a folder without ``model.onnx``.
+        OnnxError: ``onnx`` without onnxruntime installed.
+    """
+    if backend not in BACKENDS:
+        raise ModelError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    has_onnx = (Path(model_dir) / ONNX_FILE).is_file()
+    if backend == "auto":
+        return "onnx" if has_onnx and onnxruntime_available() else "torch"
+    if backend == "onnx":
+        if not has_onnx:
+            raise ModelError(f"{model_dir}: no {ONNX_FILE}; export with 'lorafed export --format onnx'")
+        if not onnxruntime_available():
+            from lorafed.serve.onnx import OnnxError
+
+            raise OnnxError("backend onnx needs onnxruntime; pip install 'lorafed[onnx]' (onnx, onnxruntime)")
+    return backend
+
+
+def load_serving_model(model_dir: str | Path, backend: str = "auto", threads: int | None = None) -> ServingModel:
+    """Load a merged model directory (as written by ``lorafed export``, or any HF sequence classifier).
+
+    Args:
+        model_dir: The export folder.
+        backend: ``auto``, ``torch`` or ``onnx`` (see :func:`resolve_backend`).
+        threads: onnxruntime intra-op threads (``None``: its default).
+
+    Raises:
+        ModelError: Not a model directory, a peft adapter directory, unloadable, or no ``model.onnx`` for ``onnx``.
+        OnnxError: ``onnx`` without onnxruntime.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -64,7 +108,9 @@ def load_serving_model(model_dir: str | Path) -> ServingModel:
     text = json.loads(info.read_text(encoding="utf-8")).get("text", {}) if info.is_file() else {}
     if not text:  # a merged export copied without lorafed_export.json still carries its input rule
         text = dict((getattr(model.config, "lorafed", None) or {}).get("text", {}))
-    return ServingModel(model, tokenizer, labels, text)
+    chosen = resolve_backend(d, backend)
+    onnx = OnnxClassifier(d / ONNX_FILE, threads) if chosen == "onnx" else None
+    return ServingModel(model, tokenizer, labels, text, chosen, onnx)
 
 
 @torch.no_grad()
@@ -75,44 +121,71 @@ def predict_proba(
     batch_size: int = 64,
     max_length: int | None = None,
 ) -> np.ndarray:
-    """Class probabilities (rows x labels) for ``texts`` (and second texts ``pairs``)."""
+    """Class probabilities (rows x labels) for ``texts`` (and second texts ``pairs``), on ``sm.backend``."""
     pair_mode = sm.text.get("pair_mode", "pair")
     length = max_length or int(sm.text.get("max_length") or 128)
-    first, second = list(texts), list(pairs) if pairs is not None else None
-    if second is not None and pair_mode == "prefix":
-        first = [f"{p}. {t}" if p else t for t, p in zip(first, second, strict=True)]
-        second = None
+    first, second = model_inputs(texts, pairs, pair_mode)
     out = []
     for start in range(0, len(first), batch_size):
         a = first[start : start + batch_size]
         b = second[start : start + batch_size] if second is not None else None
+        if sm.onnx is not None:
+            enc = sm.tokenizer(a, b, truncation=True, max_length=length, padding=True, return_tensors="np")
+            out.append(softmax(sm.onnx(enc)))
+            continue
         enc = sm.tokenizer(a, b, truncation=True, max_length=length, padding=True, return_tensors="pt")
         out.append(torch.softmax(sm.model(**enc).logits.float(), dim=-1).numpy())
     return np.concatenate(out) if out else np.zeros((0, len(sm.labels)), dtype=np.float32)
 
 
-def read_texts(
+@dataclass
+class InputRows:
+    """The rows :func:`read_rows` found to classify.
+
+    Attributes:
+        frame: The table (``None`` for stdin).
+        texts: The texts, in file order, rows without text left out.
+        pairs: Their second texts (or ``None``).
+        rows: The 1-based file row number of each text (stdin: its number among non-blank lines).
+        skipped: 1-based row numbers left out for having no text.
+        column: The text column read.
+    """
+
+    frame: Any
+    texts: list[str]
+    pairs: list[str] | None
+    rows: list[int]
+    skipped: list[int]
+    column: str | None = None
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+def read_rows(
     source: str,
     sm: ServingModel,
     text_column: str | None = None,
     pair_column: str | None = None,
     stdin: TextIO | None = None,
-) -> tuple[Any, list[str], list[str] | None]:
+    strict: bool = True,
+) -> InputRows:
     """Read the rows to classify: a CSV/JSONL/Parquet file, or ``-`` for one text per line on stdin.
 
     The text column is ``text_column``, else the export's, else ``text``, else the only column.
-
-    Returns:
-        The table (``None`` for stdin), the texts, and the second texts (or ``None``).
+    A row whose text is missing or blank is refused (``strict``) or left out and listed in ``skipped``.
+    Blank stdin lines are separators, never rows.
 
     Raises:
-        DataError: A missing column or an empty text (naming the row).
+        DataError: A missing column, or (``strict``) the first row with no text, named.
     """
     from lorafed.data.read import read_table
 
     if source == "-":
         lines = [ln.rstrip("\n") for ln in (stdin or sys.stdin)]
-        return None, [ln for ln in lines if ln.strip()], None
+        texts = [ln for ln in lines if ln.strip()]
+        return InputRows(None, texts, None, list(range(1, len(texts) + 1)), [])
     frame = read_table(source)
     col = text_column or sm.text.get("text_column")
     if col is None or col not in frame.columns:
@@ -130,28 +203,66 @@ def read_texts(
     pcol = pair_column if pair_column is not None else sm.text.get("text_pair_column")
     if pair_column is not None and pair_column not in frame.columns:
         raise DataError("text pair column not found", path=source, field=pair_column)
-    texts = []
-    for i, v in enumerate(frame[col].tolist(), start=1):
-        if v is None or (isinstance(v, float) and np.isnan(v)) or not str(v).strip():
-            raise DataError("empty or missing text", path=source, row=i, field=col)
+    values = frame[col].tolist()
+    seconds = frame[pcol].tolist() if pcol and pcol in frame.columns else None
+    texts: list[str] = []
+    pairs: list[str] | None = [] if seconds is not None else None
+    rows: list[int] = []
+    skipped: list[int] = []
+    for i, v in enumerate(values, start=1):
+        if _missing(v) or not str(v).strip():
+            if strict:
+                more = sum(1 for w in values[i:] if _missing(w) or not str(w).strip())
+                hint = f" (and {more} more such row(s))" if more else ""
+                raise DataError(f"empty or missing text{hint}", path=source, row=i, field=col)
+            skipped.append(i)
+            continue
         texts.append(str(v))
-    pairs = None
-    if pcol and pcol in frame.columns:
-        pairs = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in frame[pcol].tolist()]
-    return frame, texts, pairs
+        rows.append(i)
+        if pairs is not None and seconds is not None:
+            w = seconds[i - 1]
+            pairs.append("" if _missing(w) else str(w))
+    return InputRows(frame, texts, pairs, rows, skipped, str(col))
 
 
-def prediction_records(probs: np.ndarray, labels: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """One JSON-ready record per row: 1-based row, top label, its probability, all probabilities."""
+def read_texts(
+    source: str,
+    sm: ServingModel,
+    text_column: str | None = None,
+    pair_column: str | None = None,
+    stdin: TextIO | None = None,
+) -> tuple[Any, list[str], list[str] | None]:
+    """Read the rows to classify, refusing any row without text (see :func:`read_rows`).
+
+    Returns:
+        The table (``None`` for stdin), the texts, and the second texts (or ``None``).
+
+    Raises:
+        DataError: A missing column or an empty text (naming the row).
+    """
+    got = read_rows(source, sm, text_column, pair_column, stdin, strict=True)
+    return got.frame, got.texts, got.pairs
+
+
+def skipped_message(skipped: Sequence[int], shown: int = 20) -> str:
+    """``skipped N rows with no text: rows 3, 17, ...`` (the first ``shown`` row numbers)."""
+    listed = ", ".join(map(str, skipped[:shown])) + (", ..." if len(skipped) > shown else "")
+    return f"skipped {len(skipped)} row{'s' if len(skipped) != 1 else ''} with no text: rows {listed}"
+
+
+def prediction_records(
+    probs: np.ndarray, labels: Sequence[str], rows: Sequence[int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """One JSON-ready record per row: 1-based row (``rows[i]``, else ``i + 1``), top label, its
+    probability, all probabilities."""
     for i, p in enumerate(probs):
         top = int(np.argmax(p))
         yield {
-            "row": i + 1,
+            "row": rows[i] if rows is not None else i + 1,
             "label": labels[top],
             "score": float(p[top]),
             "probabilities": {lab: float(x) for lab, x in zip(labels, p, strict=True)},
         }
-
 
 @dataclass
 class Scores:
