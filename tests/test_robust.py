@@ -111,7 +111,13 @@ def test_server_robust_paths_match_the_oracles(tmp_path: Path) -> None:
 
 # The poisoning experiment: 5 clients, client0 attacks every round. Settings chosen so that the
 # clean tiny run converges (test accuracy 1.0 by round 6 on 120 test rows, ~8 s a run).
-POISON = ("partition.num_clients=5", "federation.min_clients=5", "federation.rounds=6")
+# The default norm bound (federation.max_update_ratio) is switched off here to show what each rule does alone.
+POISON = (
+    "partition.num_clients=5",
+    "federation.min_clients=5",
+    "federation.rounds=6",
+    "federation.max_update_ratio=null",
+)
 POISON_TRAIN = ("train.max_steps=40", "train.learning_rate=0.01")
 
 
@@ -129,4 +135,10 @@ def test_poisoning_one_of_five_clients(tiny_config, tmp_path: Path) -> None:
     boosted = scale_update(["client0"], 100.0)
     assert run("x100_fedavg", attack=boosted) < clean - 10  # the attack is real
     assert abs(run("x100_median", "federation.robust=median", attack=boosted) - clean) <= 1.0
+    # The default policy: a delta 10x the global's own norm is refused, the 4 honest clients are averaged.
+    bounded = run("x100_default", "federation.max_update_ratio=10", "federation.min_clients=4", attack=boosted)
+    assert abs(bounded - clean) <= 1.0
+    rows = read_metrics(tmp_path / "x100_default" / "metrics.jsonl")[1:]
+    assert all(len(r["clients"]) == 4 and "client0" not in r["clients"] for r in rows)
+    assert all(any("max_update_norm" in reason for reason in r["rejected"]) for r in rows)
     # The sign flip and the other defences are measured by scripts/robustness.py (results/robustness.md).

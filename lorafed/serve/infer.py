@@ -25,7 +25,7 @@ import torch
 
 from lorafed.data.tokens import model_inputs
 from lorafed.errors import DataError, ModelError
-from lorafed.metrics import classification_scores
+from lorafed.metrics import EvalResult, classification_scores
 from lorafed.serve.export import EXPORT_INFO
 from lorafed.serve.onnx import ONNX_FILE, OnnxClassifier, onnxruntime_available, softmax
 
@@ -264,20 +264,11 @@ def prediction_records(
             "probabilities": {lab: float(x) for lab, x in zip(labels, p, strict=True)},
         }
 
-@dataclass
-class Scores:
-    """Evaluation of a model on a labelled file."""
 
-    n: int
-    accuracy: float
-    macro_f1: float
-    per_class: dict[str, dict[str, float]]
-    confusion: list[list[int]]
-    labels: tuple[str, ...]
+def score_labels(probs: np.ndarray, gold: Sequence[str], labels: Sequence[str], path: str, column: str) -> EvalResult:
+    """Loss, accuracy, macro-F1, per-class report and confusion matrix of predictions against gold labels.
 
-
-def score_labels(probs: np.ndarray, gold: Sequence[str], labels: Sequence[str], path: str, column: str) -> Scores:
-    """Accuracy, macro-F1, per-class report and confusion matrix of predictions against gold labels.
+    The same :class:`~lorafed.metrics.EvalResult` that training's evaluation gives.
 
     Raises:
         DataError: A gold label the model does not know (naming its row).
@@ -290,11 +281,14 @@ def score_labels(probs: np.ndarray, gold: Sequence[str], labels: Sequence[str], 
                 f"label {g!r} is not one of the model's labels {list(labels)}", path=path, row=row, field=column
             )
         y_true.append(lookup[g])
-    acc, macro, report, cm = classification_scores(np.array(y_true), probs.argmax(axis=1), tuple(labels))
-    return Scores(len(y_true), acc, macro, report, cm, tuple(labels))
+    truth = np.array(y_true, dtype=np.int64)
+    acc, macro, report, cm = classification_scores(truth, probs.argmax(axis=1), tuple(labels))
+    picked = probs[np.arange(len(truth)), truth] if len(truth) else np.ones(0)
+    loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()) if len(truth) else float("nan")
+    return EvalResult(loss, acc, macro, report, cm, len(truth), tuple(labels))
 
 
-def format_report(s: Scores) -> str:
+def format_report(s: EvalResult) -> str:
     """A text per-class report (precision, recall, F1, support) with the headline numbers."""
     width = max(12, *(len(lab) for lab in s.labels))
     lines = [f"{'label':<{width}}  precision  recall      f1  support", "-" * (width + 36)]
