@@ -4,6 +4,10 @@ Every section is a frozen dataclass whose fields carry their defaults. :func:`lo
 reads a YAML file, applies command-line overrides, checks every field's type and range, and
 raises one :class:`~lorafed.errors.ConfigError` that lists *all* problems at once. Functions
 downstream receive only the section they need.
+
+Why one module over 300 lines: every section, default and check is in one place, so all
+problems are reported together (STYLE.md, lesson 5) and the README's config reference is
+generated from it; most of the length is the attribute docs that reference is built from.
 """
 
 from __future__ import annotations

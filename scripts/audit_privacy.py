@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lorafed.config import RunConfig, load_config  # noqa: E402
-from lorafed.engine.federation import Federation, prepare_federation  # noqa: E402
+from lorafed.engine.cohort import Cohort, prepare_cohort  # noqa: E402
 from lorafed.engine.inprocess import simulate  # noqa: E402
 from lorafed.measure import write_results  # noqa: E402
 from lorafed.plots import figure, save_figure  # noqa: E402
 from lorafed.wire.adapter import set_adapter_state  # noqa: E402
-from lorafed.wire.payload import load_payload  # noqa: E402
+from lorafed.wire.reader import load_payload  # noqa: E402
 
 #: (name, target epsilon or None for no DP).
 SETTINGS: tuple[tuple[str, float | None], ...] = (
@@ -51,7 +51,7 @@ SETTINGS: tuple[tuple[str, float | None], ...] = (
 )
 
 
-def row_losses(fed: Federation, state: dict[str, torch.Tensor], positions: np.ndarray) -> np.ndarray:
+def row_losses(fed: Cohort, state: dict[str, torch.Tensor], positions: np.ndarray) -> np.ndarray:
     """Per-row cross-entropy of the true label under ``state``."""
     model = fed.client.model
     set_adapter_state(model, state)
@@ -88,7 +88,7 @@ def dp_overrides(target: float | None, tiny: bool) -> list[str]:
     return ["train.record_dp.enabled=true", f"train.record_dp.target_epsilon={target}", *extra]
 
 
-def audit_setting(fed: Federation, config: RunConfig, out_dir: Path, client: int, seed: int) -> dict[str, Any]:
+def audit_setting(fed: Cohort, config: RunConfig, out_dir: Path, client: int, seed: int) -> dict[str, Any]:
     """Run one setting's federation and attack its global adapter and client ``client``'s last update."""
     fed = dataclasses.replace(fed, config=config)
     summary = simulate(config, out_dir, progress=False, fed=fed)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             path = ROOT / "configs" / "clothing_recommend.yaml"
             base = ["train.class_weighting=none"]
         base.append(f"output_dir={work}")
-        fed = prepare_federation(load_config(path, base))
+        fed = prepare_cohort(load_config(path, base))
         rows = []
         for name, target in SETTINGS:
             cfg = load_config(path, [*base, *dp_overrides(target, args.tiny)])

@@ -33,13 +33,13 @@ import lorafed.measure as lm  # noqa: E402
 from lorafed.client.round import set_threads  # noqa: E402
 from lorafed.client.train import train_local  # noqa: E402
 from lorafed.config import RunConfig, load_config  # noqa: E402
-from lorafed.engine.federation import prepare_federation  # noqa: E402
+from lorafed.engine.cohort import prepare_cohort  # noqa: E402
 from lorafed.engine.inprocess import simulate  # noqa: E402
 from lorafed.engine.record import read_metrics  # noqa: E402
 from lorafed.model.backbone import load_client_model, lora_config_dict  # noqa: E402
 from lorafed.plots import figure, save_figure  # noqa: E402
 from lorafed.server.aggregate import WeightedMean  # noqa: E402
-from lorafed.server.step import aggregate_files  # noqa: E402
+from lorafed.server.fold import aggregate_files  # noqa: E402
 from lorafed.server.validate import UpdateSpec  # noqa: E402
 from lorafed.wire.adapter import adapter_spec, get_adapter_state, is_lora_key, set_adapter_state  # noqa: E402
 from lorafed.wire.compress import TRANSPORTS  # noqa: E402
@@ -108,7 +108,7 @@ def comm_sizes(config: RunConfig, block_size: int) -> dict[str, Any]:
 
 def quality(config: RunConfig, transports: list[str], out_dir: Path) -> dict[str, Any]:
     """Macro-F1 of the same federation (same seeds, data, clients) under each update transport."""
-    fed = prepare_federation(config)
+    fed = prepare_cohort(config)
     runs = []
     for transport in transports:
         cfg = dataclasses.replace(config, federation=dataclasses.replace(config.federation, transport=transport))
@@ -165,7 +165,7 @@ def raw_loop(model: Any, batches: list[dict[str, torch.Tensor]], cfg: Any) -> fl
 def speed(config: RunConfig, steps: int, reps: int) -> dict[str, Any]:
     """samples/s of ``train_local`` vs the raw loop on the same model, batches and data, alternating."""
     set_threads(config.train.num_threads)
-    fed = prepare_federation(config)
+    fed = prepare_cohort(config)
     k = int(np.argmax([len(s.train) for s in fed.splits]))
     positions = fed.splits[k].train
     cfg = dataclasses.replace(config.train, max_steps=steps, warmup_ratio=0.0)
@@ -200,7 +200,7 @@ def speed(config: RunConfig, steps: int, reps: int) -> dict[str, Any]:
         "engine_samples_per_s": stats(engine),
         "raw_samples_per_s": stats(raw),
         "engine_overhead_pct": 100 * (r / e - 1),
-        "tokenization": "once per process (TokenizedRows in prepare_federation); train_local only pads",
+        "tokenization": "once per process (TokenizedRows in prepare_cohort); train_local only pads",
     }
 
 

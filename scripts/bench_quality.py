@@ -48,13 +48,13 @@ import torch
 from lorafed import measure
 from lorafed.config import RunConfig, load_config
 from lorafed.data.clean import load_labeled
+from lorafed.engine.cohort import Cohort, evaluate_state, prepare_cohort
 from lorafed.engine.compare import EarlyStop, train_alone, val_positions
-from lorafed.engine.federation import Federation, evaluate_state, prepare_federation
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import RunRecord, read_metrics
 from lorafed.partition import partition, partition_columns
 from lorafed.plots import figure, save_figure
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ class Plan:
 
 
 def run_federated(
-    fed: Federation, cfg: RunConfig, work: Path, val: np.ndarray, rounds: int, patience: int | None
+    fed: Cohort, cfg: RunConfig, work: Path, val: np.ndarray, rounds: int, patience: int | None
 ) -> dict[str, Any]:
     """One federated run through the in-process engine, early-stopped on ``val``.
 
@@ -248,7 +248,7 @@ def run_federated(
     }
 
 
-def run_centralized(fed: Federation, val: np.ndarray, rounds: int, patience: int | None) -> dict[str, Any]:
+def run_centralized(fed: Cohort, val: np.ndarray, rounds: int, patience: int | None) -> dict[str, Any]:
     """All clients' training rows pooled, ``max_steps`` steps per checkpoint, early-stopped on ``val``."""
     t0 = time.perf_counter()
     pooled = np.sort(np.concatenate([s.train for s in fed.splits]))
@@ -268,7 +268,7 @@ def run_centralized(fed: Federation, val: np.ndarray, rounds: int, patience: int
     }
 
 
-def run_local(fed: Federation, rounds: int, patience: int | None, own_val_rows: int) -> dict[str, Any]:
+def run_local(fed: Cohort, rounds: int, patience: int | None, own_val_rows: int) -> dict[str, Any]:
     """Each client alone, early-stopped on its own validation rows, scored on the global test rows."""
     t0 = time.perf_counter()
     clients = {}
@@ -350,7 +350,7 @@ def run_seed(
         return
     base = plan.load(seed)
     t = time.perf_counter()
-    fed = prepare_federation(base)
+    fed = prepare_cohort(base)
     val = val_positions(fed)
     log(f"[{plan.key} seed {seed}] prepared in {time.perf_counter() - t:.0f}s")
     setting.update(

@@ -105,12 +105,12 @@ def setting_config(key: str, spec: dict[str, Any], tiny: list[str] | None, out: 
 
 def run_personalization(config: RunConfig, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     """One federation, then each personalization method and the local-only baseline, per client."""
-    from lorafed.engine.federation import prepare_federation
+    from lorafed.engine.cohort import prepare_cohort
     from lorafed.engine.inprocess import simulate
     from lorafed.engine.scenarios import final_global, measure_personalization, personalize_all
 
     t0 = time.perf_counter()
-    fed = prepare_federation(config)
+    fed = prepare_cohort(config)
     run = out / "federation"
     simulate(config, run, progress=False, fed=fed)
     _, glob = final_global(fed, run)
@@ -148,7 +148,7 @@ def run_personalization(config: RunConfig, spec: dict[str, Any], out: Path) -> d
 
 def run_cold(config: RunConfig, spec: dict[str, Any], out: Path, sizes: tuple[int, ...], fed: Any) -> dict[str, Any]:
     """The cold-start curve of the setting's newcomer (its largest client when none is named)."""
-    from lorafed.engine.scenarios import cold_start
+    from lorafed.engine.cold_start import cold_start
 
     holdout = spec["holdout"]
     if holdout is None:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             fed = pers.pop("fed")
             cold = run_cold(config, spec, work / f"{key}_cold", sizes, fed)
             plot = out / f"scenarios_cold_{key}.png"
-            from lorafed.engine.scenarios import plot_cold_start
+            from lorafed.engine.cold_start import plot_cold_start
 
             plot_cold_start(cold, plot, f"({key}) {spec['title']}: cold start of {cold['holdout']}")
             settings[key] = {

@@ -21,7 +21,7 @@ from lorafed.config import load_config
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
 from lorafed.server.privacy import clip_delta
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 
 def _median_delta_norm(run: Path) -> float:

@@ -40,10 +40,11 @@ from lorafed.engine.faults import delay_clients, fail_clients  # noqa: E402
 from lorafed.engine.inprocess import simulate  # noqa: E402
 from lorafed.engine.record import read_metrics  # noqa: E402
 from lorafed.errors import LorafedError  # noqa: E402
-from lorafed.server.step import aggregate_files  # noqa: E402
+from lorafed.server.fold import aggregate_files  # noqa: E402
 from lorafed.server.validate import UpdateSpec  # noqa: E402
 from lorafed.wire.adapter import adapter_spec  # noqa: E402
-from lorafed.wire.payload import ModelIdentity, PayloadMeta, load_payload, save_payload  # noqa: E402
+from lorafed.wire.payload import ModelIdentity, PayloadMeta, save_payload  # noqa: E402
+from lorafed.wire.reader import load_payload  # noqa: E402
 
 W = Path(tempfile.mkdtemp(prefix="lorafed-reliability-"))
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query"]}

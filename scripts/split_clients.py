@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lorafed.client.round import write_client_files
+from lorafed.client.local import write_client_files
 from lorafed.config import load_config
 from lorafed.errors import LorafedError
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lorafed.engine.cohort import prepare_cohort
 from lorafed.engine.compare import EarlyStop, val_positions
-from lorafed.engine.federation import prepare_federation
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
 
@@ -36,7 +36,7 @@ def test_early_stop_counts_rounds_without_a_strict_improvement() -> None:
 
 def test_federated_rounds_one_at_a_time_equal_one_run_and_stop_early(bench, tiny_config, tmp_path) -> None:
     base = tiny_config("federation.rounds=3")
-    fed = prepare_federation(base)
+    fed = prepare_cohort(base)
     val = val_positions(fed)
     res = bench.run_federated(fed, base, tmp_path / "fedavg", val, rounds=3, patience=None)
     simulate(base, tmp_path / "once", progress=False, fed=fed)
@@ -55,7 +55,7 @@ def test_federated_rounds_one_at_a_time_equal_one_run_and_stop_early(bench, tiny
 
 
 def test_baselines_stop_on_validation_and_score_the_global_test_rows(bench, tiny_config) -> None:
-    fed = prepare_federation(tiny_config("partition.num_clients=3"))
+    fed = prepare_cohort(tiny_config("partition.num_clients=3"))
     val = val_positions(fed)
     cen = bench.run_centralized(fed, val, rounds=3, patience=2)
     best = max(cen["curve"], key=lambda p: (p["val_macro_f1"], -p["round"]))

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from lorafed.cli import main
-from lorafed.client.round import run_client_round
+from lorafed.client.local import run_client_round
 from lorafed.config import save_config
 from lorafed.errors import ConfigError, PayloadError
-from lorafed.wire.payload import Payload, load_payload, save_payload
+from lorafed.wire.payload import Payload, save_payload
+from lorafed.wire.reader import load_payload
 from tests.helpers_adapter import random_adapter
 
 QUIET = {"progress": False}

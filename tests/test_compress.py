@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import save, save_file
 
 from lorafed.errors import PayloadError, PayloadValidationError
-from lorafed.server.step import aggregate_files
+from lorafed.server.fold import aggregate_files
 from lorafed.server.validate import UpdateSpec, validate_update
 from lorafed.wire.compress import TRANSPORTS, decode, encode, scale_name, wire_bytes, wire_spec
-from lorafed.wire.payload import Payload, PayloadMeta, load_payload, payload_from_bytes, payload_to_bytes, save_payload
+from lorafed.wire.payload import Payload, PayloadMeta, payload_to_bytes, save_payload
+from lorafed.wire.reader import load_payload, payload_from_bytes
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query"]}
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from conftest import ROOT
 
-from lorafed.engine.federation import prepare_federation, train_client
+from lorafed.engine.cohort import prepare_cohort, train_client
 from lorafed.engine.filedrop import coordinate, global_name
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.storage import FsspecStorage, LocalStorage, open_storage
 from lorafed.errors import AggregationError, LorafedError
-from lorafed.wire.payload import load_payload, payload_from_bytes, payload_to_bytes
+from lorafed.wire.payload import payload_to_bytes
+from lorafed.wire.reader import load_payload, payload_from_bytes
 
 
 def _over(csv: Path, model_dir: Path, tmp_path: Path) -> list[str]:
@@ -80,7 +81,7 @@ def test_three_client_processes_and_the_coordinator_match_the_simulation(
 def test_deadline_aggregates_the_valid_updates_that_arrived(tiny_config, tmp_path) -> None:
     cfg = tiny_config("partition.num_clients=3", "federation.rounds=1", "train.max_steps=2")
     drop = LocalStorage(tmp_path / "drop")
-    fed = prepare_federation(cfg)
+    fed = prepare_cohort(cfg)
 
     def two_clients_and_junk() -> None:  # two valid updates, one from another round, one corrupt
         while not drop.exists(global_name(0)):
@@ -96,9 +97,7 @@ def test_deadline_aggregates_the_valid_updates_that_arrived(tiny_config, tmp_pat
     th = threading.Thread(target=two_clients_and_junk)
     th.start()
     # 3 clients are expected, 2 valid updates suffice (min_clients=2); the deadline closes the round.
-    cfg = dataclasses.replace(
-        cfg, federation=dataclasses.replace(cfg.federation, min_clients=2, client_timeout_s=3.0)
-    )
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, min_clients=2, client_timeout_s=3.0))
     coordinate(cfg, drop, tmp_path / "rec", num_clients=3, poll_s=0.05)
     th.join(timeout=30)
     rows = [json.loads(x) for x in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]

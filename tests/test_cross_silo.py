@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from lorafed.cli import main
-from lorafed.client.round import run_client_round, write_client_files
+from lorafed.client.local import run_client_round, write_client_files
 from lorafed.config import save_config
-from lorafed.wire.payload import load_payload, save_payload
+from lorafed.wire.payload import save_payload
+from lorafed.wire.reader import load_payload
 from tests.conftest import ROOT
 
 FED = ("data.labels=[bad,good,meh]", "partition.num_clients=3", "federation.rounds=2", "federation.min_clients=3")

@@ -11,7 +11,7 @@ from lorafed.engine.faults import delay_clients, fail_clients
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
 from lorafed.errors import AggregationError
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 THREE = ("partition.num_clients=3", "federation.rounds=1")
 

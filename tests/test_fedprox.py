@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorafed.client.train import proximal_term
-from lorafed.engine.federation import prepare_federation, train_client
+from lorafed.engine.cohort import prepare_cohort, train_client
 from lorafed.errors import ConfigError
 from lorafed.wire.adapter import get_adapter_state
 
@@ -35,7 +35,7 @@ def _drift(fed, state) -> float:
 
 
 def test_a_strong_proximal_term_keeps_the_client_near_the_global_adapter(tiny_config) -> None:
-    fed = prepare_federation(tiny_config("train.max_steps=6"))
+    fed = prepare_cohort(tiny_config("train.max_steps=6"))
     state = get_adapter_state(fed.client.model)
     free = _drift(fed, state)
     prox = dataclasses.replace(

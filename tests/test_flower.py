@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, tiny_overrides
 
 from lorafed.engine.inprocess import simulate
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 pytest.importorskip("flwr")
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from lorafed.config import DataConfig
 from lorafed.data.clean import load_labeled
 from lorafed.errors import DataError, PayloadError
-from lorafed.wire.payload import PayloadMeta, payload_from_bytes, payload_to_bytes, read_meta
+from lorafed.wire.payload import PayloadMeta, payload_to_bytes
+from lorafed.wire.reader import payload_from_bytes, read_meta
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -28,10 +28,11 @@ from lorafed.engine.storage import LocalStorage
 from lorafed.errors import AggregationError, DataError, LorafedError, PayloadError, PayloadValidationError, StorageError
 from lorafed.files import atomic_write_bytes
 from lorafed.server.aggregate import WeightedMean
-from lorafed.server.step import Incoming, cap_shares, fold_updates
+from lorafed.server.fold import Incoming, cap_shares, fold_updates
 from lorafed.server.validate import UpdateSpec, validate_update
 from lorafed.wire.adapter import adapter_spec
-from lorafed.wire.payload import ModelIdentity, header_from_bytes, payload_from_bytes, payload_to_bytes
+from lorafed.wire.payload import ModelIdentity, payload_to_bytes
+from lorafed.wire.reader import header_from_bytes, payload_from_bytes
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}
 LABELS = ("bad", "good")

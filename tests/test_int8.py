@@ -202,11 +202,11 @@ def test_an_int8_trained_adapter_exports_through_the_fp32_base(tiny_model_dir: P
 
 def test_gradient_checkpointing_changes_memory_not_the_update(tiny_config) -> None:
     from lorafed.client.train import train_local
-    from lorafed.engine.federation import prepare_federation
+    from lorafed.engine.cohort import prepare_cohort
     from lorafed.wire.adapter import set_adapter_state
 
     config = tiny_config("model.lora.dropout=0.1", "train.max_steps=3")
-    fed = prepare_federation(config)
+    fed = prepare_cohort(config)
     states, losses = [], []
     for ckpt in (False, True):
         set_adapter_state(fed.client.model, fed.initial_state)
@@ -223,11 +223,11 @@ def test_gradient_checkpointing_changes_memory_not_the_update(tiny_config) -> No
 
 def test_bf16_autocast_training_stays_close_to_fp32_and_keeps_fp32_adapters(tiny_config) -> None:
     from lorafed.client.train import train_local
-    from lorafed.engine.federation import prepare_federation
+    from lorafed.engine.cohort import prepare_cohort
     from lorafed.wire.adapter import set_adapter_state
 
     config = tiny_config("model.precision=int8", "train.max_steps=3")
-    fed = prepare_federation(config)
+    fed = prepare_cohort(config)
     states, losses = [], []
     for mode in ("none", "bf16"):
         set_adapter_state(fed.client.model, fed.initial_state)

@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from lorafed.engine.federation import prepare_federation, train_client
+from lorafed.engine.cohort import prepare_cohort, train_client
 from lorafed.engine.inprocess import simulate
 from lorafed.errors import AggregationError, PayloadValidationError
 from lorafed.server.aggregate import fedavg
 from lorafed.server.validate import validate_update
 from lorafed.wire.adapter import get_adapter_state
-from lorafed.wire.payload import load_payload
-from lorafed.wire.roles import merge_round, round_keys, round_roles, tensor_role, trainable_roles
+from lorafed.wire.reader import load_payload
+from lorafed.wire.roles import apply_round, round_keys, round_roles, tensor_role, trainable_roles
 
 KEYS = [
     "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight",
@@ -80,14 +80,14 @@ def test_rolora_a_round_is_exact_and_plain_fedavg_is_not() -> None:
 
 def test_merge_round_keeps_unsent_tensors_and_refuses_unknown() -> None:
     g = {"a": torch.zeros(2), "b": torch.ones(2)}
-    out = merge_round(g, {"b": torch.full((2,), 3.0)})
+    out = apply_round(g, {"b": torch.full((2,), 3.0)})
     assert out["a"] is g["a"] and out["b"].tolist() == [3.0, 3.0]
     with pytest.raises(AggregationError, match="not in the global adapter: \\['c'\\]"):
-        merge_round(g, {"c": torch.zeros(2)})
+        apply_round(g, {"c": torch.zeros(2)})
 
 
 def test_trainable_roles_freezes_and_restores(tiny_config) -> None:
-    fed = prepare_federation(tiny_config())
+    fed = prepare_cohort(tiny_config())
     model = fed.client.model
     before = {n for n, p in model.named_parameters() if p.requires_grad}
     with trainable_roles(model, frozenset({"lora_B", "head"})) as names:
@@ -98,7 +98,7 @@ def test_trainable_roles_freezes_and_restores(tiny_config) -> None:
 
 @pytest.mark.parametrize("aggregation", ["ffa", "rolora"])
 def test_clients_send_exactly_the_round_tensors(tiny_config, aggregation: str, tmp_path) -> None:
-    fed = prepare_federation(tiny_config(f"federation.aggregation={aggregation}"))
+    fed = prepare_cohort(tiny_config(f"federation.aggregation={aggregation}"))
     start = fed.initial_state
     for r in (1, 2):  # round 2 starts from round 1's result (with B = 0, A's gradient is zero)
         sent, _ = train_client(fed, start, 0, r, progress=False)
@@ -110,13 +110,14 @@ def test_clients_send_exactly_the_round_tensors(tiny_config, aggregation: str, t
             if tensor_role(k) not in roles:
                 torch.testing.assert_close(after[k], start[k], rtol=0, atol=0)
         assert any(not torch.equal(sent[k], start[k]) for k in sent if tensor_role(k) != "head")
-        start = merge_round(start, sent)
+        start = apply_round(start, sent)
 
 
 def test_spec_refuses_an_update_with_the_other_factor(tiny_config, tmp_path) -> None:
-    from lorafed.wire.payload import payload_from_bytes, payload_to_bytes
+    from lorafed.wire.payload import payload_to_bytes
+    from lorafed.wire.reader import payload_from_bytes
 
-    fed = prepare_federation(tiny_config("federation.aggregation=ffa"))
+    fed = prepare_cohort(tiny_config("federation.aggregation=ffa"))
     full = payload_from_bytes(payload_to_bytes(fed.initial_state, fed.identity.meta("c0", 1, 5)))
     with pytest.raises(PayloadValidationError, match=r"lora_A.*absent \(not part of the adapter\)"):
         validate_update(full, fed.spec(1), "c0.safetensors")

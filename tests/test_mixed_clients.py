@@ -12,17 +12,19 @@ import pytest
 import torch
 
 from lorafed.config import ModelConfig
-from lorafed.engine.federation import prepare_federation
+from lorafed.engine.cohort import prepare_cohort
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
 from lorafed.engine.scenarios import final_global, mixed_clients
 from lorafed.errors import PayloadValidationError
 from lorafed.model.backbone import base_fingerprint, load_client_model
 from lorafed.serve.combine import MergeError
+from lorafed.server.fold import Incoming
 from lorafed.server.hetero import aggregate_hetero_rank, aggregate_hetero_rank_report, truncate_for_client
-from lorafed.server.step import Incoming, RoundPolicy
+from lorafed.server.step import RoundPolicy
 from lorafed.server.validate import validate_update
-from lorafed.wire.payload import ModelIdentity, load_payload, payload_from_bytes, payload_to_bytes
+from lorafed.wire.payload import ModelIdentity, payload_to_bytes
+from lorafed.wire.reader import load_payload, payload_from_bytes
 from tests.conftest import save_tiny_bert
 
 PRECISIONS = {
@@ -79,7 +81,7 @@ def mixed_runs(tmp_path_factory, tiny_model_dir):
             "federation.rounds=1",
         ],
     )
-    fed = prepare_federation(cfg)
+    fed = prepare_cohort(cfg)
     ids = fed.partition.client_ids
     runs = {}
     for name in ["fp32", "int8", "bnb", "bf16"]:

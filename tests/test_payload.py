@@ -10,7 +10,8 @@ import torch
 
 from lorafed.errors import PayloadError, PayloadValidationError
 from lorafed.server.validate import UpdateSpec, validate_update
-from lorafed.wire.payload import FORMAT_VERSION, PayloadMeta, load_payload, read_meta, save_payload
+from lorafed.wire.payload import FORMAT_VERSION, PayloadMeta, save_payload
+from lorafed.wire.reader import load_payload, read_meta
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]}
 

@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import save as st_save
 
 from lorafed.errors import PayloadError, PayloadValidationError
-from lorafed.server.step import aggregate_files
+from lorafed.server.fold import aggregate_files
 from lorafed.server.validate import UpdateSpec, validate_update
 from lorafed.wire.adapter import adapter_spec
-from lorafed.wire.payload import PayloadMeta, load_payload, payload_to_bytes, read_meta, save_payload
+from lorafed.wire.payload import PayloadMeta, payload_to_bytes, save_payload
+from lorafed.wire.reader import load_payload, read_meta
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}
 LABELS = ("bad", "good")

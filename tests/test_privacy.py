@@ -20,7 +20,7 @@ from lorafed.server.privacy import (
     poisson_sample,
     rdp_sampled_gaussian,
 )
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 
 def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

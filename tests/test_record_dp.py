@@ -110,10 +110,10 @@ def test_plan_calibrates_to_target_and_stops_at_budget(tiny_config) -> None:
 
 
 def test_client_refuses_round_past_budget_before_training(tiny_config) -> None:
-    from lorafed.engine.federation import prepare_federation
+    from lorafed.engine.cohort import prepare_cohort
 
     cfg = tiny_config(*DP, "train.record_dp.noise_multiplier=0.5", "train.record_dp.max_epsilon=0.1")
-    fed = prepare_federation(cfg)
+    fed = prepare_cohort(cfg)
     before = {k: v.clone() for k, v in fed.initial_state.items()}
     with pytest.raises(PrivacyBudgetError, match="privacy budget would be exceeded") as info:
         fed.client_update(fed.initial_state, 0, 1, progress=False)
@@ -127,12 +127,12 @@ def test_client_refuses_round_past_budget_before_training(tiny_config) -> None:
 )
 def test_dp_client_step_reports_epsilon_and_differs(tiny_config, aggregation: str, precision: str, round_: int) -> None:
     """A DP round through client_step on the tiny model (int8 backbone too, every aggregation mode)."""
-    from lorafed.engine.federation import prepare_federation
+    from lorafed.engine.cohort import prepare_cohort
 
     base = [f"federation.aggregation={aggregation}", f"model.precision={precision}"]
-    plain = prepare_federation(tiny_config(*base))
+    plain = prepare_cohort(tiny_config(*base))
     ref = plain.client_update(plain.initial_state, 0, round_, progress=False)
-    fed = prepare_federation(tiny_config(*base, *DP, "train.record_dp.noise_multiplier=1.0"))
+    fed = prepare_cohort(tiny_config(*base, *DP, "train.record_dp.noise_multiplier=1.0"))
     upd = fed.client_update(fed.initial_state, 0, round_, progress=False)
 
     n = len(fed.splits[0].train)

@@ -21,7 +21,7 @@ from lorafed.config import save_config
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
 from lorafed.errors import LorafedError
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 ROUNDS = 8
 RUN = (f"federation.rounds={ROUNDS}", "train.max_steps=12", "partition.num_clients=3", "federation.min_clients=2")

@@ -14,8 +14,8 @@ from lorafed.engine.faults import scale_update
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
 from lorafed.errors import AggregationError
+from lorafed.server.fold import aggregate_files
 from lorafed.server.robust import clip_update, coordinate_median, delta_norm, trimmed_mean
-from lorafed.server.step import aggregate_files
 from lorafed.server.validate import UpdateSpec
 from lorafed.wire.adapter import adapter_spec
 from lorafed.wire.payload import PayloadMeta, save_payload

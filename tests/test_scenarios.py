@@ -14,22 +14,16 @@ from lorafed.client import personalize as pmod
 from lorafed.client.personalize import personalize, personalize_local, personalize_report, sample_rows
 from lorafed.config import PersonalizeConfig
 from lorafed.data.tokens import Split
-from lorafed.engine.federation import prepare_federation
+from lorafed.engine.cohort import prepare_cohort
+from lorafed.engine.cold_start import cold_start, federation_without
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
-from lorafed.engine.scenarios import (
-    client_site,
-    cold_start,
-    federation_without,
-    final_global,
-    measure_personalization,
-    personalize_all,
-)
+from lorafed.engine.scenarios import client_site, final_global, measure_personalization, personalize_all
 from lorafed.errors import ConfigError
 from lorafed.metrics import EvalResult
 from lorafed.serve.export import export_adapter
 from lorafed.server.validate import validate_update
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 from lorafed.wire.roles import tensor_role
 from tests.conftest import ROOT, write_synthetic_csv
 
@@ -64,7 +58,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
             "personalize.eval_every=2",
         ],
     )
-    fed = prepare_federation(cfg)
+    fed = prepare_cohort(cfg)
     simulate(cfg, tmp / "run", progress=False, fed=fed)
     return cfg, fed, tmp / "run", tmp
 

@@ -23,8 +23,9 @@ from fastapi.testclient import TestClient
 from lorafed.config import DataConfig
 from lorafed.errors import ModelError
 from lorafed.serve.export import export_adapter
-from lorafed.serve.http import ServeError, ServeLimits, create_app
+from lorafed.serve.http import create_app
 from lorafed.serve.infer import load_serving_model, predict_proba
+from lorafed.serve.limits import ServeError, ServeLimits
 from tests.helpers_adapter import LABELS, random_adapter
 
 TEXTS = ["love this soft dress", "awful itchy top, returned it", "plain okay size", "great color but tight"]

@@ -93,7 +93,7 @@ def test_next_global_without_optimizer_is_the_average_over_the_global() -> None:
 
 def test_simulate_with_fedyogi_saves_a_resumable_state(tiny_config, tmp_path) -> None:
     from lorafed.engine.inprocess import simulate
-    from lorafed.wire.payload import load_payload
+    from lorafed.wire.reader import load_payload
 
     simulate(tiny_config("federation.server_optimizer=fedyogi"), tmp_path / "run", progress=False)
     opt = load_server_opt(tmp_path / "run" / "rounds" / "server_opt_r2.safetensors")

@@ -10,7 +10,7 @@ import torch
 
 from lorafed.engine.inprocess import simulate
 from lorafed.server.step import sample_clients
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 
 def test_simulation_writes_rounds_and_aggregates_the_client_payloads(tiny_config, tmp_path: Path) -> None:

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from lorafed.client.train import planned_steps, train_local
-from lorafed.engine.federation import prepare_federation
+from lorafed.engine.cohort import prepare_cohort
 from lorafed.metrics import evaluate
 from lorafed.wire.adapter import get_adapter_state, set_adapter_state
 
 
 def test_training_learns_and_leaves_the_base_untouched(tiny_config) -> None:
     cfg = tiny_config("train.max_steps=40", "train.learning_rate=3e-2")
-    fed = prepare_federation(cfg)
+    fed = prepare_cohort(cfg)
     model = fed.client.model
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     train_pos = np.concatenate([s.train for s in fed.splits])
@@ -30,7 +30,7 @@ def test_training_learns_and_leaves_the_base_untouched(tiny_config) -> None:
 
 def test_same_seed_same_update(tiny_config) -> None:
     cfg = tiny_config("train.max_steps=5", "model.lora.dropout=0.1")
-    fed = prepare_federation(cfg)
+    fed = prepare_cohort(cfg)
     outs = []
     for _ in range(2):
         set_adapter_state(fed.client.model, fed.initial_state)

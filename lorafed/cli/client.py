@@ -2,7 +2,7 @@
 
 Each company runs ``client train`` on its own file and sends the update file; the server runs
 ``lorafed aggregate`` (:mod:`lorafed.cli.server`) on the files it received. The round itself is
-:func:`lorafed.client.round.run_client_round`, the same client step every engine runs.
+:func:`lorafed.client.local.run_client_round`, the same client step every engine runs.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_client_train(args: argparse.Namespace) -> int:
     """``lorafed client train``."""
-    from lorafed.client.round import run_client_round
+    from lorafed.client.local import run_client_round
     from lorafed.config import load_config
     from lorafed.wire.payload import save_payload
 

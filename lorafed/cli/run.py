@@ -157,7 +157,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``lorafed inspect``."""
-    from lorafed.wire.payload import load_payload
+    from lorafed.wire.reader import load_payload
 
     payload = load_payload(args.payload)
     m = payload.meta

@@ -1,4 +1,8 @@
-"""Command-line verbs at the end of a federation: ``merge``, ``export``, ``predict``, ``evaluate``."""
+"""Command-line verbs at the end of a federation: ``combine``, ``export``, ``predict``, ``evaluate``, ``serve``.
+
+Why one module of ~300 lines: the four verbs after a federation share their argument
+handling; most of the length is each verb's --help text and example.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ math (w_i = weights normalised to sum 1, s_i = alpha_i / r_i, delta_i = s_i B_i 
 
 
 def add_parsers(sub: Any) -> None:
-    """Register ``merge``, ``export``, ``predict``, ``evaluate`` and ``serve``."""
+    """Register ``combine``, ``export``, ``predict``, ``evaluate`` and ``serve``."""
     srv = add_verb(
         sub,
         "serve",
@@ -32,7 +36,7 @@ def add_parsers(sub: Any) -> None:
         description=(
             "Start an HTTP service (FastAPI on uvicorn) for a merged export. POST /predict takes "
             '{"texts": [...]} or {"pairs": [[text, second], ...]} in the input rule training used, and answers '
-            "labels with probabilities; add \"explain\": true for per-word attributions. Requests are gathered "
+            'labels with probabilities; add "explain": true for per-word attributions. Requests are gathered '
             "into micro-batches; limits on body size, texts per request and text length answer 413/422 with "
             "the limit named, and a full queue answers 503. Binds 127.0.0.1 unless --host says otherwise; "
             "stops cleanly on SIGTERM or Ctrl-C."
@@ -40,7 +44,7 @@ def add_parsers(sub: Any) -> None:
         example=(
             "lorafed serve --model results/clothing_recommend/merged\n"
             "curl -s localhost:8000/predict -H 'content-type: application/json' "
-            "-d '{\"texts\": [\"Runs small, lovely fabric\"]}'\n"
+            '-d \'{"texts": ["Runs small, lovely fabric"]}\'\n'
             "open http://127.0.0.1:8000/ for the shopping-guide page"
         ),
     )
@@ -61,7 +65,7 @@ def add_parsers(sub: Any) -> None:
 
     merge = add_verb(
         sub,
-        "merge",
+        "combine",
         help="combine several adapters into one, with weights (tensor FedAvg or exact delta merge)",
         description=(
             "Merge lorafed adapters trained on the same base, labels and target modules, for example the "
@@ -69,9 +73,9 @@ def add_parsers(sub: Any) -> None:
         ),
         notes=_MERGE_MATH,
         example=(
-            "lorafed merge runA/global_r3.safetensors runB/global_r3.safetensors "
+            "lorafed combine runA/global_r3.safetensors runB/global_r3.safetensors "
             "--mode cat --weights 0.7,0.3 --out merged.safetensors\n"
-            "lorafed merge a.safetensors b.safetensors c.safetensors --mode svd --rank 8 --out merged.safetensors"
+            "lorafed combine a.safetensors b.safetensors c.safetensors --mode svd --rank 8 --out merged.safetensors"
         ),
     )
     merge.add_argument("adapters", nargs="+", help="adapter files (.safetensors)")
@@ -79,7 +83,7 @@ def add_parsers(sub: Any) -> None:
     merge.add_argument("--mode", required=True, choices=["fedavg", "cat", "svd"], help="merge math (see below)")
     merge.add_argument("--weights", help="comma-separated weights, one per adapter (default: num_examples)")
     merge.add_argument("--rank", type=int, help="target rank of --mode svd")
-    merge.set_defaults(func=_cmd_merge)
+    merge.set_defaults(func=_cmd_combine)
 
     export = add_verb(
         sub,
@@ -167,9 +171,10 @@ def add_parsers(sub: Any) -> None:
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from lorafed.serve.combine import merge_payloads
-    from lorafed.wire.payload import load_payload, save_payload
+def _cmd_combine(args: argparse.Namespace) -> int:
+    from lorafed.serve.combine import combine_payloads
+    from lorafed.wire.payload import save_payload
+    from lorafed.wire.reader import load_payload
 
     weights = None
     if args.weights:
@@ -180,7 +185,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.rank is not None and args.mode != "svd":
         raise LorafedError(f"--rank applies to --mode svd, not --mode {args.mode}")
     payloads = [load_payload(p) for p in args.adapters]
-    tensors, meta, result = merge_payloads(payloads, args.adapters, args.mode, weights, args.rank)
+    tensors, meta, result = combine_payloads(payloads, args.adapters, args.mode, weights, args.rank)
     path = save_payload(args.out, tensors, meta)
     ws = ", ".join(f"{w:.4f}" for w in meta.metrics["weights"])  # type: ignore[union-attr]
     print(f"merged {len(payloads)} adapters ({args.mode}, weights {ws}): r={result.r}, alpha={meta.lora['alpha']}")
@@ -197,7 +202,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from lorafed.config import PACKAGED_BACKBONE, load_config
     from lorafed.serve.export import export_adapter
-    from lorafed.wire.payload import load_payload
+    from lorafed.wire.reader import load_payload
 
     if args.overrides and not args.config:
         raise LorafedError(f"config overrides {args.overrides} need --config")
@@ -292,7 +297,8 @@ def _check_batch(batch_size: int) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``lorafed serve``."""
-    from lorafed.serve.http import ServeLimits, serve
+    from lorafed.serve.http import serve
+    from lorafed.serve.limits import ServeLimits
 
     limits = ServeLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
     serve(args.model, host=args.host, port=args.port, limits=limits, backend=args.backend)

@@ -35,6 +35,9 @@ The row sampling and the noise are seeded from the operating system (``noise_see
 noise generator seeded from public values (config seed, round, client id) could be replayed and
 the noise subtracted. So, unlike a non-DP round, a DP round is not reproducible unless
 ``noise_seed`` is set, which is for experiments only.
+
+Why one module over 300 lines: the plan (sampling rate, noise, delta), the accountant and
+the DP training loop must agree on the same steps; kept together so they cannot drift.
 """
 
 from __future__ import annotations

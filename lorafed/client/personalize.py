@@ -53,7 +53,7 @@ PERSONALIZED_KIND = "personalized"
 
 
 class Site(Protocol):
-    """One client as personalization sees it (a :class:`~lorafed.client.round.LocalClient` is one).
+    """One client as personalization sees it (a :class:`~lorafed.client.local.LocalClient` is one).
 
     Attributes:
         client_id: The client's id (seeds its local steps).
@@ -224,9 +224,11 @@ def personalize_local(
         DataError: The file cannot be read or leaves no training rows.
         PayloadError: The global adapter is unreadable or does not fit this config.
     """
-    from lorafed.client.round import LocalClient, check_client_id
+    from lorafed.client.local import LocalClient
+    from lorafed.client.round import check_client_id
     from lorafed.server.specs import federation_labels
-    from lorafed.wire.payload import load_payload, save_payload
+    from lorafed.wire.payload import save_payload
+    from lorafed.wire.reader import load_payload
 
     check_client_id(client_id)
     glob = load_payload(global_path)

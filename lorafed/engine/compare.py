@@ -28,19 +28,19 @@ import torch
 
 from lorafed.client.train import train_local
 from lorafed.config import RunConfig
-from lorafed.engine.federation import Federation, evaluate_state, prepare_federation
+from lorafed.engine.cohort import Cohort, evaluate_state, prepare_cohort
 from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import RunRecord
 from lorafed.files import atomic_write_json
 from lorafed.metrics import EvalResult
 from lorafed.seeds import client_seed
 from lorafed.wire.adapter import get_adapter_state, set_adapter_state
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 logger = logging.getLogger(__name__)
 
 
-def val_positions(fed: Federation) -> np.ndarray:
+def val_positions(fed: Cohort) -> np.ndarray:
     """The pooled validation rows of the federation (union of the clients' slices), capped like the test rows.
 
     Capped at ``federation.max_test_rows`` by a seeded sample (seed + 1, so not the test sample's draw).
@@ -102,7 +102,7 @@ def _best(checkpoints: list[tuple[int, EvalResult, EvalResult | None]]) -> dict[
 
 
 def train_alone(
-    fed: Federation,
+    fed: Cohort,
     positions: np.ndarray,
     seed_id: str,
     val: np.ndarray,
@@ -161,7 +161,7 @@ def compare(config: RunConfig, out_dir: str | Path, progress: bool = True) -> di
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    fed = prepare_federation(config)
+    fed = prepare_cohort(config)
     val = val_positions(fed)
     times: dict[str, float] = {}
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from lorafed.engine.federation import ClientFn, Federation
+    from lorafed.engine.cohort import ClientFn, Cohort
 
 Wrapper = Callable[["ClientFn"], "ClientFn"]
 
 
-def _hits(fed: Federation, k: int, r: int, clients: Collection[str], rounds: Collection[int] | None) -> bool:
+def _hits(fed: Cohort, k: int, r: int, clients: Collection[str], rounds: Collection[int] | None) -> bool:
     return fed.partition.client_ids[k] in clients and (rounds is None or r in rounds)
 
 
@@ -36,7 +36,7 @@ def scale_update(clients: Collection[str], factor: float, rounds: Collection[int
     """
 
     def wrap(inner: ClientFn) -> ClientFn:
-        def client(fed: Federation, state: dict[str, torch.Tensor], k: int, r: int):
+        def client(fed: Cohort, state: dict[str, torch.Tensor], k: int, r: int):
             tensors, result = inner(fed, state, k, r)
             if _hits(fed, k, r, clients, rounds):
                 tensors = {n: state[n] + factor * (v - state[n]) for n, v in tensors.items()}
@@ -59,7 +59,7 @@ def fail_clients(clients: Collection[str], rounds: Collection[int] | None = None
     budget = {"n": times}
 
     def wrap(inner: ClientFn) -> ClientFn:
-        def client(fed: Federation, state: dict[str, torch.Tensor], k: int, r: int):
+        def client(fed: Cohort, state: dict[str, torch.Tensor], k: int, r: int):
             if _hits(fed, k, r, clients, rounds) and (budget["n"] is None or budget["n"] > 0):
                 if budget["n"] is not None:
                     budget["n"] -= 1
@@ -75,7 +75,7 @@ def delay_clients(clients: Collection[str], seconds: float, rounds: Collection[i
     """The chosen clients train normally, then wait ``seconds`` before returning their update."""
 
     def wrap(inner: ClientFn) -> ClientFn:
-        def client(fed: Federation, state: dict[str, torch.Tensor], k: int, r: int):
+        def client(fed: Cohort, state: dict[str, torch.Tensor], k: int, r: int):
             out = inner(fed, state, k, r)
             if _hits(fed, k, r, clients, rounds):
                 time.sleep(seconds)

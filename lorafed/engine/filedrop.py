@@ -26,23 +26,19 @@ from typing import Any
 
 import torch
 
-from lorafed.client.round import LocalClient
+from lorafed.client.local import LocalClient
 from lorafed.config import RunConfig, save_config
 from lorafed.engine.loop import Dispatched, Federated, run_rounds, start
 from lorafed.engine.record import RunRecord
 from lorafed.engine.storage import Storage
 from lorafed.errors import LorafedError, PayloadError
 from lorafed.model.backbone import load_client_model, lora_config_dict
+from lorafed.server.fold import Incoming
 from lorafed.server.specs import federation_labels, spec_for
-from lorafed.server.step import Incoming, RoundPolicy
+from lorafed.server.step import RoundPolicy
 from lorafed.wire.adapter import get_adapter_state
-from lorafed.wire.payload import (
-    ModelIdentity,
-    PayloadMeta,
-    header_from_bytes,
-    payload_from_bytes,
-    payload_to_bytes,
-)
+from lorafed.wire.payload import ModelIdentity, PayloadMeta, payload_to_bytes
+from lorafed.wire.reader import header_from_bytes, payload_from_bytes
 from lorafed.wire.roles import round_keys, select
 
 logger = logging.getLogger(__name__)

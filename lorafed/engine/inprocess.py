@@ -20,10 +20,11 @@ import torch
 
 from lorafed.client.round import update_meta
 from lorafed.config import RunConfig, save_config
-from lorafed.engine.federation import ClientFn, Federation, evaluate_state, prepare_federation, train_client
+from lorafed.engine.cohort import ClientFn, Cohort, evaluate_state, prepare_cohort, train_client
 from lorafed.engine.loop import Dispatched, Federated, run_rounds, start
 from lorafed.engine.record import RunRecord
-from lorafed.server.step import Incoming, RoundPolicy
+from lorafed.server.fold import Incoming
+from lorafed.server.step import RoundPolicy
 from lorafed.wire.payload import payload_to_bytes
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,11 @@ class InProcess:
 
     Args:
         fed: The prepared federation.
-        run_client: A client's round (:func:`~lorafed.engine.federation.train_client`, maybe wrapped
+        run_client: A client's round (:func:`~lorafed.engine.cohort.train_client`, maybe wrapped
             by :mod:`lorafed.engine.faults`).
     """
 
-    def __init__(self, fed: Federation, run_client: ClientFn) -> None:
+    def __init__(self, fed: Cohort, run_client: ClientFn) -> None:
         self.fed = fed
         self.run_client = run_client
 
@@ -73,7 +74,7 @@ def simulate(
     *,
     resume: bool = False,
     client_fn: Callable[[ClientFn], ClientFn] | None = None,
-    fed: Federation | None = None,
+    fed: Cohort | None = None,
 ) -> dict[str, Any]:
     """Run a whole federated simulation and write its run folder (see :mod:`lorafed.engine.record`).
 
@@ -84,7 +85,7 @@ def simulate(
         resume: Continue the run in ``out_dir`` from its last completed round (an interrupted
             round is redone from scratch). Each client's round is seeded by (seed, round,
             client) only, so a resumed run ends with the same adapter as an uninterrupted one.
-        client_fn: Wraps the client's round (:func:`~lorafed.engine.federation.train_client`), e.g.
+        client_fn: Wraps the client's round (:func:`~lorafed.engine.cohort.train_client`), e.g.
             to inject faults or attacks; it receives the real one and returns the one to call.
         fed: A federation already prepared for ``config`` (benchmarks reuse one across runs
             that differ only in the server or transport settings).
@@ -97,7 +98,7 @@ def simulate(
             without enough valid updates after its retries.
     """
     t0 = time.perf_counter()
-    fed = prepare_federation(config) if fed is None else fed
+    fed = prepare_cohort(config) if fed is None else fed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")

@@ -22,7 +22,8 @@ from lorafed.config import FederationConfig
 from lorafed.engine.record import RunRecord, metrics_row
 from lorafed.errors import AggregationError
 from lorafed.metrics import EvalResult
-from lorafed.server.step import Incoming, RoundPolicy, RoundResult
+from lorafed.server.fold import Incoming
+from lorafed.server.step import RoundPolicy, RoundResult
 from lorafed.server.validate import UpdateSpec
 from lorafed.wire.payload import ModelIdentity, payload_digest, payload_to_bytes
 

@@ -40,7 +40,7 @@ from lorafed.files import atomic_write_bytes, atomic_write_json, atomic_write_js
 from lorafed.metrics import EvalResult
 from lorafed.server.server_opt import ServerOptState, load_server_opt, save_server_opt
 from lorafed.server.validate import UpdateSpec, validate_update
-from lorafed.wire.payload import load_payload
+from lorafed.wire.reader import load_payload
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,8 @@ def lineage(path: str | Path, search: list[str | Path] | None = None) -> list[tu
     Returns:
         ``(file, lineage fields)`` from ``path`` back to the oldest ancestor found.
     """
-    from lorafed.wire.payload import load_payload, payload_digest
+    from lorafed.wire.payload import payload_digest
+    from lorafed.wire.reader import load_payload
 
     folders = [Path(path).parent, *(Path(d) for d in search or [])]
     by_digest: dict[str, Path] = {}

@@ -17,8 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,20 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorafed.client.personalize import Personalized, personalize_report, personalized_meta, sample_rows
+from lorafed.client.personalize import Personalized, personalize_report, personalized_meta
 from lorafed.client.round import client_step, identity_of
 from lorafed.config import ModelConfig, PersonalizeConfig, RunConfig
 from lorafed.data.tokens import Split, TokenizedRows
+from lorafed.engine.cohort import ClientFn, Cohort, evaluate_state, prepare_cohort
 from lorafed.engine.compare import train_alone
-from lorafed.engine.federation import ClientFn, Federation, evaluate_state, prepare_federation
 from lorafed.engine.record import RunRecord, read_metrics
 from lorafed.errors import ConfigError, ModelError
 from lorafed.files import atomic_write_bytes, atomic_write_json
 from lorafed.model.backbone import ClientModel, load_client_model
-from lorafed.partition import Partition
-from lorafed.seeds import client_seed
 from lorafed.server.validate import validate_update
-from lorafed.wire.payload import ModelIdentity, load_payload, payload_to_bytes
+from lorafed.wire.payload import ModelIdentity, payload_to_bytes
+from lorafed.wire.reader import load_payload
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +57,13 @@ class FedSite:
     identity: ModelIdentity
 
 
-def client_site(fed: Federation, k: int, split: Split | None = None) -> FedSite:
+def client_site(fed: Cohort, k: int, split: Split | None = None) -> FedSite:
     """Client ``k`` of ``fed`` (with ``split`` in place of its own, e.g. a newcomer's few rows)."""
     cid = fed.partition.client_ids[k]
     return FedSite(cid, fed.config, fed.client, fed.rows, fed.splits[k] if split is None else split, fed.identity)
 
 
-def final_global(fed: Federation, run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
+def final_global(fed: Cohort, run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
     """The last recorded round of ``run_dir`` and its global adapter (fp32), checked to fit ``fed``.
 
     Raises:
@@ -83,7 +81,7 @@ def final_global(fed: Federation, run_dir: str | Path) -> tuple[int, dict[str, t
 def personalize_all(
     config: RunConfig,
     run_dir: str | Path,
-    fed: Federation | None = None,
+    fed: Cohort | None = None,
     pcfg: PersonalizeConfig | None = None,
     progress: bool = False,
 ) -> dict[str, Personalized]:
@@ -100,7 +98,7 @@ def personalize_all(
     Returns:
         Client id -> its personalized adapter and figures.
     """
-    fed = prepare_federation(config) if fed is None else fed
+    fed = prepare_cohort(config) if fed is None else fed
     p = pcfg if pcfg is not None else config.personalize
     r, state = final_global(fed, run_dir)
     out = Path(run_dir) / "personalized"
@@ -123,7 +121,7 @@ def personalize_all(
 
 
 def measure_personalization(
-    fed: Federation,
+    fed: Cohort,
     global_state: dict[str, torch.Tensor],
     personalized: Mapping[str, dict[str, torch.Tensor]],
     local_only: bool = True,
@@ -174,167 +172,7 @@ def measure_personalization(
     }
 
 
-def federation_without(fed: Federation, holdout: str) -> tuple[Federation, int]:
-    """``fed`` without client ``holdout`` (a newcomer that was not in the federation).
-
-    The result shares the model and the tokenized rows; its global test rows are the other
-    clients' (capped by ``federation.max_test_rows`` as in :func:`prepare_federation`).
-
-    Returns:
-        The reduced federation and the index of ``holdout`` in ``fed``.
-
-    Raises:
-        ConfigError: No such client, or too few left for ``federation.min_clients``.
-    """
-    ids = list(fed.partition.client_ids)
-    if holdout not in ids:
-        raise ConfigError([f"hold-out client {holdout!r} is not in the partition; clients: {', '.join(ids)}"])
-    k = ids.index(holdout)
-    keep = [i for i in range(len(ids)) if i != k]
-    if len(keep) < fed.config.federation.min_clients:
-        raise ConfigError(
-            [
-                f"without {holdout}, {len(keep)} client(s) remain, fewer than federation.min_clients="
-                f"{fed.config.federation.min_clients}"
-            ]
-        )
-    part = Partition(
-        [ids[i] for i in keep],
-        [fed.partition.indices[i] for i in keep],
-        [*fed.partition.notes, f"client {holdout} held out of the federation"],
-    )
-    splits = [fed.splits[i] for i in keep]
-    test = np.sort(np.concatenate([s.test for s in splits]))
-    cap = fed.config.federation.max_test_rows
-    if cap is not None and len(test) > cap:
-        test = np.sort(np.random.default_rng(fed.config.seed).choice(test, size=cap, replace=False))
-    return dataclasses.replace(fed, partition=part, splits=splits, test_positions=test), k
-
-
-def cold_start(
-    config: RunConfig,
-    holdout: str,
-    out_dir: str | Path,
-    sizes: Sequence[int] = COLD_START_SIZES,
-    *,
-    fed: Federation | None = None,
-    local_steps: int | None = None,
-    alone_steps: int | None = None,
-    repeats: int = 1,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """A newcomer with few labelled rows: the federation's global adapter vs training alone.
-
-    The federation runs without ``holdout`` (:func:`federation_without`, written to
-    ``out_dir/federation``). For each size k, k rows are drawn from the newcomer's train rows
-    (nested draws, ``repeats`` seeds) and three adapters are scored on its test rows:
-
-    * ``global``: the final global adapter as is (needs no rows; the same for every k);
-    * ``global_tuned``: the global adapter after ``local_steps`` steps of fine-tuning (LoRA and head)
-      on the k rows (no validation rows: a newcomer with 25 rows keeps none back);
-    * ``alone``: the untrained (round-0) adapter trained ``alone_steps`` steps on the k rows.
-
-    Args:
-        config: The federation config.
-        holdout: The newcomer's client id.
-        out_dir: Folder for the federation's run and ``cold_start.png``.
-        sizes: Row budgets (a size above the newcomer's train rows is capped to them).
-        fed: The full federation already prepared for ``config``.
-        local_steps: Fine-tuning steps from the global adapter (default ``personalize.steps``).
-        alone_steps: Steps of training alone (default ``rounds x train.max_steps``, what a client
-            of the federation trains over the run, or ``personalize.steps``).
-        repeats: Draws of the k rows per size (scores are averaged).
-        progress: Show progress bars.
-
-    Returns:
-        ``{"holdout", "test_rows", "train_rows", "federation": {...}, "curve": [{"rows", "global",
-        "global_tuned", "alone"}...], "seconds"}`` (macro-F1 values).
-    """
-    from lorafed.engine.inprocess import simulate
-
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    full = prepare_federation(config) if fed is None else fed
-    others, k = federation_without(full, holdout)
-    summary = simulate(config, out / "federation", progress=progress, fed=others)
-    _, glob = final_global(full, out / "federation")
-    split = full.splits[k]
-    test = split.test
-    if len(test) == 0:
-        raise ConfigError([f"hold-out client {holdout!r} has no test rows"])
-    steps_fed = config.federation.rounds * (config.train.max_steps or config.personalize.steps)
-    local_steps = config.personalize.steps if local_steps is None else local_steps
-    alone_steps = steps_fed if alone_steps is None else alone_steps
-    tune = PersonalizeConfig("finetune", local_steps, config.personalize.learning_rate, local_steps, None)
-    alone = PersonalizeConfig("finetune", alone_steps, None, alone_steps, None)
-    g_score = evaluate_state(full, glob, test).macro_f1
-    curve = []
-    for n in sizes:
-        n_eff = min(int(n), len(split.train))
-        tuned_scores, alone_scores = [], []
-        for rep in range(repeats):
-            rows = sample_rows(split.train, n_eff, client_seed(config.seed, rep, f"cold-start.{holdout}"))
-            site = client_site(full, k, Split(rows, np.empty(0, np.int64), test))
-            tuned = personalize_report(site, glob, tune, progress=progress).tensors
-            tuned_scores.append(evaluate_state(full, tuned, test).macro_f1)
-            scratch = personalize_report(site, full.initial_state, alone, progress=progress).tensors
-            alone_scores.append(evaluate_state(full, scratch, test).macro_f1)
-        point = {
-            "rows": int(n),
-            "rows_used": n_eff,
-            "global": g_score,
-            "global_tuned": float(np.mean(tuned_scores)),
-            "alone": float(np.mean(alone_scores)),
-        }
-        curve.append(point)
-        logger.info(
-            "cold start %s, %d rows: global %.4f, global + %d steps %.4f, alone %.4f",
-            holdout,
-            n_eff,
-            g_score,
-            local_steps,
-            point["global_tuned"],
-            point["alone"],
-        )
-    result = {
-        "holdout": holdout,
-        "test_rows": len(test),
-        "train_rows": len(split.train),
-        "local_steps": local_steps,
-        "alone_steps": alone_steps,
-        "repeats": repeats,
-        "federation": {"clients": list(others.partition.client_ids), "final": summary["final"]},
-        "curve": curve,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    plot_cold_start(result, out / "cold_start.png")
-    return result
-
-
-def plot_cold_start(result: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
-    """Macro-F1 of the newcomer against its labelled rows: global, global + local steps, alone."""
-    from lorafed.plots import figure, save_figure
-
-    fig, ax = figure(figsize=(5.2, 3.6))
-    xs = [c["rows"] for c in result["curve"]]
-    for key, label, style in (
-        ("global", "global adapter", "--"),
-        ("global_tuned", f"global + {result['local_steps']} local steps", "-o"),
-        ("alone", f"alone ({result['alone_steps']} steps from untrained)", "-s"),
-    ):
-        ax.plot(xs, [c[key] for c in result["curve"]], style, label=label)
-    ax.set_xscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(x) for x in xs])
-    ax.set_xlabel("labelled rows of the newcomer")
-    ax.set_ylabel("macro-F1 on its test rows")
-    ax.set_title(title or f"cold start: {result['holdout']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def load_precision_model(fed: Federation, model_cfg: ModelConfig) -> ClientModel:
+def load_precision_model(fed: Cohort, model_cfg: ModelConfig) -> ClientModel:
     """A client's own model of ``fed``'s base in ``model_cfg``'s precision, checked to be the federation's base.
 
     Raises:
@@ -349,7 +187,7 @@ def load_precision_model(fed: Federation, model_cfg: ModelConfig) -> ClientModel
     return model
 
 
-def mixed_clients(fed: Federation, models: Mapping[str, ModelConfig]) -> Callable[[ClientFn], ClientFn]:
+def mixed_clients(fed: Cohort, models: Mapping[str, ModelConfig]) -> Callable[[ClientFn], ClientFn]:
     """A ``client_fn`` for :func:`~lorafed.engine.inprocess.simulate`: the named clients train on their own model.
 
     Each client in ``models`` loads the base with its own model section (``precision``,
@@ -365,7 +203,7 @@ def mixed_clients(fed: Federation, models: Mapping[str, ModelConfig]) -> Callabl
 
     def wrap(base: ClientFn) -> ClientFn:
         @functools.wraps(base)
-        def run(f: Federation, state: dict[str, torch.Tensor], k: int, round_: int):  # type: ignore[no-untyped-def]
+        def run(f: Cohort, state: dict[str, torch.Tensor], k: int, round_: int):  # type: ignore[no-untyped-def]
             cid = f.partition.client_ids[k]
             if cid not in models:
                 return base(f, state, k, round_)

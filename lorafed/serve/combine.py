@@ -1,4 +1,6 @@
-"""Merging several LoRA adapters into one, with weights: the math, on state dicts only.
+"""Combining several LoRA adapters into one, with weights: the math, on state dicts only.
+
+("Combine" here; "merge" in lorafed means only folding an adapter into the base weights at export.)
 
 For each adapted weight W, adapter i contributes ``delta_i = s_i * B_i @ A_i`` with LoRA scaling
 ``s_i = alpha_i / r_i``. With normalised weights ``w_i`` (summing to 1) there are three merges:
@@ -206,7 +208,7 @@ def _check_same_layout(adapters: Sequence[LoraFactors], need_same_rank: bool) ->
                 )
 
 
-def merge_payloads(
+def combine_payloads(
     payloads: Sequence[Payload],
     sources: Sequence[str],
     mode: MergeMode,

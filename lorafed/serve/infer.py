@@ -9,6 +9,9 @@ Backends: ``torch`` runs the transformers model; ``onnx`` runs the export's ``mo
 the same probabilities within 1e-4. ``auto`` picks ``onnx`` when the folder has ``model.onnx`` and
 onnxruntime imports, else ``torch``. The torch model is loaded in both cases (its config gives the
 labels, and attributions need it).
+
+Why one module of ~300 lines: reading inputs, both backends and scoring share the export's
+input rule and labels; split, each piece would re-read the export folder.
 """
 
 from __future__ import annotations

@@ -23,11 +23,13 @@ import torch
 
 from lorafed.config import RunConfig
 from lorafed.errors import LorafedError
+from lorafed.server.fold import Incoming
 from lorafed.server.server_opt import load_server_opt, save_server_opt
 from lorafed.server.specs import federation_labels, spec_for
-from lorafed.server.step import Incoming, RoundPolicy, RoundResult
+from lorafed.server.step import RoundPolicy, RoundResult
 from lorafed.server.validate import UpdateSpec
-from lorafed.wire.payload import ModelIdentity, PayloadMeta, load_payload, save_payload
+from lorafed.wire.payload import ModelIdentity, PayloadMeta, save_payload
+from lorafed.wire.reader import load_payload
 from lorafed.wire.roles import round_keys
 
 

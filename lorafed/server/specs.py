@@ -24,7 +24,8 @@ from lorafed.errors import ConfigError
 from lorafed.model.backbone import load_client_model, lora_config_dict
 from lorafed.server.validate import UpdateSpec
 from lorafed.wire.adapter import adapter_spec, get_adapter_state
-from lorafed.wire.payload import ModelIdentity, PayloadMeta, load_payload
+from lorafed.wire.payload import ModelIdentity, PayloadMeta
+from lorafed.wire.reader import load_payload
 
 
 def federation_labels(

@@ -12,7 +12,7 @@ identical on every client, so the average of the products is the product with th
   B goes first because peft initialises B to zero, where the gradient of A is zero.
 
 The head is a plain linear layer and is trained and averaged in every mode. The server keeps
-every tensor; a round's average replaces only the tensors that were sent (:func:`merge_round`).
+every tensor; a round's average replaces only the tensors that were sent (:func:`apply_round`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def select(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[str, 
     return {k: state[k] for k in keys}
 
 
-def merge_round(
+def apply_round(
     global_state: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The new global adapter: the round's averaged tensors over the previous global ones.

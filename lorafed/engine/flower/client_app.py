@@ -13,12 +13,13 @@ import functools
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from lorafed.client.round import LocalClient
+from lorafed.client.local import LocalClient
 from lorafed.config import parse_config
 from lorafed.engine.flower.records import payload_record, record_bytes
 from lorafed.errors import ConfigError
 from lorafed.logs import ensure_handler
-from lorafed.wire.payload import payload_from_bytes, payload_to_bytes
+from lorafed.wire.payload import payload_to_bytes
+from lorafed.wire.reader import payload_from_bytes
 
 app = ClientApp()
 

@@ -29,14 +29,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from lorafed.config import RunConfig, config_to_dict, parse_config, save_config
-from lorafed.engine.federation import evaluate_state, prepare_federation
+from lorafed.engine.cohort import evaluate_state, prepare_cohort
 from lorafed.engine.flower.app_dir import RUN_CONFIG_OVERRIDES
 from lorafed.engine.flower.records import payload_record, record_bytes
 from lorafed.engine.loop import Dispatched, Federated, run_rounds, start
 from lorafed.engine.record import RunRecord
 from lorafed.errors import AggregationError, LorafedError
 from lorafed.logs import ensure_handler
-from lorafed.server.step import Incoming, RoundPolicy
+from lorafed.server.fold import Incoming
+from lorafed.server.step import RoundPolicy
 
 logger = logging.getLogger(__name__)
 app = ServerApp()
@@ -154,7 +155,7 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(rc["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    fed = prepare_federation(config)
+    fed = prepare_cohort(config)
     nodes = wait_for_nodes(grid, int(rc["num-nodes"]), float(rc["node-timeout"]))
     logger.info("%d node(s) connected: %s", len(nodes), nodes)
     fcfg = config.federation

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lorafed.cli import main
-from lorafed.serve.combine import LoraFactors, MergeError, delta_weights, lora_modules, merge_adapters, merge_payloads
-from lorafed.wire.payload import Payload, load_payload, save_payload
+from lorafed.serve.combine import LoraFactors, MergeError, combine_payloads, delta_weights, lora_modules, merge_adapters
+from lorafed.wire.payload import Payload, save_payload
+from lorafed.wire.reader import load_payload
 from tests.helpers_adapter import random_adapter
 
 PREFIX = "base_model.model.layer.q"
@@ -99,7 +100,7 @@ def test_merge_cli_on_real_adapters_and_header(tiny_model_dir: Path, tmp_path: P
     f1 = save_payload(tmp_path / "a.safetensors", p1.tensors, p1.meta)
     f2 = save_payload(tmp_path / "b.safetensors", p2.tensors, p2.meta)
     out = tmp_path / "cat.safetensors"
-    assert main(["merge", str(f1), str(f2), "--mode", "cat", "--out", str(out)]) == 0
+    assert main(["combine", str(f1), str(f2), "--mode", "cat", "--out", str(out)]) == 0
     merged = load_payload(out)
     assert merged.meta.lora["r"] == 8 and merged.meta.lora["alpha"] == 8 and merged.meta.kind == "merged"
     assert merged.meta.metrics["weights"] == [0.75, 0.25]  # num_examples 30 : 10
@@ -108,15 +109,17 @@ def test_merge_cli_on_real_adapters_and_header(tiny_model_dir: Path, tmp_path: P
         exact = 0.75 * delta_weights(ads[0])[prefix] + 0.25 * delta_weights(ads[1])[prefix]
         got = delta_weights(LoraFactors(merged.tensors, 8, 8))[prefix]
         assert float((got - exact).abs().max()) <= 1e-5
-    assert main(["merge", str(f1), str(f2), "--mode", "svd", "--rank", "2", "--weights", "1,1", "--out", str(out)]) == 0
+    assert (
+        main(["combine", str(f1), str(f2), "--mode", "svd", "--rank", "2", "--weights", "1,1", "--out", str(out)]) == 0
+    )
     assert "relative Frobenius error max" in capsys.readouterr().out
     assert load_payload(out).meta.lora["r"] == 2
-    assert main(["merge", str(f1), "--mode", "fedavg", "--rank", "2", "--out", str(out)]) == 2
+    assert main(["combine", str(f1), "--mode", "fedavg", "--rank", "2", "--out", str(out)]) == 2
     assert "--rank applies to --mode svd" in capsys.readouterr().err
-    assert main(["merge", str(f1), str(f2), "--mode", "cat", "--weights", "1,x", "--out", str(out)]) == 2
+    assert main(["combine", str(f1), str(f2), "--mode", "cat", "--weights", "1,x", "--out", str(out)]) == 2
     assert "expected comma-separated numbers" in capsys.readouterr().err
     from dataclasses import replace
 
     other = Payload(p2.tensors, replace(p2.meta, labels=("x", "y", "z")))
     with pytest.raises(MergeError, match="labels"):
-        merge_payloads([p1, other], ["a", "b"], "cat")
+        combine_payloads([p1, other], ["a", "b"], "cat")

@@ -1,6 +1,6 @@
 """A federation assembled in one process: the data, every client's rows, the tokens and one model.
 
-:func:`prepare_federation` loads and cleans the data, partitions it, splits each client into
+:func:`prepare_cohort` loads and cleans the data, partitions it, splits each client into
 train/validation/test (seeded by client id), loads the model and tokenizes every row once. The
 in-process engine and the benchmarks train each client in turn on the one model; Flower and the
 file drop use it on the server side for the spec and the test rows.
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Federation:
+class Cohort:
     """Everything an in-process federation needs, prepared once.
 
     Attributes:
@@ -79,7 +79,7 @@ class Federation:
         )
 
 
-def prepare_federation(config: RunConfig) -> Federation:
+def prepare_cohort(config: RunConfig) -> Cohort:
     """Load and clean the data, partition it, split each client, load the model, tokenize once.
 
     Raises:
@@ -117,23 +117,23 @@ def prepare_federation(config: RunConfig) -> Federation:
     client = load_client_model(config.model, data.label_names, config.seed)
     rows = TokenizedRows(data, client.tokenizer, config.data.max_length, config.data.pair_mode)
     identity = identity_of(client, config, data.label_names)
-    return Federation(config, data, part, splits, rows, client, test, get_adapter_state(client.model), identity)
+    return Cohort(config, data, part, splits, rows, client, test, get_adapter_state(client.model), identity)
 
 
 def train_client(
-    fed: Federation, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
+    fed: Cohort, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Client ``k``'s round in the in-process engine: the tensors it sends and its training summary."""
     update = fed.client_update(global_state, k, round_, progress)
     return update.tensors, update.result
 
 
-def evaluate_state(fed: Federation, state: dict[str, torch.Tensor], positions: np.ndarray | None = None) -> EvalResult:
+def evaluate_state(fed: Cohort, state: dict[str, torch.Tensor], positions: np.ndarray | None = None) -> EvalResult:
     """Score an adapter state on the global test rows (or ``positions``)."""
     set_adapter_state(fed.client.model, state)
     pos = fed.test_positions if positions is None else positions
     return evaluate(fed.client.model, fed.rows, pos, fed.config.train.eval_batch_size, fed.data.label_names)
 
 
-ClientFn = Callable[[Federation, dict[str, torch.Tensor], int, int], tuple[dict[str, torch.Tensor], TrainResult]]
+ClientFn = Callable[[Cohort, dict[str, torch.Tensor], int, int], tuple[dict[str, torch.Tensor], TrainResult]]
 """A client's round: ``(fed, global_state, client_index, round) -> (adapter tensors, TrainResult)``."""

@@ -1,0 +1,334 @@
+"""Folding a round's updates: parse and validate each once, refuse the invalid with a reason, average the rest.
+
+The attack surface of the server: every update here comes from a party the server does not control.
+Each one either becomes part of the weighted mean or is refused with a named reason; one bad update
+never stops the others. :mod:`lorafed.server.step` runs it inside a federation's round.
+
+Why one module over 300 lines: every check an untrusted update goes through sits in one
+readable path (parse, duplicate ids, validation, norm bound, share cap, finite result), so a
+reviewer sees the whole attack surface of the server at once.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
+from lorafed.server.aggregate import WeightedMean, Weighting, require_finite
+from lorafed.server.privacy import DPSum
+from lorafed.server.robust import Robust, clip_update, coordinate_median, delta_norm, trimmed_mean
+from lorafed.server.validate import UpdateSpec, validate_update
+from lorafed.wire.payload import Payload, PayloadMeta
+from lorafed.wire.reader import PayloadHeader, header_from_bytes, payload_with_header
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One update as it reached the server: its bytes, or the file holding them.
+
+    Attributes:
+        source: Where it came from, for messages (a file path, ``node-7``, a drop name).
+        data: The payload bytes (``None`` when ``path`` is given).
+        path: A payload file, read when the update is folded in (memory stays flat in the
+            number of files).
+    """
+
+    source: str
+    data: bytes | None = None
+    path: Path | None = None
+
+    def read(self) -> bytes:
+        """The payload bytes.
+
+        Raises:
+            PayloadError: The file is missing or unreadable.
+        """
+        if self.data is not None:
+            return self.data
+        if self.path is None or not self.path.is_file():
+            raise PayloadError("payload file not found", path=self.source)
+        try:
+            return self.path.read_bytes()
+        except OSError as exc:
+            raise PayloadError(f"cannot read: {exc.strerror}", path=self.source) from exc
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Incoming:
+        """An update read from ``path`` when it is folded in."""
+        return cls(str(path), path=Path(path))
+
+
+@dataclass
+class RoundOutcome:
+    """What a round's aggregation produced.
+
+    Attributes:
+        state: The new global adapter tensors (fp32), or ``None`` if too few updates were valid.
+        accepted: ``(source, header)`` of every update averaged.
+        rejected: ``(source, reason)`` of every update refused; none of it was averaged.
+        bytes_in: Total size of the accepted updates.
+        norms: Client id -> L2 norm of its delta from the reference (global) adapter, before
+            any clipping; empty when no reference was given.
+        clipped: Client ids whose delta was scaled down to ``clip_update_norm``.
+        shares: Client id -> its share of the average (weights summing to 1).
+        payloads: Client id -> the accepted bytes (for the run record), when kept.
+        weight_clipped: Client id -> the weight it was averaged with, for every client whose
+            weight ``max_share`` lowered (its claimed weight is its ``num_examples``).
+    """
+
+    state: dict[str, torch.Tensor] | None
+    accepted: list[tuple[str, PayloadMeta]] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    bytes_in: int = 0
+    norms: dict[str, float] = field(default_factory=dict)
+    clipped: list[str] = field(default_factory=list)
+    shares: dict[str, float] = field(default_factory=dict)
+    payloads: dict[str, bytes] = field(default_factory=dict)
+    weight_clipped: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_examples(self) -> int:
+        """Total training examples behind the accepted updates."""
+        return sum(m.num_examples for _, m in self.accepted)
+
+
+def fold_updates(
+    updates: Sequence[Incoming],
+    spec: UpdateSpec,
+    weighting: Weighting = "samples",
+    min_clients: int = 1,
+    *,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    clip_update_norm: float | None = None,
+    robust: Robust = "none",
+    trim_ratio: float = 0.2,
+    accumulator: WeightedMean | DPSum | None = None,
+    keep_bytes: bool = False,
+    max_update_norm: float | None = None,
+    max_share: float | None = None,
+) -> RoundOutcome:
+    """Validate each update once and fold the valid ones into the round's average.
+
+    A client id that appears in more than one update is refused in all of them (which one is
+    genuine cannot be told). Every other update is parsed, validated, (clipped,) added, and
+    dropped, except with ``robust`` ``trimmed_mean`` or ``median``, which are coordinate-wise
+    and keep every valid update of the round in memory.
+
+    Args:
+        updates: The round's updates.
+        spec: What every update must match.
+        weighting: ``samples`` (w_i = num_examples) or ``uniform`` (w_i = 1); ignored by the
+            robust rules, which are unweighted.
+        min_clients: Fewest valid updates for the round to produce a global adapter.
+        reference: The global adapter the clients started from; needed for ``clip_update_norm``
+            and used to record each update's delta norm.
+        clip_update_norm: Scale each delta from ``reference`` down to this L2 norm.
+        robust: ``none`` (weighted mean), ``trimmed_mean`` or ``median`` (coordinate-wise).
+        trim_ratio: Share cut from each end by ``trimmed_mean``.
+        accumulator: Where valid updates are added (default: a fresh :class:`WeightedMean`;
+            a :class:`~lorafed.server.privacy.DPSum` for client-level DP, with uniform weights).
+        keep_bytes: Keep each accepted update's bytes in the outcome (for the run record).
+        max_update_norm: Reject an update whose delta from ``reference`` has an L2 norm above
+            this (an absolute bound, checked before any clipping; a non-finite norm is always
+            above it). Needs ``reference``.
+        max_share: No client's share of a weighted mean may exceed this, in (0, 1]: the
+            heaviest weights are lowered to the one level c at which each is ``max_share`` of
+            the total (recorded in ``weight_clipped``); when fewer than ``1 / max_share``
+            clients are valid, every weight becomes equal. It applies to the default
+            :class:`WeightedMean` with ``robust="none"`` (the robust rules are unweighted) and
+            keeps that round's valid updates in memory until the weights are known.
+
+    Returns:
+        The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
+
+    Raises:
+        AggregationError: An unknown ``robust`` rule, ``clip_update_norm`` or ``max_update_norm``
+            without a ``reference``, a ``max_share`` outside (0, 1], or an average that is not
+            finite (nothing is published then).
+    """
+    if robust not in typing.get_args(Robust):
+        raise AggregationError(f"robust: expected one of {typing.get_args(Robust)}, got {robust!r}")
+    if clip_update_norm is not None and reference is None:
+        raise AggregationError("clip_update_norm needs the reference (global) adapter the clients started from")
+    if max_update_norm is not None and reference is None:
+        raise AggregationError("max_update_norm needs the reference (global) adapter the clients started from")
+    if max_update_norm is not None and not max_update_norm > 0:
+        raise AggregationError(f"max_update_norm: expected a number > 0, got {max_update_norm!r}")
+    if max_share is not None and not 0 < max_share <= 1:
+        raise AggregationError(f"max_share: expected a number in (0, 1], got {max_share!r}")
+    defer = max_share is not None and robust == "none" and accumulator is None
+    out = RoundOutcome(state=None)
+    owners: dict[str, list[str]] = {}
+    readable: list[tuple[Incoming, bytes, PayloadHeader]] = []
+    for up in updates:
+        try:
+            data = up.read()
+            head = header_from_bytes(data, up.source)
+        except PayloadError as exc:
+            out.rejected.append((up.source, str(exc)))
+            continue
+        except _UNEXPECTED as exc:  # a hostile file must never end the federation
+            out.rejected.append((up.source, _unexpected(up.source, exc)))
+            continue
+        owners.setdefault(head.meta.client_id, []).append(up.source)
+        readable.append((up, data if up.data is not None else b"", head))
+    acc = accumulator if accumulator is not None else WeightedMean()
+    kept: list[Mapping[str, torch.Tensor]] = []
+    weights: dict[str, float] = {}
+    for up, data, head in readable:
+        cid = head.meta.client_id
+        if len(owners[cid]) > 1:
+            out.rejected.append(
+                (
+                    up.source,
+                    f"update from client {cid!r} ({up.source}) rejected: client_id: expected one update per round, "
+                    f"received {len(owners[cid])}",
+                )
+            )
+            continue
+        try:
+            raw = data or up.read()  # a file is read again only here, one at a time
+            payload = payload_with_header(raw, head, up.source)
+            validate_update(payload, spec, up.source)
+            tensors = _fold_one(payload, reference, clip_update_norm, out)
+            if max_update_norm is not None and not out.norms[cid] <= max_update_norm:
+                out.rejected.append(
+                    (
+                        up.source,
+                        f"update from client {cid!r} ({up.source}) rejected: update norm: expected an L2 norm of "
+                        f"the delta from the global adapter <= {max_update_norm:g} (max_update_norm), "
+                        f"received {out.norms[cid]:.6g}",
+                    )
+                )
+                continue
+        except (PayloadError, PayloadValidationError) as exc:
+            out.rejected.append((up.source, str(exc)))
+            continue
+        except _UNEXPECTED as exc:
+            out.rejected.append((up.source, _unexpected(up.source, exc)))
+            continue
+        if defer:
+            weights[cid] = update_weight(payload.meta, weighting)
+            kept.append(tensors)
+        elif robust == "none":
+            weights[cid] = update_weight(payload.meta, weighting)
+            acc.add(tensors, weights[cid])
+        else:
+            weights[cid] = 1.0
+            kept.append(tensors)
+        out.accepted.append((up.source, payload.meta))
+        out.bytes_in += payload.nbytes
+        if keep_bytes:
+            out.payloads[cid] = bytes(raw)
+    if defer:
+        capped = cap_shares(weights, float(max_share or 1.0))
+        out.weight_clipped = {c: w for c, w in capped.items() if w < weights[c]}
+        weights = capped
+        for tensors, w in zip(kept, weights.values(), strict=True):
+            acc.add(tensors, w)
+        kept = []
+    total = sum(weights.values())
+    out.shares = {c: w / total for c, w in weights.items()} if total > 0 else {}
+    if len(out.accepted) >= min_clients and out.accepted:
+        if robust == "trimmed_mean":
+            out.state = trimmed_mean(kept, trim_ratio)
+        elif robust == "median":
+            out.state = coordinate_median(kept)
+        else:
+            out.state = acc.result()
+        require_finite(out.state, f"round average ({robust if robust != 'none' else 'weighted mean'})")
+    return out
+
+
+#: Exceptions a malformed payload could still raise past the named checks (a bug in lorafed);
+#: the server step records them as a rejection of that update instead of ending the federation.
+_UNEXPECTED = (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError, RecursionError, MemoryError)
+
+
+def _unexpected(source: str, exc: BaseException) -> str:
+    """The rejection reason of an update that raised something other than a named error."""
+    return f"{source}: unreadable update, refused ({type(exc).__name__}: {str(exc)[:200]}; please report this)"
+
+
+def cap_shares(weights: Mapping[str, float], max_share: float) -> dict[str, float]:
+    """Lower the heaviest weights so that no share exceeds ``max_share`` (order kept).
+
+    Water-filling: with the weights sorted down, the first ``k`` are set to one level
+    ``c = s R / (1 - k s)`` (``R``: the sum of the others), the smallest ``k`` for which no other
+    weight is above ``c``; then each of the ``k`` has share exactly ``s`` and the others keep
+    their relative weights. If no such ``k`` exists (fewer than ``1 / s`` weights), every weight
+    becomes the smallest one: equal shares, the closest to the bound that can be had.
+
+    Args:
+        weights: Client id -> weight (> 0).
+        max_share: The bound s, in (0, 1].
+
+    Returns:
+        Client id -> capped weight.
+    """
+    order = sorted(weights, key=lambda c: weights[c], reverse=True)
+    values = [weights[c] for c in order]
+    for k in range(len(values)):
+        if k * max_share >= 1:
+            break
+        rest = sum(values[k:])
+        level = max_share * rest / (1 - k * max_share)
+        if values[k] <= level * (1 + 1e-12):
+            top = set(order[:k])
+            return {c: level if c in top else w for c, w in weights.items()}
+    low = min(values, default=0.0)
+    return {c: low for c in weights}
+
+
+def _fold_one(
+    payload: Payload,
+    reference: Mapping[str, torch.Tensor] | None,
+    clip_update_norm: float | None,
+    out: RoundOutcome,
+) -> Mapping[str, torch.Tensor]:
+    """One valid update's fp32 tensors, its delta norm recorded and clipped if asked."""
+    tensors: Mapping[str, torch.Tensor] = payload.decoded()
+    cid = payload.meta.client_id
+    if reference is not None:
+        out.norms[cid] = delta_norm(tensors, reference)
+        if clip_update_norm is not None:
+            tensors, norm = clip_update(tensors, reference, clip_update_norm)
+            if norm > clip_update_norm:
+                out.clipped.append(cid)
+    return tensors
+
+
+def aggregate_files(
+    paths: Sequence[str | Path], spec: UpdateSpec, weighting: Weighting = "samples", min_clients: int = 1, **kwargs: Any
+) -> RoundOutcome:
+    """:func:`fold_updates` over update files (each read when it is folded in)."""
+    return fold_updates([Incoming.from_file(p) for p in paths], spec, weighting, min_clients, **kwargs)
+
+
+def update_weight(meta: PayloadMeta, weighting: Weighting) -> float:
+    """The FedAvg weight of an update: n_i for ``samples``, 1 for ``uniform``."""
+    return float(meta.num_examples) if weighting == "samples" else 1.0
+
+
+def require_enough(outcome: RoundOutcome, min_clients: int, round_: int) -> Mapping[str, torch.Tensor]:
+    """Return the new global state, or raise naming the rejected updates when too few were valid.
+
+    Raises:
+        AggregationError: Fewer than ``min_clients`` valid updates.
+    """
+    if outcome.state is None:
+        reasons = "; ".join(r for _, r in outcome.rejected) or "no updates received"
+        raise AggregationError(
+            f"round {round_}: {len(outcome.accepted)} valid update(s), fewer than min_clients={min_clients}; "
+            f"nothing was written. Rejected: {reasons}"
+        )
+    return outcome.state
