@@ -4,18 +4,20 @@
 
 * **federated**: the configured federation (:func:`~lorafed.engine.inprocess.simulate`);
 * **centralized**: one model on the pooled training rows of every client (what the parties
-  would get by pooling their data), for ``rounds x steps`` optimizer steps, the sequential
-  progress the federation makes (FedAvg's round moves the model about as far as one client's
-  local steps do);
-* **local-only**: each client alone on its own rows, for the same number of steps.
+  would get by pooling their data); each checkpoint is ``clients x train.max_steps`` steps, the
+  samples one federated round processes, so pooling gets the same compute as the federation;
+* **local-only**: each client alone on its own rows, ``train.max_steps`` steps a checkpoint.
 
-All three are scored every ``rounds`` checkpoint on the pooled validation rows, and each
-reports the test scores of its best-validation checkpoint (early stopping), so no method is
-judged at an arbitrary budget. The test rows are the federation's global test rows for all.
+Each method keeps its best checkpoint on validation rows (early stopping, ``patience``
+checkpoints) and reports the test scores of that checkpoint only, so no method is judged at an
+arbitrary budget: the federation and the pooled model on the pooled validation rows, each party
+alone on its own validation slice (a party alone has nothing else). The test rows are the
+federation's global test rows for all three.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,7 +32,7 @@ from lorafed.client.train import train_local
 from lorafed.config import RunConfig
 from lorafed.engine.cohort import Cohort, evaluate_state, prepare_cohort
 from lorafed.engine.inprocess import simulate
-from lorafed.engine.record import RunRecord
+from lorafed.engine.record import RunRecord, read_metrics
 from lorafed.files import atomic_write_json
 from lorafed.metrics import EvalResult
 from lorafed.seeds import client_seed
@@ -110,6 +112,7 @@ def train_alone(
     rounds: int | None = None,
     patience: int | None = None,
     test_each: bool = True,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train one model on ``positions``, scored on ``val`` at each round-sized checkpoint (``max_steps`` steps).
 
@@ -122,11 +125,13 @@ def train_alone(
         patience: Stop after this many checkpoints without a better validation macro-F1
             (:class:`EarlyStop`; default: never).
         test_each: Score every checkpoint on the test rows (for a curve); otherwise only the best one.
+        steps: Optimizer steps per checkpoint (default ``train.max_steps``).
 
     Returns:
         :func:`_best`'s dict, plus ``checkpoints_run`` (trained checkpoints) and ``stopped_early``.
     """
     cfg = fed.config
+    train_cfg = cfg.train if steps is None else dataclasses.replace(cfg.train, max_steps=steps)
     model = fed.client.model
     last = cfg.federation.rounds if rounds is None else rounds
     stop = EarlyStop(patience)
@@ -137,7 +142,7 @@ def train_alone(
         if r:
             # Each checkpoint is a round's worth of steps; the optimizer restarts, as a federated round's does.
             set_adapter_state(model, state)
-            train_local(model, fed.rows, positions, cfg.train, client_seed(cfg.seed, r, seed_id), progress=False)
+            train_local(model, fed.rows, positions, train_cfg, client_seed(cfg.seed, r, seed_id), progress=False)
             state = get_adapter_state(model)
         v = evaluate_state(fed, state, val)
         checkpoints.append((r, v, evaluate_state(fed, state) if test_each else None))
@@ -152,8 +157,14 @@ def train_alone(
     return {**_best(checkpoints), "checkpoints_run": len(checkpoints) - 1, "stopped_early": stopped and r < last}
 
 
-def compare(config: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def compare(config: RunConfig, out_dir: str | Path, progress: bool = True, patience: int = 2) -> dict[str, Any]:
     """Train federated, centralized and local-only models on one prepared federation; write ``compare.json``.
+
+    Args:
+        config: The federation's config.
+        out_dir: Where ``compare.json`` and the federated run folder go.
+        progress: Show progress bars (on a terminal).
+        patience: Checkpoints without a better validation score before a baseline stops.
 
     Returns:
         ``{"federated", "centralized", "local_mean", "local_worst", "local", "test_rows", "seconds"}``;
@@ -168,23 +179,27 @@ def compare(config: RunConfig, out_dir: str | Path, progress: bool = True) -> di
     t = time.perf_counter()
     simulate(config, out / "federated", progress=progress, fed=fed)
     record = RunRecord(out / "federated")
+    rows = read_metrics(record.metrics_path)
     checkpoints = []
     for r in range(config.federation.rounds + 1):
         state = {k: v.to(torch.float32) for k, v in load_payload(record.global_path(r)).decoded().items()}
-        checkpoints.append((r, evaluate_state(fed, state, val), evaluate_state(fed, state)))
+        # The run scored every round on the test rows already; only the validation score is new.
+        checkpoints.append((r, evaluate_state(fed, state, val), _row_scores(rows[r])))
     federated = _best(checkpoints)
     times["federated"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pooled = np.sort(np.concatenate([s.train for s in fed.splits]))
     # A pooled client trains with the same per-step settings; its loss weights come from the pooled labels.
-    centralized = train_alone(fed, pooled, "centralized", val)
+    per_round = len(fed.partition.client_ids) * (config.train.max_steps or 1)
+    centralized = train_alone(fed, pooled, "centralized", val, patience=patience, test_each=False, steps=per_round)
     times["centralized"] = time.perf_counter() - t
 
     t = time.perf_counter()
     local = {}
     for k, cid in enumerate(fed.partition.client_ids):
-        local[cid] = train_alone(fed, fed.splits[k].train, cid, val)
+        own_val = fed.splits[k].val[:200] if len(fed.splits[k].val) else fed.splits[k].train[:200]
+        local[cid] = train_alone(fed, fed.splits[k].train, cid, own_val, patience=patience, test_each=False)
         logger.info("local-only %s: macro-F1 %.4f", cid, local[cid]["macro_f1"])
     times["local"] = time.perf_counter() - t
     f1s = [v["macro_f1"] for v in local.values()]
@@ -195,6 +210,7 @@ def compare(config: RunConfig, out_dir: str | Path, progress: bool = True) -> di
         "val_rows": len(val),
         "rounds": config.federation.rounds,
         "steps_per_round": config.train.max_steps,
+        "centralized_steps_per_checkpoint": per_round,
         "federated": federated,
         "centralized": centralized,
         "local_mean": {"macro_f1": float(np.mean(f1s)), "accuracy": float(np.mean(accs))},
@@ -205,6 +221,11 @@ def compare(config: RunConfig, out_dir: str | Path, progress: bool = True) -> di
     atomic_write_json(out / "compare.json", result)
     logger.info("\n%s", format_compare(result))
     return result
+
+
+def _row_scores(row: dict[str, Any]) -> EvalResult:
+    """A ``metrics.jsonl`` row's test scores as an :class:`EvalResult` (headline numbers only)."""
+    return EvalResult(row["test_loss"], row["accuracy"], row["macro_f1"], {}, [], 0)
 
 
 def format_compare(result: dict[str, Any]) -> str:
@@ -222,7 +243,8 @@ def format_compare(result: dict[str, Any]) -> str:
         m = result[key]
         lines.append(f"{name:<28} {m['macro_f1']:>9.4f} {m['accuracy']:>9.4f}")
     lines.append(
-        f"same {result['test_rows']} test rows; best of {result['rounds']} checkpoints on {result['val_rows']} "
-        f"validation rows; {result['seconds']['total']:.0f} s"
+        f"same {result['test_rows']} test rows for all; each model's best validation checkpoint "
+        f"(federated and pooled: {result['val_rows']} pooled validation rows; local: the client's own); "
+        f"{result['seconds']['total']:.0f} s"
     )
     return "\n".join(lines)
