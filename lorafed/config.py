@@ -247,6 +247,27 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
+class SigningConfig:
+    """Signed updates and global adapters (Ed25519; see :mod:`lorafed.wire.sign`).
+
+    Attributes:
+        registry: The key registry (JSON: each client id's public key and the server's; build it
+            with ``lorafed keys registry``). ``null``: nothing is signed or checked, and the
+            server trusts the client id each update's header claims.
+        server_key: The server's private key (PEM, mode 0600), on the server: it signs every
+            global adapter.
+        client_key: This client's private key (PEM, mode 0600), on a client: it signs each update.
+        generate: ``simulate`` only: make a key pair per client and for the server, and the
+            registry, in ``<run>/keys/`` (for testing the signed path; ``registry`` must be null).
+    """
+
+    registry: str | None = None
+    server_key: str | None = None
+    client_key: str | None = None
+    generate: bool = False
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """The server side of a run.
 
@@ -285,6 +306,7 @@ class FederationConfig:
         transport: Encoding of client updates on the wire: ``float32``, ``float16``, ``bfloat16``,
             ``int8`` (absmax per tensor) or ``int8_block`` (absmax per block); see :mod:`lorafed.wire.compress`.
         transport_block_size: Elements per scale for ``int8_block``.
+        signing: Signed updates and global adapters (off unless a registry is set).
     """
 
     rounds: int = 3
@@ -310,6 +332,7 @@ class FederationConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     transport: Transport = "float32"
     transport_block_size: int = 64
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
 
 @dataclass(frozen=True)
@@ -695,6 +718,15 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(
         f.transport_block_size >= 8,
         f"federation.transport_block_size: must be >= 8, got {f.transport_block_size}",
+    )
+    sg = f.signing
+    need(
+        not (sg.generate and sg.registry),
+        "federation.signing: give registry (keys you made) or generate: true (fresh keys per run), not both",
+    )
+    need(
+        bool(sg.registry) or sg.generate or not (sg.server_key or sg.client_key),
+        "federation.signing.registry: required with server_key or client_key (who would check the signatures?)",
     )
     pz = c.personalize
     need(pz.steps >= 1, f"personalize.steps: must be >= 1, got {pz.steps}")

@@ -115,3 +115,15 @@ class PrivacyBudgetError(LorafedError):
             f"{epsilon:.3f} > max_epsilon {budget:.3f} at delta {delta:.3g}); raise train.record_dp.max_epsilon "
             "or stop training this client"
         )
+
+
+class SignatureError(LorafedError):
+    """A signature, key or key registry is missing, malformed, or does not verify.
+
+    Attributes:
+        source: The payload, key or registry concerned (a path, ``node-7``, a drop name).
+    """
+
+    def __init__(self, message: str, source: str = "") -> None:
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)

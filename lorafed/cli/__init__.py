@@ -10,6 +10,7 @@ module                    verbs
 :mod:`lorafed.cli.serve`  ``merge``, ``export``, ``predict``, ``evaluate``
 :mod:`lorafed.cli.data`   ``download``
 :mod:`lorafed.cli.config` ``config show``
+:mod:`lorafed.cli.keys`   ``keys new``, ``keys registry``
 ========================  ==========================================================
 
 Each verb parses its arguments, calls the library and prints its result on standard output;
@@ -25,7 +26,7 @@ import textwrap
 from collections.abc import Sequence
 
 from lorafed import __version__
-from lorafed.cli import client, config, data, flower, run, serve, server
+from lorafed.cli import client, config, data, flower, keys, run, serve, server
 from lorafed.cli.common import (
     EXIT_INPUT_ERROR,
     EXIT_INTERRUPTED,
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parsers(sub)  # merge, export, predict, evaluate
     data.add_parsers(sub)  # download
     config.add_parsers(sub)  # config show
+    keys.add_parsers(sub)  # keys new, keys registry
     return parser
 
 

@@ -43,7 +43,11 @@ def add_parsers(sub: Any) -> None:
             "--out r1/shopA.safetensors 'data.labels=[bad,good]'\n"
             "# later rounds start from the global adapter the server sent back\n"
             "lorafed client train --config fed.yaml --data mine.csv --client-id shopA "
-            "--global global_r1.safetensors --out r2/shopA.safetensors"
+            "--global global_r1.safetensors --out r2/shopA.safetensors\n"
+            "# signed: verify the global with the registry, sign the update (writes r2/shopA.safetensors.sig)\n"
+            "lorafed client train --config fed.yaml --data mine.csv --client-id shopA --global global_r1.safetensors "
+            "--out r2/shopA.safetensors federation.signing.registry=registry.json "
+            "federation.signing.client_key=keys/shopA.key"
         ),
     )
     train.add_argument("--config", required=True, help="the federation's YAML config (same file on every client)")
@@ -59,19 +63,18 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_client_train(args: argparse.Namespace) -> int:
     """``lorafed client train``."""
-    from lorafed.client.local import run_client_round
+    from lorafed.client.local import run_client_round, write_update
     from lorafed.config import load_config
-    from lorafed.wire.payload import save_payload
 
     # JSON is YAML, so the quoted path is read as a string whatever it looks like.
     config = load_config(args.config, [*args.overrides, f"data.path={json.dumps(args.data)}"])
     update = run_client_round(config, args.client_id, args.global_path, args.round, progress=not args.no_progress)
-    path = save_payload(args.out, update.tensors, update.meta)
+    path, sig = write_update(config, args.client_id, update, args.out)
     m = update.meta.metrics
     val = f", validation accuracy {m['val_accuracy']:.4f}" if "val_accuracy" in m else ""
     print(
         f"{args.client_id}: round {update.meta.round}, {update.meta.num_examples} training rows, "
         f"{update.result.steps} steps, mean loss {update.result.mean_loss:.4f}{val}; "
-        f"update written to {path} ({path.stat().st_size} bytes)"
+        f"update written to {path} ({path.stat().st_size} bytes)" + (f", signature {sig}" if sig else "")
     )
     return 0

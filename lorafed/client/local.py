@@ -3,13 +3,17 @@
 :class:`LocalClient` loads its rows and model once and runs the one client step
 (:func:`lorafed.client.round.client_step`) each round: what a file-drop poller, a Flower node and
 ``lorafed client train`` (:func:`run_client_round`) run.
+
+With a key registry (``federation.signing.registry``) a client refuses a global adapter the
+server did not sign (:meth:`LocalClient.check_global`) and signs each update it sends with its own
+key (``federation.signing.client_key``; :meth:`LocalClient.sign`, :func:`write_update`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +24,15 @@ from lorafed.client.round import ClientUpdate, check_client_id, client_step, ide
 from lorafed.config import RunConfig
 from lorafed.data.clean import load_labeled
 from lorafed.data.tokens import Split, TokenizedRows, split_indices
-from lorafed.errors import ConfigError, DataError, PayloadError, PayloadValidationError
+from lorafed.errors import ConfigError, DataError, PayloadError, PayloadValidationError, SignatureError
 from lorafed.model.backbone import ClientModel, load_client_model
 from lorafed.partition import partition, partition_columns
 from lorafed.seeds import split_seed
 from lorafed.server.specs import spec_for
 from lorafed.server.validate import validate_update
 from lorafed.wire.adapter import get_adapter_state
-from lorafed.wire.payload import ModelIdentity, Payload
+from lorafed.wire.payload import ModelIdentity, Payload, payload_to_bytes
+from lorafed.wire.sign import Signing, signing_from_config, write_signature
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,8 @@ class LocalClient:
         split: Train and validation positions into ``rows``.
         identity: The federation identity of this client's model.
         fresh: The seeded fresh adapter (as loaded, before any training).
+        signing: The key registry and this client's key (``federation.signing``), or ``None``:
+            then global adapters are not checked and updates are not signed.
     """
 
     client_id: str
@@ -53,6 +60,7 @@ class LocalClient:
     split: Split
     identity: ModelIdentity
     fresh: dict[str, torch.Tensor]
+    signing: Signing | None = field(default=None, repr=False)
 
     @classmethod
     def from_file(cls, config: RunConfig, client_id: str, data_path: str, labels: tuple[str, ...]) -> LocalClient:
@@ -100,20 +108,44 @@ class LocalClient:
         model = load_client_model(config.model, labels, config.seed)
         rows = TokenizedRows(data, model.tokenizer, config.data.max_length, config.data.pair_mode)
         identity = identity_of(model, config, tuple(labels))
-        return cls(client_id, config, model, rows, split, identity, get_adapter_state(model.model))
+        signing = signing_from_config(config.federation.signing, client_id)
+        return cls(client_id, config, model, rows, split, identity, get_adapter_state(model.model), signing)
 
-    def check_global(self, glob: Payload, source: str) -> dict[str, torch.Tensor]:
-        """The global adapter's fp32 tensors, once it is shown to fit this client's model and labels.
+    def check_global(
+        self, glob: Payload, source: str, data: bytes | None = None, signature: bytes | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The global adapter's fp32 tensors, once it is shown to be the server's and to fit this client.
+
+        Args:
+            glob: The global adapter, parsed from ``data``.
+            source: Where it came from, for messages.
+            data: Its bytes as received (needed, with ``signature``, when signing is on).
+            signature: The server's signature that came with it (file drop and ``client train``:
+                the ``.sig`` beside it; Flower: an entry of the message).
 
         Raises:
+            SignatureError: Signing is on and the global adapter is unsigned or not signed by the
+                registry's server key.
             PayloadError: It was made for another base model, LoRA config, labels or tensors.
         """
+        if self.signing is not None:
+            if data is None:
+                raise SignatureError("signing is on but the global adapter's bytes were not given to verify", source)
+            self.signing.check_global(data, signature, source)
         spec = spec_for(self.identity, get_adapter_state(self.model.model), None)
         try:
             validate_update(glob, spec, source)
         except PayloadValidationError as exc:
             raise PayloadError(f"the global adapter does not fit this client's config: {exc}", source) from exc
         return {k: v.to(torch.float32) for k, v in glob.decoded().items()}
+
+    def sign(self, data: bytes) -> bytes | None:
+        """This client's signature of its update ``data``, or ``None`` when signing is off.
+
+        Raises:
+            SignatureError: Signing is on but ``federation.signing.client_key`` is not set.
+        """
+        return self.signing.sign_update(self.client_id, data) if self.signing is not None else None
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The seeded fresh adapter every client and the server start round 1 from."""
@@ -185,15 +217,43 @@ def run_client_round(
         ConfigError: No label list (see :func:`~lorafed.server.specs.federation_labels`), bad id or round.
         DataError: The file cannot be read or leaves no training rows.
         PayloadError: The global adapter is unreadable or does not fit this config.
+        SignatureError: Signing is on and the global adapter is not the server's (see
+            :meth:`LocalClient.check_global`).
     """
     from lorafed.server.specs import federation_labels
-    from lorafed.wire.reader import load_payload
+    from lorafed.wire.reader import load_payload, payload_from_bytes
+    from lorafed.wire.sign import read_signature
 
     check_client_id(client_id)
-    glob = load_payload(global_path) if global_path is not None else None
+    data = sig = glob = None
+    if global_path is not None:
+        if not Path(global_path).is_file():
+            load_payload(global_path)  # raises its "not found" error
+        data = Path(global_path).read_bytes()  # read once: the bytes verified are the bytes parsed
+        glob = payload_from_bytes(data, str(global_path))
+        sig = read_signature(global_path)
     labels = federation_labels(config, glob.meta if glob else None, str(global_path or "config"))
     round_ = resolve_round(round_, glob.meta if glob else None, str(global_path))
     local = LocalClient.from_file(config, client_id, config.data.path, labels)
-    state = local.check_global(glob, str(global_path)) if glob is not None else local.initial_state()
+    state = local.check_global(glob, str(global_path), data, sig) if glob is not None else local.initial_state()
     logger.info("%s: starting from %s", client_id, global_path or "the seeded fresh adapter")
     return local.step(state, round_, progress)
+
+
+def write_update(config: RunConfig, client_id: str, update: ClientUpdate, out: str | Path) -> tuple[Path, Path | None]:
+    """Write a client's update to ``out`` and, when signing is on, its signature beside it (``.sig``).
+
+    The signature is written first, so whoever sees the update finds its signature.
+
+    Returns:
+        The update's path and the signature's (``None`` when signing is off).
+
+    Raises:
+        SignatureError: The key or registry is unreadable, or the key is not ``client_id``'s.
+    """
+    from lorafed.files import atomic_write_bytes
+
+    data = payload_to_bytes(update.tensors, update.meta)
+    signing = signing_from_config(config.federation.signing, client_id)
+    sig_file = write_signature(out, signing.sign_update(client_id, data)) if signing is not None else None
+    return atomic_write_bytes(out, data), sig_file

@@ -7,6 +7,11 @@ Layout of the drop (names relative to its root)::
     global_rN.safetensors          the adapter after N rounds, published atomically
     done.json                      written after the last round; clients stop
 
+With a key registry (``federation.signing``) every ``X.safetensors`` above has its detached
+signature ``X.safetensors.sig`` beside it (see :mod:`lorafed.wire.sign`), written *before* the
+payload, so whoever sees a payload finds its signature: the coordinator's for global adapters,
+each client's for its update.
+
 :func:`coordinate` runs the shared round loop (:mod:`lorafed.engine.loop`) with a
 :class:`FileDrop` transport: publishing the global adapter is the dispatch, and the round closes
 when ``ceil(fraction x N)`` updates have arrived, or at the deadline
@@ -40,6 +45,7 @@ from lorafed.wire.adapter import get_adapter_state
 from lorafed.wire.payload import ModelIdentity, PayloadMeta, payload_to_bytes
 from lorafed.wire.reader import header_from_bytes, payload_from_bytes
 from lorafed.wire.roles import round_keys, select
+from lorafed.wire.sign import SIG_SUFFIX, Signing, decode_signature, encode_signature, server_signing
 
 logger = logging.getLogger(__name__)
 DONE = "done.json"
@@ -64,10 +70,20 @@ class FileDrop:
         identity: The federation identity (headers from another base do not count).
         deadline_s: Seconds a dispatch waits for its updates.
         poll_s: Seconds between listings of the drop.
+        signing: The server's keys: each global adapter is published with its signature, and each
+            update's ``.sig`` is handed to the server step with it (``None``: nothing signed).
     """
 
-    def __init__(self, storage: Storage, identity: ModelIdentity, deadline_s: float, poll_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        identity: ModelIdentity,
+        deadline_s: float,
+        poll_s: float = 0.5,
+        signing: Signing | None = None,
+    ) -> None:
         self.storage = storage
+        self.signing = signing
         self.identity = identity
         self.deadline_s = deadline_s
         self.poll_s = poll_s
@@ -78,6 +94,8 @@ class FileDrop:
     ) -> Dispatched:
         name = global_name(round_ - 1)
         if not self.storage.exists(name):
+            if self.signing is not None:  # the signature first: a client that sees the adapter finds it
+                self.storage.write(name + SIG_SUFFIX, encode_signature(self.signing.sign_global(global_bytes)))
             self.storage.write(name, global_bytes)
             logger.info("published %s; waiting for %d update(s) of round %d", name, len(clients), round_)
         seen = self.seen.setdefault(round_, set())
@@ -86,24 +104,25 @@ class FileDrop:
         t0 = time.monotonic()
         while True:
             for item in self.storage.list(f"round_{round_}"):
-                if item in seen:
+                if item in seen or item.endswith(SIG_SUFFIX):
                     continue
                 seen.add(item)
                 try:
                     data = self.storage.read(item)
+                    sig = self._signature(item)
                 except (LorafedError, OSError) as exc:  # a link, a vanished file: this file only
                     out.failures.append({"client": item, "reason": f"unreadable: {exc}"})
                     continue
                 try:
                     meta = header_from_bytes(data, item).meta
                 except PayloadError:  # the server step rejects it, with its reason
-                    out.replies.append((-1, Incoming(item, data)))
+                    out.replies.append((-1, Incoming(item, data, signature=sig)))
                     continue
                 reason = self._misplaced(item, meta, ids)
                 if reason:
                     out.failures.append({"client": item, "reason": reason})
                     continue
-                out.replies.append((-1, Incoming(item, data)))
+                out.replies.append((-1, Incoming(item, data, signature=sig)))
                 if meta.round == round_ and meta.base_fingerprint == self.identity.base_fingerprint:
                     ids.add(meta.client_id)
             if len(ids) >= len(clients):
@@ -118,6 +137,17 @@ class FileDrop:
                 )
                 return out
             time.sleep(self.poll_s)
+
+    def _signature(self, item: str) -> bytes | None:
+        """The signature dropped beside update ``item`` (``None``: signing off, or none there).
+
+        Raises:
+            SignatureError: A malformed signature file.
+        """
+        name = item + SIG_SUFFIX
+        if self.signing is None or not self.storage.exists(name):
+            return None
+        return decode_signature(self.storage.read(name), name)
 
     @staticmethod
     def _misplaced(item: str, meta: PayloadMeta, ids: set[str]) -> str | None:
@@ -187,13 +217,18 @@ def coordinate(
         return spec_for(identity, select(fresh, round_keys(fcfg.aggregation, r, fresh)), r, fcfg.max_num_examples)
 
     n = num_clients or fcfg.min_clients
+    signing = server_signing(config.federation.signing)
     record = RunRecord(out)
     record.fresh()
-    loop = Federated(fcfg, RoundPolicy(fcfg, n, config.seed), record, identity, spec, [f"#{i}" for i in range(n)])
+    policy = RoundPolicy(fcfg, n, config.seed, signing.registry.clients if signing else None)
+    loop = Federated(fcfg, policy, record, identity, spec, [f"#{i}" for i in range(n)], signing=signing)
     start(loop, fresh)
     deadline = fcfg.client_timeout_s if fcfg.client_timeout_s is not None else DEFAULT_DEADLINE_S
-    run_rounds(loop, FileDrop(storage, identity, deadline, poll_s), fresh, 1, fcfg.rounds)
-    storage.write(global_name(fcfg.rounds), record.global_path(fcfg.rounds).read_bytes())
+    run_rounds(loop, FileDrop(storage, identity, deadline, poll_s, signing), fresh, 1, fcfg.rounds)
+    final = record.global_path(fcfg.rounds).read_bytes()
+    if signing is not None:
+        storage.write(global_name(fcfg.rounds) + SIG_SUFFIX, encode_signature(signing.sign_global(final)))
+    storage.write(global_name(fcfg.rounds), final)
     summary = {"run": config.name, "engine": "file-drop", "rounds": fcfg.rounds, "final": global_name(fcfg.rounds)}
     storage.write(DONE, json.dumps(summary).encode())
     return record.finish(summary)
@@ -226,6 +261,7 @@ def poll_and_train(
     Raises:
         LorafedError: No global adapter appeared within ``timeout_s``, or a global adapter that
             does not fit this client's model or labels.
+        SignatureError: Signing is on and a global adapter is not signed by the server.
     """
     local: LocalClient | None = None
     done = 0
@@ -237,15 +273,25 @@ def poll_and_train(
                 raise LorafedError(f"no {global_name(r - 1)} in the drop within {timeout_s:g} s")
             time.sleep(poll_s)
             continue
-        glob = payload_from_bytes(storage.read(global_name(r - 1)), global_name(r - 1))
+        gname = global_name(r - 1)
+        gdata = storage.read(gname)
+        glob = payload_from_bytes(gdata, gname)
         if local is None:  # the first global adapter names the federation's labels
             if data_path:
                 labels = federation_labels(config, glob.meta, global_name(r - 1))
                 local = LocalClient.from_file(config, client_id or "client", data_path, labels)
             else:
                 local = LocalClient.from_partition(config, client, client_id)
-        update = local.step(local.check_global(glob, global_name(r - 1)), r, progress=False)
-        storage.write(f"round_{r}/{local.client_id}.safetensors", payload_to_bytes(update.tensors, update.meta))
+        gsig = None
+        if storage.exists(gname + SIG_SUFFIX):
+            gsig = decode_signature(storage.read(gname + SIG_SUFFIX), gname + SIG_SUFFIX)
+        update = local.step(local.check_global(glob, gname, gdata, gsig), r, progress=False)
+        name = f"round_{r}/{local.client_id}.safetensors"
+        data = payload_to_bytes(update.tensors, update.meta)
+        sig = local.sign(data)
+        if sig is not None:  # the signature first: the coordinator that sees the update finds it
+            storage.write(name + SIG_SUFFIX, encode_signature(sig))
+        storage.write(name, data)
         logger.info("%s: round %d update dropped (loss %.4f)", local.client_id, r, update.result.mean_loss)
         done += 1
         r += 1

@@ -5,6 +5,11 @@ bytes a remote client would send; the server step, the record and the retries ar
 :mod:`lorafed.engine.loop`. A client that raises is recorded as failed; one that takes longer
 than ``federation.client_timeout_s`` is dropped once it returns (one process cannot pre-empt a
 client, so a late update is discarded, as a server ignores it after its deadline).
+
+With ``federation.signing.generate: true`` every client and the server get a fresh Ed25519 key
+pair in ``<run>/keys/`` with the registry beside them: the transport signs each client's update
+with that client's key and the server step verifies it, and each global adapter is signed by the
+server and checked before the clients train from it, as in a deployment.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from lorafed.config import RunConfig, save_config
 from lorafed.engine.cohort import ClientFn, Cohort, evaluate_state, prepare_cohort, train_client
 from lorafed.engine.loop import Dispatched, Federated, run_rounds, start
 from lorafed.engine.record import RunRecord
+from lorafed.errors import ConfigError
 from lorafed.server.fold import Incoming
 from lorafed.server.step import RoundPolicy
 from lorafed.wire.payload import payload_to_bytes
+from lorafed.wire.sign import Signing, generate_signing
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +44,21 @@ class InProcess:
         fed: The prepared federation.
         run_client: A client's round (:func:`~lorafed.engine.cohort.train_client`, maybe wrapped
             by :mod:`lorafed.engine.faults`).
+        signing: Every client's key and the server's (``None``: nothing is signed).
     """
 
-    def __init__(self, fed: Cohort, run_client: ClientFn) -> None:
+    def __init__(self, fed: Cohort, run_client: ClientFn, signing: Signing | None = None) -> None:
         self.fed = fed
         self.run_client = run_client
+        self.signing = signing
 
     def dispatch(
         self, round_: int, clients: list[int], global_bytes: bytes, global_state: dict[str, torch.Tensor]
     ) -> Dispatched:
         out = Dispatched()
         timeout = self.fed.config.federation.client_timeout_s
+        if self.signing is not None:  # what every client would check before training from it
+            self.signing.check_global(global_bytes, self.signing.sign_global(global_bytes), f"global r{round_ - 1}")
         for k in clients:
             cid = self.fed.partition.client_ids[k]
             t = time.perf_counter()
@@ -63,7 +74,9 @@ class InProcess:
                 )
                 continue
             meta = update_meta(self.fed.identity, self.fed.config, cid, round_, res)
-            out.replies.append((k, Incoming(cid, payload_to_bytes(tensors, meta))))
+            data = payload_to_bytes(tensors, meta)
+            sig = self.signing.sign_update(cid, data) if self.signing is not None else None
+            out.replies.append((k, Incoming(cid, data, signature=sig)))
         return out
 
 
@@ -105,8 +118,11 @@ def simulate(
     base: ClientFn = functools.partial(train_client, progress=progress)
     run_client = client_fn(base) if client_fn is not None else base
     fcfg = config.federation
+    signing = simulation_signing(config, list(fed.partition.client_ids), out)
     record = RunRecord(out)
-    policy = RoundPolicy(fcfg, len(fed.partition.client_ids), config.seed)
+    policy = RoundPolicy(
+        fcfg, len(fed.partition.client_ids), config.seed, signing.registry.clients if signing else None
+    )
     loop = Federated(
         fcfg,
         policy,
@@ -115,6 +131,7 @@ def simulate(
         fed.spec,
         list(fed.partition.client_ids),
         functools.partial(evaluate_state, fed),
+        signing,
     )
     state = None
     if resume:
@@ -125,7 +142,7 @@ def simulate(
         state = fed.initial_state
         start(loop, state)
     first = record.rows[-1]["round"] + 1
-    state, last = run_rounds(loop, InProcess(fed, run_client), state, first, fcfg.rounds, progress)
+    state, last = run_rounds(loop, InProcess(fed, run_client, signing), state, first, fcfg.rounds, progress)
     if last is None:  # nothing left to run (resumed a finished run, or rounds=0): score the state held
         last = evaluate_state(fed, state)
     rows = record.rows
@@ -148,3 +165,21 @@ def simulate(
         "resumed": resume,
     }
     return record.finish(summary)
+
+
+def simulation_signing(config: RunConfig, client_ids: list[str], out: Path) -> Signing | None:
+    """The keys of a simulation: fresh ones in ``out/keys`` with ``federation.signing.generate``, else none.
+
+    Raises:
+        ConfigError: ``federation.signing.registry`` is set: one process plays every client, so it
+            would need every client's private key; use ``generate: true``.
+    """
+    scfg = config.federation.signing
+    if scfg.registry:
+        raise ConfigError(
+            [
+                "federation.signing.registry: simulate plays every client and would need all their private keys; "
+                "use federation.signing.generate=true (fresh keys in <run>/keys) or a deployment engine"
+            ]
+        )
+    return generate_signing(client_ids, out / "keys") if scfg.generate else None

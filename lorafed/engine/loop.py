@@ -26,6 +26,7 @@ from lorafed.server.fold import Incoming
 from lorafed.server.step import RoundPolicy, RoundResult
 from lorafed.server.validate import UpdateSpec
 from lorafed.wire.payload import ModelIdentity, payload_digest, payload_to_bytes
+from lorafed.wire.sign import Signing, write_signature
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class Federated:
         spec: Round -> what that round's updates must match.
         client_ids: Names of the clients the policy chooses among, by index.
         evaluate: Scores a global adapter on the test rows, or ``None`` (no test rows here).
+        signing: The server's signing set-up (key registry and server key), or ``None``: then
+            each global adapter is published with its signature (``.sig`` beside it) and the
+            policy's verifier should be the registry's clients.
     """
 
     fcfg: FederationConfig
@@ -84,6 +88,7 @@ class Federated:
     spec: SpecFn
     client_ids: list[str]
     evaluate: Evaluator | None = None
+    signing: Signing | None = None
 
     def score(self, state: dict[str, torch.Tensor]) -> EvalResult | None:
         return self.evaluate(state) if self.evaluate is not None else None
@@ -92,13 +97,18 @@ class Federated:
 def publish(
     fed: Federated, r: int, state: dict[str, torch.Tensor], num_examples: int, parent: bytes | None = None
 ) -> bytes:
-    """Write the global adapter after round ``r`` to the record, with its lineage; return its bytes."""
+    """Write the global adapter after round ``r`` to the record, with its lineage; return its bytes.
+
+    With :attr:`Federated.signing`, the server's signature is written beside it (``.sig``).
+    """
     lineage: dict[str, Any] = {"run": fed.record.run_id}
     if parent is not None:
         lineage.update(parent_round=r - 1, parent=payload_digest(parent))
     meta = fed.identity.meta("server", r, max(num_examples, 1), kind="global", metrics=lineage)
     data = payload_to_bytes(state, meta)
-    fed.record.write_global(r, data, fed.policy.server_opt)
+    path = fed.record.write_global(r, data, fed.policy.server_opt)
+    if fed.signing is not None:
+        write_signature(path, fed.signing.sign_global(data))
     return data
 
 
@@ -178,6 +188,8 @@ def run_round(
         )
     new_state = result.state
     fed.record.write_updates(r, outcome.payloads)
+    for cid, sig in outcome.signatures.items():  # verified ids are registry ids: safe file names
+        write_signature(fed.record.out / "rounds" / f"r{r}" / f"{cid}.safetensors", sig)
     data = publish(fed, r, new_state, outcome.num_examples, parent=global_bytes)
     t = time.perf_counter()
     scores = fed.score(new_state)
@@ -203,6 +215,8 @@ def run_round(
     )
     if result.privacy:
         row["privacy"] = result.privacy
+    if fed.signing is not None:
+        row["signed"] = list(outcome.verified)
     fed.record.append(row)
     if scores is not None:
         logger.info(

@@ -10,6 +10,10 @@ update clipping, client-level DP, FFA/RoLoRA and server optimizers all apply.
 
 The server optimizer's state travels beside the global adapter as
 ``<stem>.server_opt.safetensors`` (see :func:`server_opt_path`).
+
+With ``federation.signing.registry`` each update file must have its client's signature beside it
+(``<update>.sig``, as ``lorafed client train`` writes it) and the new global adapter gets the
+server's (``<out>.sig``, with ``federation.signing.server_key``); see :mod:`lorafed.wire.sign`.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import torch
 
 from lorafed.config import RunConfig
 from lorafed.errors import LorafedError
+from lorafed.files import atomic_write_bytes
 from lorafed.server.fold import Incoming
 from lorafed.server.server_opt import load_server_opt, save_server_opt
 from lorafed.server.specs import federation_labels, spec_for
 from lorafed.server.step import RoundPolicy, RoundResult
 from lorafed.server.validate import UpdateSpec
-from lorafed.wire.payload import ModelIdentity, PayloadMeta, save_payload
+from lorafed.wire.payload import ModelIdentity, PayloadMeta, payload_to_bytes
 from lorafed.wire.reader import load_payload
 from lorafed.wire.roles import round_keys
+from lorafed.wire.sign import server_signing, write_signature
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,12 @@ def aggregate_by_hand(
     Raises:
         PayloadError: The saved server optimizer state is unreadable.
         AggregationError: It is not an optimizer state.
+        ConfigError: A key registry without ``federation.signing.server_key``.
+        SignatureError: The registry or the server key is unreadable or not the registry's.
     """
-    policy = RoundPolicy(config.federation, num_clients=len(updates), seed=config.seed)
+    signing = server_signing(config.federation.signing)
+    verifier = signing.registry.clients if signing is not None else None
+    policy = RoundPolicy(config.federation, num_clients=len(updates), seed=config.seed, verifier=verifier)
     if start.global_path is not None and config.federation.server_optimizer != "none":
         saved = server_opt_path(start.global_path)
         if saved.is_file():
@@ -143,6 +153,9 @@ def write_global(
     out: str | Path, result: RoundResult, policy: RoundPolicy, start: Start
 ) -> tuple[Path, Path | None, PayloadMeta]:
     """Write the new global adapter (and the server optimizer state beside it, if any).
+
+    With a key registry in ``federation.signing``, the server's signature is written beside the
+    adapter first (``<out>.sig``).
 
     Returns:
         The adapter's path, the optimizer state's path (or ``None``) and the adapter's header.
@@ -167,6 +180,10 @@ def write_global(
     if result.privacy:
         metrics["privacy"] = result.privacy
     meta = start.identity.meta("server", start.round, outcome.num_examples, kind="global", metrics=metrics)
-    path = save_payload(out, result.state, meta)
+    data = payload_to_bytes(result.state, meta)
+    signing = server_signing(fcfg.signing)
+    if signing is not None:
+        write_signature(out, signing.sign_global(data))
+    path = atomic_write_bytes(out, data)
     opt_path = save_server_opt(server_opt_path(path), policy.server_opt) if policy.server_opt is not None else None
     return path, opt_path, meta

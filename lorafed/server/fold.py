@@ -7,10 +7,16 @@ never stops the others. :mod:`lorafed.server.step` runs it inside a federation's
 Why one module over 300 lines: every check an untrusted update goes through sits in one
 readable path (parse, duplicate ids, validation, norm bound, share cap, finite result), so a
 reviewer sees the whole attack surface of the server at once.
+
+With a key registry (``verifier``), an update counts only when its detached Ed25519 signature
+verifies for the client id its header claims (:mod:`lorafed.wire.sign`); the signature is checked
+before anything else, so an unsigned or forged update can neither be averaged nor get the genuine
+client's update refused as a duplicate. Without one, the header's client id is taken on trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,16 +25,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lorafed.errors import AggregationError, PayloadError, PayloadValidationError
+from lorafed.errors import AggregationError, PayloadError, PayloadValidationError, SignatureError
 from lorafed.server.aggregate import WeightedMean, Weighting, require_finite
 from lorafed.server.privacy import DPSum
 from lorafed.server.robust import Robust, clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.server.validate import UpdateSpec, validate_update
 from lorafed.wire.payload import Payload, PayloadMeta
 from lorafed.wire.reader import PayloadHeader, header_from_bytes, payload_with_header
+from lorafed.wire.sign import read_signature, verify_payload
 
 if TYPE_CHECKING:
-    pass
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,25 @@ class Incoming:
         data: The payload bytes (``None`` when ``path`` is given).
         path: A payload file, read when the update is folded in (memory stays flat in the
             number of files).
+        signature: The sender's detached Ed25519 signature of the payload bytes (see
+            :mod:`lorafed.wire.sign`); ``None``: none came with it, or, with ``path``, the
+            ``<path>.sig`` file beside it is read when needed.
     """
 
     source: str
     data: bytes | None = None
     path: Path | None = None
+    signature: bytes | None = None
+
+    def read_signature(self) -> bytes | None:
+        """The signature that came with the payload (for a file: its ``.sig`` file), or ``None``.
+
+        Raises:
+            SignatureError: The ``.sig`` file is malformed or unreadable.
+        """
+        if self.signature is not None or self.path is None:
+            return self.signature
+        return read_signature(self.path)
 
     def read(self) -> bytes:
         """The payload bytes.
@@ -83,6 +104,8 @@ class RoundOutcome:
         payloads: Client id -> the accepted bytes (for the run record), when kept.
         weight_clipped: Client id -> the weight it was averaged with, for every client whose
             weight ``max_share`` lowered (its claimed weight is its ``num_examples``).
+        verified: Client ids whose signature verified (empty without a verifier).
+        signatures: Client id -> the accepted update's signature (for the run record), when kept.
     """
 
     state: dict[str, torch.Tensor] | None
@@ -94,6 +117,8 @@ class RoundOutcome:
     shares: dict[str, float] = field(default_factory=dict)
     payloads: dict[str, bytes] = field(default_factory=dict)
     weight_clipped: dict[str, float] = field(default_factory=dict)
+    verified: list[str] = field(default_factory=list)
+    signatures: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -115,6 +140,7 @@ def fold_updates(
     keep_bytes: bool = False,
     max_update_norm: float | None = None,
     max_share: float | None = None,
+    verifier: Mapping[str, Ed25519PublicKey] | None = None,
 ) -> RoundOutcome:
     """Validate each update once and fold the valid ones into the round's average.
 
@@ -146,6 +172,11 @@ def fold_updates(
             clients are valid, every weight becomes equal. It applies to the default
             :class:`WeightedMean` with ``robust="none"`` (the robust rules are unweighted) and
             keeps that round's valid updates in memory until the weights are known.
+        verifier: Client id -> public key (a key registry's clients): each update must carry a
+            signature of its bytes that verifies with the key of the client id its header claims,
+            else it is refused (missing signature, unknown client id, bad signature) before the
+            duplicate check. A byte-identical copy of an update already received is refused as a
+            copy, without refusing the original. ``None``: client ids are taken on trust.
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
@@ -169,11 +200,22 @@ def fold_updates(
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
     readable: list[tuple[Incoming, bytes, PayloadHeader]] = []
+    signed: dict[str, tuple[bytes, bytes]] = {}  # client id -> (signature, sha256) of its verified update
     for up in updates:
         try:
             data = up.read()
             head = header_from_bytes(data, up.source)
-        except PayloadError as exc:
+            if verifier is not None:
+                sig = _verify(up, data, head.meta.client_id, verifier)
+                digest = hashlib.sha256(data).digest()
+                cid = head.meta.client_id
+                if cid in signed and signed[cid] == (sig, digest):
+                    out.rejected.append(
+                        (up.source, f"{up.source}: a copy of client {cid!r}'s update already received; counted once")
+                    )
+                    continue
+                signed.setdefault(cid, (sig, digest))
+        except (PayloadError, SignatureError) as exc:
             out.rejected.append((up.source, str(exc)))
             continue
         except _UNEXPECTED as exc:  # a hostile file must never end the federation
@@ -229,6 +271,10 @@ def fold_updates(
         out.bytes_in += payload.nbytes
         if keep_bytes:
             out.payloads[cid] = bytes(raw)
+        if verifier is not None:
+            out.verified.append(cid)
+            if keep_bytes:
+                out.signatures[cid] = signed[cid][0]
     if defer:
         capped = cap_shares(weights, float(max_share or 1.0))
         out.weight_clipped = {c: w for c, w in capped.items() if w < weights[c]}
@@ -252,6 +298,21 @@ def fold_updates(
 #: Exceptions a malformed payload could still raise past the named checks (a bug in lorafed);
 #: the server step records them as a rejection of that update instead of ending the federation.
 _UNEXPECTED = (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError, RecursionError, MemoryError)
+
+
+def _verify(up: Incoming, data: bytes, cid: str, verifier: Mapping[str, Ed25519PublicKey]) -> bytes:
+    """The update's signature, once it verifies for the client id ``cid`` its header claims.
+
+    Raises:
+        SignatureError: Missing signature, unknown client id, or a signature that does not verify.
+    """
+    sig = up.read_signature()
+    key = verifier.get(cid)
+    if key is None:
+        raise SignatureError(f"unknown client id: {cid[:128]!r} is not in the key registry; update refused", up.source)
+    verify_payload(data, sig, key, cid, up.source)
+    assert sig is not None  # verify_payload refuses a missing one
+    return sig
 
 
 def _unexpected(source: str, exc: BaseException) -> str:

@@ -33,6 +33,8 @@ from lorafed.server.validate import UpdateSpec
 from lorafed.wire.roles import apply_round
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from lorafed.config import FederationConfig
 
 
@@ -99,10 +101,20 @@ class RoundPolicy:
             ``None`` (off) when the config does not have them (see :func:`fold_updates`).
         num_clients: N, the clients that could be asked (partitions, nodes or silos).
         seed: The run seed (client sampling).
+        verifier: Client id -> public key (the key registry's clients): every update must be
+            signed by the client it claims to be (see :func:`fold_updates`); ``None``: client
+            ids are taken on trust.
     """
 
-    def __init__(self, fcfg: FederationConfig, num_clients: int, seed: int) -> None:
+    def __init__(
+        self,
+        fcfg: FederationConfig,
+        num_clients: int,
+        seed: int,
+        verifier: Mapping[str, Ed25519PublicKey] | None = None,
+    ) -> None:
         self.fcfg = fcfg
+        self.verifier = verifier
         self.num_clients = num_clients
         self.seed = seed
         self.server_opt: ServerOptState | None = None
@@ -197,6 +209,7 @@ class RoundPolicy:
                 keep_bytes=keep_bytes,
                 max_update_norm=bound,
                 max_share=self.max_client_share,
+                verifier=self.verifier,
             )
             acc = None
         else:
@@ -211,6 +224,7 @@ class RoundPolicy:
                 keep_bytes=keep_bytes,
                 reference=reference if bound is not None else None,
                 max_update_norm=bound,
+                verifier=self.verifier,
             )
         if outcome.state is None:
             return RoundResult(None, outcome)

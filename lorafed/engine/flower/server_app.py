@@ -12,6 +12,10 @@ data on the server machine), and the common settings Flower users set with
 Writes to ``out-dir`` the run record every engine writes (:mod:`lorafed.engine.record`); the
 updates are named by the client id of their header, and replies are tied to the Flower node
 that sent them. Each round is logged, so ``flwr log`` shows the federation's progress.
+
+With ``federation.signing.registry`` (and the server's ``server_key``) each global adapter goes out
+with the server's signature (``global-signature`` in the ``config`` record) and each reply's
+``signature`` (in its ``client`` record) is verified for the client id its update claims.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from lorafed.errors import AggregationError, LorafedError
 from lorafed.logs import ensure_handler
 from lorafed.server.fold import Incoming
 from lorafed.server.step import RoundPolicy
+from lorafed.wire.sign import Signing, server_signing
 
 logger = logging.getLogger(__name__)
 app = ServerApp()
@@ -97,9 +102,19 @@ class FlowerGrid:
         config_yaml: The resolved config, sent to every node with each round.
         timeout: Seconds a round waits for its replies.
         interval: Seconds between reply polls.
+        signing: The server's keys (``None``: nothing signed).
     """
 
-    def __init__(self, grid: Grid, nodes: list[int], config_yaml: str, timeout: float, interval: float) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        nodes: list[int],
+        config_yaml: str,
+        timeout: float,
+        interval: float,
+        signing: Signing | None = None,
+    ) -> None:
+        self.signing = signing
         self.grid = grid
         self.nodes = nodes
         self.config_yaml = config_yaml
@@ -110,12 +125,15 @@ class FlowerGrid:
         self, round_: int, clients: list[int], global_bytes: bytes, global_state: dict[str, torch.Tensor]
     ) -> Dispatched:
         index = {self.nodes[k]: k for k in clients}
+        conf: dict[str, Any] = {"round": round_, "config-yaml": self.config_yaml}
+        if self.signing is not None:
+            conf["global-signature"] = self.signing.sign_global(global_bytes)
         msgs = [
             Message(
                 content=RecordDict(
                     {
                         "global": payload_record(global_bytes),
-                        "config": ConfigRecord({"round": round_, "config-yaml": self.config_yaml}),
+                        "config": ConfigRecord(conf),
                     }
                 ),
                 dst_node_id=nid,
@@ -135,7 +153,9 @@ class FlowerGrid:
                 out.failures.append({"client": f"node-{nid}", "reason": f"raised: {rep.error.reason}"})
                 continue
             try:
-                out.replies.append((index[nid], Incoming(f"node-{nid}", record_bytes(rep, "update"))))
+                out.replies.append(
+                    (index[nid], Incoming(f"node-{nid}", record_bytes(rep, "update"), signature=_signature(rep)))
+                )
             except LorafedError as exc:
                 out.failures.append({"client": f"node-{nid}", "reason": str(exc)})
         for nid in index:
@@ -144,6 +164,13 @@ class FlowerGrid:
                     {"client": f"node-{nid}", "reason": f"timed out: no reply within {self.timeout:g} s"}
                 )
         return out
+
+
+def _signature(rep: Message) -> bytes | None:
+    """The ``signature`` a reply's ``client`` record carries, or ``None``."""
+    rec = rep.content.config_records.get("client")
+    sig = rec.get("signature") if rec is not None else None
+    return bytes(sig) if isinstance(sig, bytes) else None
 
 
 @app.main()
@@ -159,21 +186,23 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, int(rc["num-nodes"]), float(rc["node-timeout"]))
     logger.info("%d node(s) connected: %s", len(nodes), nodes)
     fcfg = config.federation
+    signing = server_signing(fcfg.signing)
     record = RunRecord(out)
     record.fresh()
     evaluate = functools.partial(evaluate_state, fed) if bool(rc["server-eval"]) else None
     loop = Federated(
         fcfg,
-        RoundPolicy(fcfg, len(nodes), config.seed),
+        RoundPolicy(fcfg, len(nodes), config.seed, signing.registry.clients if signing else None),
         record,
         fed.identity,
         fed.spec,
         [f"node-{n}" for n in nodes],
         evaluate,
+        signing,
     )
     timeout = fcfg.client_timeout_s if fcfg.client_timeout_s is not None else float(rc["round-timeout"])
     yaml_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    transport = FlowerGrid(grid, nodes, yaml_text, timeout, float(rc["pull-interval"]))
+    transport = FlowerGrid(grid, nodes, yaml_text, timeout, float(rc["pull-interval"]), signing)
     t0 = time.perf_counter()
     start(loop, fed.initial_state)
     run_rounds(loop, transport, fed.initial_state, 1, fcfg.rounds)
