@@ -36,7 +36,10 @@ def _overrides(csv: Path, model_dir: Path) -> list[str]:
 def test_flower_deployment_matches_the_simulation(
     isolation, tiny_config, synthetic_csv, tiny_model_dir, tmp_path
 ) -> None:
-    """Stock isolation (a flwr-clientapp per message) and the warm one (lorafed.engine.flower.warm_exec)."""
+    """Stock isolation (a flwr-clientapp per message) and the warm one (lorafed.engine.flower.warm_exec).
+
+    Both run secure, as the default ``lorafed flower run`` does: TLS and SuperNode authentication.
+    """
     over = _overrides(synthetic_csv, tiny_model_dir)
     out = tmp_path / "flower"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -51,6 +54,14 @@ def test_flower_deployment_matches_the_simulation(
     # Every listener was on 127.0.0.1, and nothing we started survives.
     listening = proc.stdout.split("listening: ")[1].splitlines()[0].split(", ")
     assert listening and all(addr.startswith("127.0.0.1:") for addr in listening), listening
+    # Secure by default: the SuperLink spoke HTTPS with node auth, every node was registered first.
+    assert "(TLS + SuperNode auth)" in proc.stdout and "WARNING: --insecure" not in proc.stderr
+    logs = out / "flower" / "logs"
+    link_log = (logs / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1:" in link_log
+    assert "SuperNode authentication is disabled" not in link_log
+    assert link_log.count("[ControlServicer.RegisterNode] Created node_id=") == 3
+    assert link_log.count("[Fleet.ActivateNode] Activated node_id=") == 3
     assert {p.pid for p in psutil.Process().children(recursive=True)} - before == set()
     sim = tmp_path / "sim"
     simulate(tiny_config(*over), sim, progress=False)

@@ -22,17 +22,10 @@ from lorafed.config import load_config
 from lorafed.engine.inprocess import simulate
 from lorafed.errors import ConfigError, SignatureError
 from lorafed.server.fold import Incoming, fold_updates
+from lorafed.wire.keys import load_private_key, load_registry
 from lorafed.wire.payload import payload_to_bytes
 from lorafed.wire.reader import load_payload
-from lorafed.wire.sign import (
-    load_private_key,
-    load_registry,
-    read_signature,
-    sig_path,
-    sign_payload,
-    verify_payload,
-    write_signature,
-)
+from lorafed.wire.sign import read_signature, sig_path, sign_payload, verify_payload, write_signature
 from tests.conftest import ROOT
 from tests.test_hostile import REFERENCE, SPEC, good, tensors, with_meta
 

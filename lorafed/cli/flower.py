@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ def add_parsers(sub: Any) -> None:
         help="federate over Flower's deployment engine (SuperLink + SuperNodes)",
         description=(
             "Run lorafed's ServerApp/ClientApp on Flower. 'run' starts a SuperLink and N SuperNodes on "
-            "127.0.0.1 (insecure, for one machine) and runs the federation; 'app' writes the Flower app "
+            "127.0.0.1 (TLS + SuperNode authentication, for one machine) and runs the federation; 'app' "
+            "writes the Flower app "
             "directory and a run-config TOML for 'flwr run' against a real deployment (see README)."
         ),
         epilog="example:\n  lorafed flower run --config configs/tiny.yaml --nodes 2",
@@ -37,6 +39,11 @@ def add_parsers(sub: Any) -> None:
             "Start a SuperLink and --nodes SuperNodes on 127.0.0.1 (node k is client k of the config's "
             "partition), run the federation on them and write the run folder (config.yaml, metrics.jsonl, "
             "rounds/) plus flower/ (the app, its run config and each process's log)."
+            "\n\nEverything is TLS with SuperNode authentication, as across companies: flower/tls/ gets a "
+            "test CA, a server certificate for 127.0.0.1 and one ECDSA P-384 key per node; the SuperLink "
+            "runs with --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile --enable-supernode-auth, each node's "
+            "public key is registered ('flwr supernode register') before it starts with "
+            "--root-certificates and --auth-supernode-private-key. --insecure (debugging only) drops both."
             "\n\nA round waits federation.client_timeout_s for its replies (default 600 s here); "
             "like every engine setting it is a config key, not a flag."
         ),
@@ -56,6 +63,10 @@ def add_parsers(sub: Any) -> None:
         "--isolation", choices=["subprocess", "process"], default="subprocess",
         help="subprocess: stock Flower, one flwr-clientapp process per message; process: one long-lived "
         "ClientApp executor per SuperNode (keeps imports and the loaded model between rounds)",
+    )  # fmt: skip
+    run.add_argument(
+        "--insecure", action="store_true",
+        help="debugging only: plaintext HTTP and no SuperNode authentication (any local process may join)",
     )  # fmt: skip
     run.set_defaults(func=cmd_run)
     app = add_verb(
@@ -127,8 +138,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         },
     )
     node_configs = [f"partition-id={i} num-partitions={nodes}" for i in range(nodes)]
-    with LocalDeployment(work, node_configs, isolation=args.isolation) as dep:
-        print(f"SuperLink on 127.0.0.1:{dep.link_port}, {nodes} SuperNodes; listening: {', '.join(dep.listeners())}")
+    if args.insecure:
+        print(
+            "WARNING: --insecure: plaintext HTTP and no SuperNode authentication; for debugging on one machine only",
+            file=sys.stderr,
+        )
+    with LocalDeployment(work, node_configs, isolation=args.isolation, secure=not args.insecure) as dep:
+        mode = "TLS + SuperNode auth" if dep.certs else "INSECURE"
+        print(
+            f"SuperLink on 127.0.0.1:{dep.link_port} ({mode}), {nodes} SuperNodes; "
+            f"listening: {', '.join(dep.listeners())}"
+        )
         info = dep.run_app(app_dir, run_config, out / "summary.json", args.timeout)
     print(f"run {info['run_id']}: {info['status']}; results in {out} (logs in {work / 'logs'})")
     for line in (out / "metrics.jsonl").read_text().splitlines():

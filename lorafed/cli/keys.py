@@ -66,7 +66,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_new(args: argparse.Namespace) -> int:
     """``lorafed keys new``."""
-    from lorafed.wire.sign import write_key_pair
+    from lorafed.wire.keys import write_key_pair
 
     priv, pub = write_key_pair(args.out, args.id)
     print(f"{args.id}: private key {priv} (mode 0600, keep it here), public key {pub} (send it for the registry)")
@@ -76,7 +76,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 def cmd_registry(args: argparse.Namespace) -> int:
     """``lorafed keys registry``."""
     from lorafed.files import atomic_write_text
-    from lorafed.wire.sign import load_public_key, parse_registry, registry_to_json
+    from lorafed.wire.keys import load_public_key, parse_registry, registry_to_json
 
     clients = {}
     for item in args.add:

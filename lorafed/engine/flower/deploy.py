@@ -6,6 +6,16 @@ children and, with ``isolation="process"``, the warm executors included), then k
 after a grace period. Nothing else is touched.
 All listeners bind 127.0.0.1; SuperLink serves its Control, Fleet and ServerAppIo APIs on one
 port. Runtime dependency installation is disabled everywhere (no registry access, no torch pull).
+
+With ``secure=True`` (the default) the deployment is what a cross-company one must be, on one machine:
+:mod:`lorafed.engine.flower.tls` makes a CA, a server certificate for 127.0.0.1/localhost and one
+ECDSA P-384 key pair per SuperNode under ``workdir/tls``; the SuperLink serves TLS
+(``--ssl-ca-certfile``, ``--ssl-certfile``, ``--ssl-keyfile``) with ``--enable-supernode-auth``;
+each node's public key is registered with ``flwr supernode register`` over the TLS Control API
+before the node starts with ``--root-certificates`` and ``--auth-supernode-private-key``, so a
+SuperNode whose key was not registered cannot join. ``secure=False`` is the old ``--insecure``
+plaintext deployment, for debugging only. A SuperNode's Runtime API (its local executors' link)
+stays plaintext on 127.0.0.1, as in stock Flower.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from lorafed.engine.flower.tls import Certificates, make_certificates, make_node_keys
 from lorafed.errors import LorafedError
 
 CONNECTION = "lorafed-local"
@@ -68,14 +79,19 @@ class LocalDeployment:
             process per message) or ``"process"`` (warm: the SuperNodes run with ``--isolation
             process`` and each gets one long-lived :mod:`lorafed.engine.flower.warm_exec` process that
             runs every ClientApp task in-process, keeping imports and cached data/model).
+        secure: TLS everywhere plus SuperNode authentication (registered keys only); ``False``
+            starts every process with ``--insecure`` (plaintext, any node may join).
     """
 
     workdir: Path
     node_configs: list[str]
     start_timeout: float = 60.0
     isolation: str = "subprocess"
+    secure: bool = True
     procs: list[subprocess.Popen] = field(default_factory=list)
     link_port: int = 0
+    certs: Certificates | None = None
+    registered: set[str] = field(default_factory=set)
 
     def env(self) -> dict[str, str]:
         """Environment of every Flower process: private FLWR_HOME/HOME, this interpreter first on PATH."""
@@ -107,39 +123,115 @@ class LocalDeployment:
         return proc, log
 
     def start(self) -> None:
-        """Start the SuperLink and the SuperNodes and write the ``flwr`` connection config."""
+        """Start the SuperLink, write the ``flwr`` connection config, register and start the SuperNodes."""
         for d in ("flwr_home", "home", "logs"):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
-        bin_dir = Path(sys.executable).parent
+        if self.isolation not in ("subprocess", "process"):
+            raise DeploymentError(f"isolation: expected subprocess or process, got {self.isolation!r}")
         self.link_port = free_port()
+        if self.secure:
+            self.certs = make_certificates(self.workdir / "tls")
+            security = ["--ssl-ca-certfile", str(self.certs.ca_cert), "--ssl-certfile", str(self.certs.server_cert),
+                        "--ssl-keyfile", str(self.certs.server_key), "--enable-supernode-auth"]  # fmt: skip
+        else:
+            security = ["--insecure"]
         proc, log = self._start(
             "superlink",
-            [str(bin_dir / "flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+            [str(self._bin("flower-superlink")), *security, "--isolation", "subprocess", "--host", "127.0.0.1",
              "--port", str(self.link_port), "--database", str(self.workdir / "state.db"),
              "--disable-runtime-dependency-installation"],
         )  # fmt: skip
         wait_port(self.link_port, self.start_timeout, proc, log)
-        if self.isolation not in ("subprocess", "process"):
-            raise DeploymentError(f"isolation: expected subprocess or process, got {self.isolation!r}")
-        for i, node_config in enumerate(self.node_configs):
-            port = free_port()
-            proc, log = self._start(
-                f"supernode{i}",
-                [str(bin_dir / "flower-supernode"), "--insecure", "--isolation", self.isolation,
-                 "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1", "--port", str(port),
-                 "--node-config", node_config],
-            )  # fmt: skip
-            wait_port(port, self.start_timeout, proc, log)
-            if self.isolation == "process":  # our long-lived executor replaces flower-superexec
-                self._start(
-                    f"warm_exec{i}",
-                    [sys.executable, "-m", "lorafed.engine.flower.warm_exec", "--runtime-api-address",
-                     f"127.0.0.1:{port}", "--parent-pid", str(proc.pid)],
-                )  # fmt: skip
+        tls = f'root-certificates = "{self.certs.ca_cert}"' if self.certs else "insecure = true"
         (self.workdir / "flwr_home" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.link_port}"\n{tls}\n'
         )
+        names = [f"supernode{i}" for i in range(len(self.node_configs))]
+        if self.certs is not None:
+            self.register(names)
+        for name, node_config in zip(names, self.node_configs, strict=True):
+            self.add_node(name, node_config)
+
+    def _bin(self, name: str) -> Path:
+        return Path(sys.executable).parent / name
+
+    def register(self, names: list[str], timeout: float = 120.0) -> None:
+        """Make a key pair per name under ``workdir/tls`` and register the public keys (concurrently).
+
+        Each is ``flwr supernode register tls/NAME.pub lorafed-local --name NAME`` over the
+        SuperLink's TLS Control API; a node started later with ``tls/NAME`` may then join.
+
+        Raises:
+            DeploymentError: Not a secure deployment, a registration failed or timed out.
+        """
+        if self.certs is None:
+            raise DeploymentError("register: only a secure deployment authenticates SuperNodes")
+        pubs = [make_node_keys(self.workdir / "tls", n).public_key for n in names]
+        cmds = [[str(self._bin("flwr")), "supernode", "register", str(k), CONNECTION, "--name", n]
+                for k, n in zip(pubs, names, strict=True)]  # fmt: skip
+        procs = [
+            subprocess.Popen(c, env=self.env(), cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for c in cmds
+        ]
+        end, failed = time.monotonic() + timeout, []
+        for name, proc in zip(names, procs, strict=True):
+            try:
+                out, _ = proc.communicate(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                failed.append(f"{name}: timed out")
+                continue
+            if proc.returncode != 0:
+                failed.append(f"{name} ({proc.returncode}): {out.decode(errors='replace').strip()[-1000:]}")
+            else:
+                self.registered.add(name)
+        if failed:
+            raise DeploymentError("flwr supernode register failed: " + "; ".join(failed))
+
+    def add_node(
+        self, name: str, node_config: str, register: bool = True, max_wait_time: float | None = None
+    ) -> subprocess.Popen:
+        """Start one SuperNode (plus its warm executor with ``isolation="process"``) and return its process.
+
+        Args:
+            name: Log and key file stem (``logs/NAME.log``, ``tls/NAME`` and ``tls/NAME.pub``).
+            node_config: The node's ``--node-config`` string.
+            register: With ``secure``, register the node's key first unless :meth:`register` did;
+                ``False`` starts a node with a fresh key the SuperLink does not know (it is refused).
+            max_wait_time: ``--max-wait-time`` seconds for reaching the SuperLink (default: unbounded,
+                Flower's default); the node exits when they run out.
+
+        Raises:
+            DeploymentError: Registration failed, or the node's Runtime API port did not open.
+        """
+        args = ["--insecure"]
+        if self.certs is not None:
+            if register and name not in self.registered:
+                self.register([name])
+            elif not register:
+                make_node_keys(self.workdir / "tls", name)
+            args = ["--root-certificates", str(self.certs.ca_cert),
+                    "--auth-supernode-private-key", str(self.workdir / "tls" / name)]  # fmt: skip
+        if max_wait_time is not None:
+            args += ["--max-wait-time", str(max_wait_time)]
+        port = free_port()
+        proc, log = self._start(
+            name,
+            [str(self._bin("flower-supernode")), *args, "--isolation", self.isolation,
+             "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1", "--port", str(port),
+             "--node-config", node_config],
+        )  # fmt: skip
+        if register or self.certs is None:  # an unregistered node may exit before its port opens
+            wait_port(port, self.start_timeout, proc, log)
+        if self.isolation == "process":  # our long-lived executor replaces flower-superexec
+            self._start(
+                f"warm_exec{name.removeprefix('supernode')}",
+                [sys.executable, "-m", "lorafed.engine.flower.warm_exec", "--runtime-api-address",
+                 f"127.0.0.1:{port}", "--parent-pid", str(proc.pid)],
+            )  # fmt: skip
+        return proc
 
     def flwr(self, *args: str, timeout: float = 120.0) -> str:
         """Run the ``flwr`` CLI against this deployment and return its stdout.
@@ -147,7 +239,7 @@ class LocalDeployment:
         Raises:
             DeploymentError: A non-zero exit or a timeout.
         """
-        cmd = [str(Path(sys.executable).parent / "flwr"), *args]
+        cmd = [str(self._bin("flwr")), *args]
         try:
             res = subprocess.run(cmd, env=self.env(), cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
