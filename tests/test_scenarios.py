@@ -196,3 +196,22 @@ def test_bench_scenarios_tiny(tmp_path) -> None:
         assert (tmp_path / "results" / f"scenarios_cold_{key}.png").is_file()
     md = (tmp_path / "results" / "scenarios.md").read_text()
     assert "cold start" in md and "Reproduce:" in md
+
+
+def test_personalize_verb_writes_one_adapter_per_client(tiny_config, tmp_path, capsys) -> None:
+    from lorafed.cli import main
+    from lorafed.config import save_config
+    from lorafed.engine.inprocess import simulate
+    from lorafed.wire.reader import load_payload
+
+    cfg = tiny_config("federation.rounds=1", "partition.num_clients=2", "federation.min_clients=2")
+    run = tmp_path / "run"
+    simulate(cfg, run, progress=False)
+    save_config(cfg, tmp_path / "cfg.yaml")
+    assert main(["personalize", str(run), "--config", str(tmp_path / "cfg.yaml")]) == 2  # method none
+    assert "personalize.method is none" in capsys.readouterr().err
+    args = ["personalize", str(run), "--config", str(tmp_path / "cfg.yaml"), "personalize.method=local_head"]
+    assert main([*args, "personalize.steps=2", "personalize.eval_every=1"]) == 0
+    files = sorted(p.name for p in (run / "personalized").glob("*.safetensors"))
+    assert files == ["client0.safetensors", "client1.safetensors"]
+    assert load_payload(run / "personalized" / "client0.safetensors").meta.kind == "personalized"

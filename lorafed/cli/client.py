@@ -12,10 +12,11 @@ import json
 from typing import Any
 
 from lorafed.cli.common import add_overrides, add_verb
+from lorafed.errors import LorafedError
 
 
 def add_parsers(sub: Any) -> None:
-    """Register ``client`` with its sub-verb ``train``."""
+    """Register ``client`` with its sub-verbs ``train`` and ``personalize``."""
     client = sub.add_parser(
         "client",
         help="one company's side of a cross-silo federation (client train)",
@@ -30,10 +31,12 @@ def add_parsers(sub: Any) -> None:
         help="train one round on this client's own file and write the update",
         description=(
             "Train one client's round: read --data with the federation's label list (from --global's "
-            "header, else data.labels of the config), split it as the simulator splits this client "
-            "(seeded by the config seed and --client-id), start from --global (or, before round 1, from the "
-            "fresh adapter seeded by the config seed, identical on every client), train on the train part "
-            "and write the update payload (num_examples = training rows), encoded as federation.transport."
+            "header, else data.labels of the config), keep a data.val_fraction validation slice (seeded by "
+            "the config seed and --client-id; its scores go in the update's header) and train on every other "
+            "row, from --global (or, before round 1, from the fresh adapter seeded by the config seed, "
+            "identical on every client). Only the tensors of the round's roles are sent (all of LoRA and the "
+            "head for fedavg; B and the head for ffa; A or B in turn for rolora), encoded as "
+            "federation.transport; num_examples = training rows."
             "\n\nEvery company uses the same config file; send the update file to whoever runs "
             "'lorafed aggregate'."
         ),
@@ -60,6 +63,31 @@ def add_parsers(sub: Any) -> None:
     add_overrides(train)
     train.set_defaults(func=cmd_client_train)
 
+    pers = add_verb(
+        verbs,
+        "personalize",
+        help="this client's own adapter: the federation's global adapter tuned on its own file",
+        description=(
+            "Personalize the global adapter on this client's file, as personalize.* says: 'finetune' (a short "
+            "local fine-tune of LoRA and head) or 'local_head' (FedRep-style: the global LoRA kept, only the "
+            "head retrained). The client's validation slice picks the checkpoint, the global adapter itself "
+            "being checkpoint 0, so the result is never worse than the global on it. Writes a 'personalized' "
+            "payload that 'lorafed export' accepts. It never leaves the client."
+        ),
+        example=(
+            "lorafed client personalize --config fed.yaml --data mine.csv --client-id shopA "
+            "--global global_r5.safetensors --out shopA_personal.safetensors personalize.method=local_head"
+        ),
+    )
+    pers.add_argument("--config", required=True, help="the federation's YAML config")
+    pers.add_argument("--data", required=True, help="this client's labelled CSV, JSONL or Parquet file")
+    pers.add_argument("--client-id", required=True, help="this client's id (letters, digits, _ . -)")
+    pers.add_argument("--global", dest="global_path", required=True, help="the federation's global adapter")
+    pers.add_argument("--out", required=True, help="where to write the personalized adapter (.safetensors)")
+    pers.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on a terminal only)")
+    add_overrides(pers)
+    pers.set_defaults(func=cmd_client_personalize)
+
 
 def cmd_client_train(args: argparse.Namespace) -> int:
     """``lorafed client train``."""
@@ -76,5 +104,26 @@ def cmd_client_train(args: argparse.Namespace) -> int:
         f"{args.client_id}: round {update.meta.round}, {update.meta.num_examples} training rows, "
         f"{update.result.steps} steps, mean loss {update.result.mean_loss:.4f}{val}; "
         f"update written to {path} ({path.stat().st_size} bytes)" + (f", signature {sig}" if sig else "")
+    )
+    return 0
+
+
+def cmd_client_personalize(args: argparse.Namespace) -> int:
+    """``lorafed client personalize``."""
+    from lorafed.client.personalize import personalize_local
+    from lorafed.config import load_config
+
+    config = load_config(args.config, [*args.overrides, f"data.path={json.dumps(args.data)}"])
+    if config.personalize.method == "none":
+        raise LorafedError("personalize.method is none; pass personalize.method=finetune or local_head")
+    result = personalize_local(config, args.client_id, args.global_path, args.out, progress=not args.no_progress)
+    val = (
+        f"validation macro-F1 {result.val_global:.4f} (global) -> {result.val_best:.4f}"
+        if result.val_global is not None and result.val_best is not None
+        else "no validation rows"
+    )
+    print(
+        f"{args.client_id}: {result.method}, kept the checkpoint after {result.best_step} of {result.steps} "
+        f"step(s); {val}; written to {args.out}"
     )
     return 0

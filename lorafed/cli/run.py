@@ -64,6 +64,26 @@ def add_parsers(sub: Any) -> None:
     cmp.add_argument("--no-progress", action="store_true", help="hide progress bars (shown on a terminal only)")
     cmp.set_defaults(func=cmd_compare)
 
+    pers = add_verb(
+        sub,
+        "personalize",
+        help="after a simulated federation: each client's own adapter (global + a local part)",
+        description=(
+            "Load RUN_DIR's final global adapter and personalize it for every client of the config's "
+            "partition, as personalize.* says ('finetune': a short local fine-tune; 'local_head': FedRep-style, "
+            "only the head retrained). Each client's validation rows pick its checkpoint, the global adapter "
+            "being checkpoint 0. Writes RUN_DIR/personalized/<client>.safetensors and summary.json."
+        ),
+        example=(
+            "lorafed personalize --config configs/retail_intents_dirichlet.yaml results/retail_intents_dirichlet "
+            "personalize.method=finetune personalize.steps=20"
+        ),
+    )
+    pers.add_argument("run_dir", help="a finished run folder (lorafed simulate)")
+    pers.add_argument("--config", help="YAML run config (default RUN_DIR/config.yaml)")
+    add_overrides(pers)
+    pers.set_defaults(func=cmd_personalize)
+
     part = add_verb(
         sub,
         "partition",
@@ -138,6 +158,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(config, out, progress=not args.no_progress)
     print(format_compare(result))
     print(f"results in {out}")
+    return 0
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    """``lorafed personalize``."""
+    from lorafed.engine.scenarios import personalize_all
+
+    run_dir = Path(args.run_dir)
+    saved = run_dir / "config.yaml"
+    if not args.config and not saved.is_file():
+        raise LorafedError(f"{run_dir}: no config.yaml, so not a run folder; pass --config or run 'lorafed simulate'")
+    config = load_config(args.config or saved, args.overrides)
+    if config.personalize.method == "none":
+        raise LorafedError("personalize.method is none; pass personalize.method=finetune or local_head")
+    results = personalize_all(config, run_dir)
+    for cid, r in results.items():
+        gain = "" if r.val_global is None or r.val_best is None else f"  val {r.val_global:.4f} -> {r.val_best:.4f}"
+        print(f"{cid}: checkpoint after {r.best_step} step(s){gain}")
+    print(f"personalized adapters in {run_dir / 'personalized'}")
     return 0
 
 

@@ -228,13 +228,16 @@ def personalize_local(
     from lorafed.client.round import check_client_id
     from lorafed.server.specs import federation_labels
     from lorafed.wire.payload import save_payload
-    from lorafed.wire.reader import load_payload
+    from lorafed.wire.reader import payload_from_bytes
+    from lorafed.wire.sign import read_signature
 
     check_client_id(client_id)
-    glob = load_payload(global_path)
+    data = Path(global_path).read_bytes()
+    glob = payload_from_bytes(data, str(global_path))
     labels = federation_labels(config, glob.meta, str(global_path))
     local = LocalClient.from_file(config, client_id, config.data.path, labels)
-    state = local.check_global(glob, str(global_path))
+    # With a key registry configured, the global must carry the server's signature (a .sig beside it).
+    state = local.check_global(glob, str(global_path), data=data, signature=read_signature(global_path))
     result = personalize_report(local, state, progress=progress)
     save_payload(out_path, result.tensors, personalized_meta(local.identity, client_id, glob.meta.round, result))
     return result
