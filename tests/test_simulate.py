@@ -52,3 +52,15 @@ def test_client_sampling_by_fraction_is_seeded() -> None:
     assert picks == sample_clients(10, 0.3, 2, seed=0, round_=1)
     assert len(sample_clients(10, 0.05, 2, seed=0, round_=1)) == 2  # at least min_clients
     assert sample_clients(4, 1.0, 1, seed=0, round_=3) == [0, 1, 2, 3]
+
+
+def test_stop_ends_the_run_after_the_round_it_answers_true(tiny_config, tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def stop(r: int, state, scores) -> bool:
+        seen.append(r)
+        return r == 2
+
+    simulate(tiny_config("federation.rounds=5"), tmp_path / "run", progress=False, stop=stop)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert seen == [1, 2] and [r["round"] for r in rows] == [0, 1, 2]

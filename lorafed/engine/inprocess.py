@@ -26,7 +26,7 @@ import torch
 from lorafed.client.round import update_meta
 from lorafed.config import RunConfig, save_config
 from lorafed.engine.cohort import ClientFn, Cohort, evaluate_state, prepare_cohort, train_client
-from lorafed.engine.loop import Dispatched, Federated, run_rounds, start
+from lorafed.engine.loop import Dispatched, Federated, StopFn, run_rounds, start
 from lorafed.engine.record import RunRecord
 from lorafed.errors import ConfigError
 from lorafed.server.fold import Incoming
@@ -88,6 +88,7 @@ def simulate(
     resume: bool = False,
     client_fn: Callable[[ClientFn], ClientFn] | None = None,
     fed: Cohort | None = None,
+    stop: StopFn | None = None,
 ) -> dict[str, Any]:
     """Run a whole federated simulation and write its run folder (see :mod:`lorafed.engine.record`).
 
@@ -102,6 +103,7 @@ def simulate(
             to inject faults or attacks; it receives the real one and returns the one to call.
         fed: A federation already prepared for ``config`` (benchmarks reuse one across runs
             that differ only in the server or transport settings).
+        stop: Ends the run after a round when it answers true (see :func:`lorafed.engine.loop.run_rounds`).
 
     Returns:
         The summary (also written to ``summary.json``).
@@ -142,7 +144,7 @@ def simulate(
         state = fed.initial_state
         start(loop, state)
     first = record.rows[-1]["round"] + 1
-    state, last = run_rounds(loop, InProcess(fed, run_client, signing), state, first, fcfg.rounds, progress)
+    state, last = run_rounds(loop, InProcess(fed, run_client, signing), state, first, fcfg.rounds, progress, stop)
     if last is None:  # nothing left to run (resumed a finished run, or rounds=0): score the state held
         last = evaluate_state(fed, state)
     rows = record.rows

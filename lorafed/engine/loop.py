@@ -60,6 +60,7 @@ class Transport(Protocol):
         ...
 
 
+StopFn = Callable[[int, dict[str, torch.Tensor], EvalResult | None], bool]
 Evaluator = Callable[[dict[str, torch.Tensor]], EvalResult | None]
 SpecFn = Callable[[int | None], UpdateSpec]
 
@@ -248,8 +249,20 @@ def run_rounds(
     first: int,
     last: int,
     progress: bool = False,
+    stop: StopFn | None = None,
 ) -> tuple[dict[str, torch.Tensor], EvalResult | None]:
     """Rounds ``first``..``last`` (the global adapter of ``first - 1`` is on record).
+
+    Args:
+        fed: The federation's loop settings.
+        transport: How rounds reach the clients.
+        state: The global adapter after round ``first - 1``.
+        first: The first round to run.
+        last: The last round to run.
+        progress: Show a progress bar over rounds (on a terminal only).
+        stop: Called after each completed round with (round, global adapter, scores); a true
+            answer ends the run there (e.g. early stopping on validation rows). The round is on
+            record either way.
 
     Returns:
         The final global adapter and its scores (``None`` when no round ran or nothing scores).
@@ -260,4 +273,7 @@ def run_rounds(
     scores: EvalResult | None = None
     for r in progress_bar(range(first, last + 1), desc="rounds", unit="round", enabled=progress):
         state, global_bytes, scores = run_round(fed, transport, state, r, global_bytes)
+        if stop is not None and stop(r, state, scores):
+            logger.info("round %d: stopping early", r)
+            break
     return state, scores
