@@ -202,3 +202,30 @@ def _free() -> int:
     from lorafed.engine.flower.deploy import free_port
 
     return free_port()
+
+
+def test_insecure_is_explicit(capsys) -> None:
+    from lorafed.cli import main as cli_main
+    from lorafed.engine.flower.deploy import LocalDeployment
+
+    assert LocalDeployment(Path("unused"), []).secure  # secure unless asked
+    with pytest.raises(SystemExit):
+        cli_main(["flower", "run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--insecure" in help_text and "debugging only" in help_text
+    assert "--enable-supernode-auth" in help_text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_insecure_deployment_is_plaintext_and_open(tmp_path) -> None:
+    """``secure=False`` is the old deployment: every process ``--insecure``, no certificates, no keys."""
+    from lorafed.engine.flower.deploy import DeploymentError, LocalDeployment
+
+    with LocalDeployment(tmp_path, ["partition-id=0"], secure=False) as dep:
+        assert dep.certs is None and not (tmp_path / "tls").exists()
+        assert "insecure = true" in (tmp_path / "flwr_home" / "config.toml").read_text()
+        assert all("--insecure" in p.args for p in dep.procs)
+        with pytest.raises(DeploymentError, match="only a secure deployment"):
+            dep.register(["x"])
+    assert "SuperNode authentication is disabled" in (tmp_path / "logs" / "superlink.log").read_text()
