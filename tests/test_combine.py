@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lorafed.cli import main
-from lorafed.serve.combine import LoraFactors, MergeError, combine_payloads, delta_weights, lora_modules, merge_adapters
+from lorafed.serve.combine import combine_payloads
+from lorafed.wire.factors import LoraFactors, MergeError, delta_weights, lora_modules, merge_adapters
 from lorafed.wire.payload import Payload, save_payload
 from lorafed.wire.reader import load_payload
 from tests.helpers_adapter import random_adapter

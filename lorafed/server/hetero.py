@@ -7,7 +7,7 @@ change ``delta_i = (alpha_i / r_i) B_i A_i`` per adapted weight (FlexLoRA, Bai e
     delta = sum_i w_i delta_i,  w_i = n_i / n
 
 which the server then truncates back to the global rank by SVD (``U_k S_k V_k^T``, the best
-rank-k approximation in Frobenius norm), as :func:`lorafed.serve.combine.merge_adapters` does
+rank-k approximation in Frobenius norm), as :func:`lorafed.wire.factors.merge_adapters` does
 for ``svd`` merging, whose code this reuses. The factors are rescaled to the global LoRA
 scaling ``global_alpha / global_rank``. The head is a full weight: its weighted mean is exact.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafed.serve.combine import LoraFactors, MergeError, delta_weights, lora_modules, merge_adapters
+from lorafed.wire.factors import LoraFactors, MergeError, delta_weights, lora_modules, merge_adapters
 
 
 @dataclass(frozen=True)
