@@ -18,11 +18,11 @@ from lorafed.engine.record import read_metrics
 from lorafed.engine.scenarios import final_global, mixed_clients
 from lorafed.errors import PayloadValidationError
 from lorafed.model.backbone import base_fingerprint, load_client_model
-from lorafed.serve.combine import MergeError
 from lorafed.server.fold import Incoming
 from lorafed.server.hetero import aggregate_hetero_rank, aggregate_hetero_rank_report, truncate_for_client
 from lorafed.server.step import RoundPolicy
 from lorafed.server.validate import validate_update
+from lorafed.wire.factors import MergeError
 from lorafed.wire.payload import ModelIdentity, payload_to_bytes
 from lorafed.wire.reader import load_payload, payload_from_bytes
 from tests.conftest import save_tiny_bert
