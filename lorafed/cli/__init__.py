@@ -1,17 +1,17 @@
 """The ``lorafed`` command line: one module per step of the data flow.
 
-========================  ==========================================================
+========================  ======================================================================
 module                    verbs
-========================  ==========================================================
-:mod:`lorafed.cli.run`    ``simulate``, ``partition``, ``inspect``
-:mod:`lorafed.cli.client` ``client train`` (a company's side of a cross-silo round)
+========================  ======================================================================
+:mod:`lorafed.cli.run`    ``simulate``, ``compare``, ``personalize``, ``partition``, ``inspect``
+:mod:`lorafed.cli.client` ``client train``, ``client personalize`` (a company's side)
 :mod:`lorafed.cli.server` ``aggregate``, ``coordinate``, ``poll``
 :mod:`lorafed.cli.flower` ``flower run``, ``flower app``
-:mod:`lorafed.cli.serve`  ``merge``, ``export``, ``predict``, ``evaluate``
+:mod:`lorafed.cli.serve`  ``serve``, ``combine``, ``export``, ``predict``, ``evaluate``
 :mod:`lorafed.cli.data`   ``download``
 :mod:`lorafed.cli.config` ``config show``
 :mod:`lorafed.cli.keys`   ``keys new``, ``keys registry``
-========================  ==========================================================
+========================  ======================================================================
 
 Each verb parses its arguments, calls the library and prints its result on standard output;
 the library's log lines go to standard error (``--quiet``: warnings only, ``--verbose``: debug).
@@ -61,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorafed {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    run.add_parsers(sub)  # simulate, partition, inspect
-    client.add_parsers(sub)  # client train
+    run.add_parsers(sub)  # simulate, compare, personalize, partition, inspect
+    client.add_parsers(sub)  # client train, client personalize
     server.add_parsers(sub)  # aggregate, coordinate, poll
     flower.add_parsers(sub)  # flower run, flower app
-    serve.add_parsers(sub)  # merge, export, predict, evaluate
+    serve.add_parsers(sub)  # serve, combine, export, predict, evaluate
     data.add_parsers(sub)  # download
     config.add_parsers(sub)  # config show
     keys.add_parsers(sub)  # keys new, keys registry

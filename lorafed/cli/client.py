@@ -19,7 +19,7 @@ def add_parsers(sub: Any) -> None:
     """Register ``client`` with its sub-verbs ``train`` and ``personalize``."""
     client = sub.add_parser(
         "client",
-        help="one company's side of a cross-silo federation (client train)",
+        help="one company's side of a cross-silo federation (client train, client personalize)",
         description="Verbs run by a client on its own machine and data.",
         epilog="example:\n  lorafed client train --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
