@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -391,6 +393,10 @@ class RunConfig:
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides and validate everything.
 
+    The file is read with bounds (see :data:`MAX_CONFIG_BYTES` and :class:`_BoundedLoader`):
+    a file too large, not UTF-8, nested too deep, with an alias bomb, an integer of too many
+    digits or a Python tag is refused by name, never with a traceback.
+
     Args:
         path: YAML file, or ``None`` for the defaults.
         overrides: Strings such as ``federation.rounds=5``; values are parsed as YAML.
@@ -399,15 +405,13 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         The validated configuration.
 
     Raises:
-        ConfigError: Listing every problem found (unknown keys, wrong types, bad ranges).
+        ConfigError: Listing every problem found (unknown keys, wrong types, bad ranges), or the
+            one reason the file could not be read.
     """
     source = str(path) if path is not None else "config"
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file not found: {p.resolve()}"], source)
-        raw = _parse_yaml(p.read_text(encoding="utf-8"), source)
+        raw = _parse_yaml(_read_config_text(Path(path), source), source)
     return _from_raw(raw, overrides, source)
 
 
@@ -417,17 +421,197 @@ def parse_config(text: str, source: str = "config", overrides: typing.Sequence[s
     Raises:
         ConfigError: As :func:`load_config`.
     """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"config text of {len(text)} characters, over the bound of {MAX_CONFIG_BYTES}"], source)
     return _from_raw(_parse_yaml(text, source), overrides, source)
+
+
+#: A config file (or config text) larger than this is refused before it is parsed.
+MAX_CONFIG_BYTES = 1 << 20
+#: Deepest nesting of YAML collections accepted, aliases expanded (a real config nests 4 deep).
+MAX_YAML_DEPTH = 32
+#: Most alias uses (``*name``) accepted in one config.
+MAX_YAML_ALIASES = 64
+#: Most YAML nodes accepted once every alias is expanded (stops "billion laughs").
+MAX_YAML_NODES = 100_000
+#: Most digits of an integer in a config.
+MAX_INT_DIGITS = 30
+#: Most problems listed in one ConfigError; the rest are counted.
+_MAX_PROBLEMS = 20
+
+
+class _YamlBound(yaml.YAMLError):
+    """A bound of :class:`_BoundedLoader` was exceeded; the message says which, and where."""
+
+
+def _at(node_or_mark: Any) -> str:
+    mark = getattr(node_or_mark, "start_mark", node_or_mark)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with bounds on depth, aliases, expanded size and integer digits.
+
+    Nesting and alias uses are counted while composing; the expanded size and depth (aliases
+    followed, cycles refused) are checked before anything is constructed, so an alias bomb is
+    refused without being expanded.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _YamlBound(
+                    f"more than {MAX_YAML_ALIASES} aliases (*name){_at(self.peek_event())}: "
+                    "refused (an alias bomb expands exponentially)"
+                )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlBound(f"nested deeper than {MAX_YAML_DEPTH} levels{_at(self.peek_event())}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: Any) -> Any:
+        _check_expanded(node)
+        return super().construct_document(node)
+
+    def construct_yaml_int(self, node: Any) -> int:
+        text = str(node.value)
+        digits = sum(ch.isalnum() for ch in text)
+        if digits > MAX_INT_DIGITS:
+            raise _YamlBound(f"an integer of {digits} digits{_at(node)}; at most {MAX_INT_DIGITS} are accepted")
+        return super().construct_yaml_int(node)
+
+    def construct_undefined(self, node: Any) -> Any:
+        raise _YamlBound(f"tag {node.tag!r}{_at(node)} is not allowed: a config holds only plain YAML values")
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+_BoundedLoader.add_constructor(None, _BoundedLoader.construct_undefined)
+
+
+def _check_expanded(root: Any) -> None:
+    """Refuse a node tree whose expansion (aliases followed) is too deep, too large or cyclic.
+
+    Raises:
+        _YamlBound: Naming the bound and where the offending node starts.
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, depth) once expanded
+    active: set[int] = set()
+
+    def walk(node: Any) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _YamlBound(f"an alias refers to a collection that contains it{_at(node)}")
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        active.add(key)
+        total, depth = 1, 0
+        for child in children:
+            n, d = walk(child)
+            total, depth = total + n, max(depth, d)
+            if total > MAX_YAML_NODES:
+                raise _YamlBound(
+                    f"expands to more than {MAX_YAML_NODES} values once aliases are followed{_at(node)}"
+                    " (an alias bomb?)"
+                )
+        depth += 1
+        if depth > MAX_YAML_DEPTH:
+            raise _YamlBound(f"nested deeper than {MAX_YAML_DEPTH} levels once aliases are followed{_at(node)}")
+        active.discard(key)
+        sizes[key] = (total, depth)
+        return sizes[key]
+
+    walk(root)
+
+
+def _read_config_text(p: Path, source: str) -> str:
+    """The text of config file ``p``, read with a size bound and decoded as UTF-8.
+
+    Raises:
+        ConfigError: Missing, not a regular file, unreadable, too large or not UTF-8.
+    """
+    if not p.exists():
+        raise ConfigError([f"config file not found: {p.resolve()}"], source)
+    if not p.is_file():
+        raise ConfigError(["not a regular file"], source)
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror or exc}"], source) from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"file is larger than {MAX_CONFIG_BYTES} bytes; a config is a few kilobytes"], source)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        reason = f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} ({exc.reason})"
+        raise ConfigError([reason], source) from exc
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`_BoundedLoader`'s bounds.
+
+    Raises:
+        yaml.YAMLError: Invalid YAML, or a bound exceeded (:class:`_YamlBound`).
+    """
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError as exc:  # the bounds above should make this unreachable; stay named anyway
+        raise _YamlBound("nested too deep to read") from exc
+    finally:
+        loader.dispose()
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: its problem and position, without PyYAML's source excerpt."""
+    if isinstance(exc, _YamlBound):
+        return str(exc)
+    if isinstance(exc, yaml.MarkedYAMLError):
+        parts = [p for p in (exc.context, exc.problem) if p]
+        return f"not valid YAML: {'; '.join(parts) or 'parse error'}{_at(exc.problem_mark)}"
+    return f"not valid YAML: {' '.join(str(exc).split())[:200]}"
 
 
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(text)
+        loaded = _load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        raise ConfigError([_yaml_reason(exc)], source) from exc
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
     return loaded or {}
+
+
+def _float_or_text(text: str) -> float | str:
+    """``float(text)``, or ``text`` unchanged when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _short(value: Any) -> str:
+    """A bounded ``repr`` for messages (long strings, deep or long collections are cut)."""
+    try:
+        return reprlib.repr(value)
+    except RecursionError:  # pragma: no cover - the loader bounds nesting
+        return f"<{type(value).__name__}>"
 
 
 def _from_raw(raw: dict[str, Any], overrides: typing.Sequence[str], source: str) -> RunConfig:
@@ -435,16 +619,22 @@ def _from_raw(raw: dict[str, Any], overrides: typing.Sequence[str], source: str)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            problems.append(f"override {item!r} is not of the form key.sub=value")
+            problems.append(f"override {_short(item)} is not of the form key.sub=value")
             continue
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
+            parsed = _load_yaml(value) if value.strip() else None
+        except _YamlBound as exc:
+            problems.append(f"override {_short(key.strip())}: {exc}")
+            continue
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip().split("."), parsed)
     config = _build(RunConfig, raw, "", problems)
     problems.extend(_check_ranges(config))
     if problems:
+        if len(problems) > _MAX_PROBLEMS:
+            rest = len(problems) - _MAX_PROBLEMS
+            problems = [*problems[:_MAX_PROBLEMS], f"... and {rest} more problem(s), {len(problems)} in all"]
         raise ConfigError(problems, source)
     return config
 
@@ -491,15 +681,16 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a mapping, got {raw!r}")
+        problems.append(f"{where}: expected a mapping, got {_short(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            shown = str(key) if len(str(key)) <= 100 else _short(str(key))
+            close = difflib.get_close_matches(str(key), names, n=1) if len(str(key)) <= 100 else []
             hint = f" (did you mean {prefix + close[0]!r}?)" if close else f" (known: {', '.join(names)})"
-            problems.append(f"unknown key {prefix}{key}{hint}")
+            problems.append(f"unknown key {prefix}{shown}{hint}")
     kwargs: dict[str, Any] = {}
     for name in names:
         if name in raw:
@@ -525,40 +716,40 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         return _coerce(inner[0], value, key, problems)
     if origin is Literal:
         if value not in args:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+            problems.append(f"{key}: {_short(value)} is not one of {', '.join(map(repr, args))}")
             return _INVALID
         return value
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, got {value!r}")
+            problems.append(f"{key}: expected a list, got {_short(value)}")
             return _INVALID
         items = tuple(_coerce(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value))
         return _INVALID if _INVALID in items else items
     if tp is bool:
         if not isinstance(value, bool):
-            problems.append(f"{key}: expected true or false, got {value!r}")
+            problems.append(f"{key}: expected true or false, got {_short(value)}")
             return _INVALID
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
+            problems.append(f"{key}: expected an integer, got {_short(value)}")
             return _INVALID
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and len(value) <= 64:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = _float_or_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key}: expected a number, got {value!r}")
+            problems.append(f"{key}: expected a number, got {_short(value)}")
+            return _INVALID
+        if not math.isfinite(float(value)):
+            problems.append(f"{key}: expected a finite number, got {_short(value)}")
             return _INVALID
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
-            problems.append(f"{key}: expected a string, got {value!r}")
+            problems.append(f"{key}: expected a string, got {_short(value)}")
             return _INVALID
         return str(value)
     return value  # pragma: no cover - every annotation above is handled

@@ -1,13 +1,27 @@
-"""Run every reliability check for real and write results/reliability.{json,md}: case, what happened, expected, pass.
+"""Run every reliability check for real and write results/reliability.{json,md}: each case, its class and verdict.
 
-    flock /tmp/lorafed-heavy.lock python scripts/reliability.py
+    flock /tmp/lorafed-heavy.lock python scripts/reliability.py            # everything
+    python scripts/reliability.py --corpus-only                            # without the simulator checks
 
-Payload cases go through the server's round (``aggregate_files``), data cases through
-``load_labeled``, dropout and crash cases through the simulator on the tiny model.
+Three parts:
+
+- the hostile corpus: every case of ``tests/test_hostile.py`` (payloads, run through pytest, one
+  outcome per parametrized case) and of ``tests/test_hostile_inputs.py`` (configs and data files,
+  run here from its case tables), each classified as *rejected with a named reason*, *handled as
+  specified* (a bound applied, e.g. a capped weight), *traceback* (an unnamed exception),
+  *silently accepted*, *data lost* (honest updates or rows dropped) or *rejected, unexpected
+  reason*;
+- named payload and data checks through the server's round (``aggregate_files``) and
+  ``load_labeled``;
+- dropout, timeout and crash-resume checks through the simulator on the tiny model.
+
+The report's targets: 0 tracebacks, 0 silently accepted, 0 data lost, and every rejection case
+rejected with a named reason.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -27,8 +41,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from _tiny import make_tiny, tiny_overrides  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
@@ -380,33 +396,260 @@ def cases(base: list[str]) -> list[tuple[str, str, Callable[[], tuple[str, bool]
     ]
 
 
-def main() -> None:
-    model_dir, csv = make_tiny(W, rows=240)
-    base = tiny_overrides(model_dir, csv)
-    results = []
-    for case, expected, fn in cases(base):
+REJECTED = "rejected with a named reason"
+HANDLED = "handled as specified"
+TRACEBACK = "traceback"
+ACCEPTED = "silently accepted"
+LOST = "data lost"
+WRONG = "rejected, unexpected reason"
+CLASSES = (REJECTED, HANDLED, TRACEBACK, ACCEPTED, LOST, WRONG)
+
+#: tests/test_hostile.py functions whose cases check a bound or a handling, not a rejection.
+HANDLED_TESTS = {
+    "test_block_size_65536_on_tiny_tensors_decodes_in_small_memory",
+    "test_near_limit_values_with_big_weights_never_overflow",
+    "test_max_share_clips_an_inflated_weight",
+    "test_cap_shares",
+    "test_random_byte_flips_never_raise",
+    "test_file_drop_records_links_misnamed_and_duplicate_files",
+    "test_two_names_for_one_file_never_overwrite",
+    "test_atomic_writes_follow_the_umask",
+    "test_csv_labels_that_look_missing_stay_strings",
+}
+
+
+def _short(text: object, limit: int = 240) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit] + " ..."
+
+
+def _classify_failure(exc: BaseException, in_honest_round: bool) -> str:
+    """The class of a failed corpus case, from the exception its test ended with."""
+    text = str(exc)
+    if "DID NOT RAISE" in text:
+        return ACCEPTED
+    if isinstance(exc, AssertionError) and "Regex pattern did not match" in text:
+        return WRONG
+    if isinstance(exc, AssertionError):
+        if in_honest_round:
+            return ACCEPTED if "rejected" in text else LOST
+        return LOST
+    return TRACEBACK
+
+
+class _PytestCorpus:
+    """pytest plugin: one row per test case of a file, with its class and verdict."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: Any, call: Any) -> Any:
+        outcome = yield
+        rep = outcome.get_result()
+        if rep.when != "call" and not rep.failed:
+            return
+        func = item.originalname or item.name
+        expected = HANDLED if func in HANDLED_TESTS else REJECTED
+        if rep.passed:
+            klass, happened = expected, "as asserted"
+        elif rep.skipped:
+            klass, happened = "skipped", _short(rep.longrepr)
+        else:
+            exc = call.excinfo.value
+            honest = any(entry.name == "honest_round" for entry in call.excinfo.traceback)
+            klass, happened = _classify_failure(exc, honest), f"{type(exc).__name__}: {_short(exc)}"
+        self.rows.append(
+            {
+                "case": item.name,
+                "source": "tests/test_hostile.py",
+                "class": klass,
+                "expected": expected,
+                "verdict": "pass" if klass == expected else "FAIL",
+                "happened": happened,
+                "seconds": round(rep.duration, 3),
+            }
+        )
+
+
+def hostile_payload_corpus() -> list[dict[str, Any]]:
+    """Every case of ``tests/test_hostile.py``, run by pytest in this process."""
+    plugin = _PytestCorpus()
+    pytest.main(["-qq", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_hostile.py")], plugins=[plugin])
+    return plugin.rows
+
+
+def hostile_input_corpus() -> list[dict[str, Any]]:
+    """Every config and data case of ``tests/test_hostile_inputs.py``, run here and classified."""
+    import re
+
+    import test_hostile_inputs as hi
+
+    from lorafed.errors import ConfigError, DataError
+
+    rows = []
+    groups = [
+        ("config", hi.CONFIG_CASES, ConfigError, hi.run_config_case),
+        ("data", hi.DATA_CASES, DataError, hi.run_data_case),
+    ]
+    for kind, cases_, error, run in groups:
+        for case in cases_:
+            folder = Path(tempfile.mkdtemp(dir=W))
+            t = time.perf_counter()
+            try:
+                run(case, folder)
+                klass, happened = ACCEPTED, "loaded without an error"
+            except LorafedError as exc:
+                message = str(exc)
+                named = isinstance(exc, error) and re.search(case.match, message) and message.startswith(str(folder))
+                klass = REJECTED if named else WRONG
+                happened = f"{type(exc).__name__}: {_short(message.replace(str(folder) + '/', ''))}"
+            except Exception as exc:  # an unnamed exception: the finding this corpus looks for
+                klass, happened = TRACEBACK, f"{type(exc).__name__}: {_short(exc)}"
+            seconds = time.perf_counter() - t
+            if seconds > hi.TIME_BOUND_S and klass == REJECTED:
+                klass, happened = WRONG, f"{happened} (took {seconds:.1f} s, over {hi.TIME_BOUND_S} s)"
+            rows.append(
+                {
+                    "case": f"{kind}: {case.name}",
+                    "source": "tests/test_hostile_inputs.py",
+                    "class": klass,
+                    "expected": REJECTED,
+                    "verdict": "pass" if klass == REJECTED else "FAIL",
+                    "happened": happened,
+                    "seconds": round(seconds, 3),
+                }
+            )
+    for name, check in hi.HANDLED_CASES.items():
+        t = time.perf_counter()
+        try:
+            ok, happened = check(Path(tempfile.mkdtemp(dir=W)))
+            klass = HANDLED if ok else LOST
+        except LorafedError as exc:
+            klass, happened = WRONG, f"{type(exc).__name__}: {_short(exc)}"
+        except Exception as exc:
+            klass, happened = TRACEBACK, f"{type(exc).__name__}: {_short(exc)}"
+        rows.append(
+            {
+                "case": f"data: {name}",
+                "source": "tests/test_hostile_inputs.py",
+                "class": klass,
+                "expected": HANDLED,
+                "verdict": "pass" if klass == HANDLED else "FAIL",
+                "happened": _short(happened),
+                "seconds": round(time.perf_counter() - t, 3),
+            }
+        )
+    return rows
+
+
+def _legacy_class(case: str, expected: str, happened: str, ok: bool) -> tuple[str, str]:
+    """Class of one of the named checks below: (expected class, class found)."""
+    rejection = case.startswith(("payload:", "data:")) and "skip" not in expected
+    want = REJECTED if rejection else HANDLED
+    if ok:
+        return want, want
+    if happened.startswith("crashed:"):
+        return want, TRACEBACK
+    if rejection and happened.startswith(("accepted", "loaded")):
+        return want, ACCEPTED
+    return want, WRONG if rejection else LOST
+
+
+def named_checks(base: list[str] | None) -> list[dict[str, Any]]:
+    """The named payload, data, dropout and crash checks (the simulator ones only with ``base``)."""
+    rows = []
+    for case, expected, fn in cases(base or []):
+        if base is None and not case.startswith(("payload:", "data:", "round with")):
+            continue
+        t = time.perf_counter()
         try:
             happened, ok = fn()
         except Exception as exc:  # a crash is a finding: record it as a failure
             happened, ok = f"crashed: {type(exc).__name__}: {exc}", False
-        results.append({"case": case, "happened": happened, "expected": expected, "pass": bool(ok)})
+        want, klass = _legacy_class(case, expected, happened, ok)
+        rows.append(
+            {
+                "case": case,
+                "source": "scripts/reliability.py",
+                "class": klass,
+                "expected": f"{want}: {expected}",
+                "verdict": "pass" if ok else "FAIL",
+                "happened": happened,
+                "seconds": round(time.perf_counter() - t, 3),
+            }
+        )
         print(("PASS " if ok else "FAIL ") + case, flush=True)
-    command = lm.command_line("reliability.py", python="python")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--corpus-only", action="store_true", help="skip the simulator checks (dropout, timeout, SIGKILL + resume)"
+    )
+    ap.add_argument("--out", default=str(ROOT / "results" / "reliability"), help="output stem (.json and .md)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    rows = hostile_payload_corpus() + hostile_input_corpus()
+    print(f"hostile corpus: {len(rows)} cases, {sum(r['verdict'] == 'pass' for r in rows)} as expected", flush=True)
+    base = None
+    if not args.corpus_only:
+        model_dir, csv = make_tiny(W, rows=240)
+        base = tiny_overrides(model_dir, csv)
+    rows += named_checks(base)
+    count = {k: sum(r["class"] == k for r in rows) for k in CLASSES}
+    to_reject = sum(r["expected"].startswith(REJECTED) for r in rows)
+    targets = [
+        lm.target("tracebacks (unnamed exceptions) = 0", count[TRACEBACK], count[TRACEBACK] == 0),
+        lm.target("silently accepted = 0", count[ACCEPTED], count[ACCEPTED] == 0),
+        lm.target("data lost = 0", count[LOST], count[LOST] == 0),
+        lm.target("rejected with an unexpected reason = 0", count[WRONG], count[WRONG] == 0),
+        lm.target(
+            f"rejected with a named reason = every rejection case ({to_reject})",
+            count[REJECTED],
+            count[REJECTED] == to_reject,
+        ),
+    ]
+    command = lm.command_line("reliability.py", ["--corpus-only"] if args.corpus_only else [], python="python")
+    result = {
+        "command": command,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cases_tried": len(rows),
+        "by_class": count,
+        "passed": sum(r["verdict"] == "pass" for r in rows),
+        "targets": targets,
+        "cases": rows,
+    }
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = [
         "# Reliability checks",
         "",
-        f"{sum(r['pass'] for r in results)}/{len(results)} passed. "
+        f"{len(rows)} hostile or faulty cases tried, {result['passed']} as expected, in {result['seconds']} s. "
         f"Generated by running each case; reproduce: `{command}`",
         "",
-        "| case | what happened | what was expected | result |",
-        "|---|---|---|---|",
+        "Sources: every parametrized case of `tests/test_hostile.py` (payloads, files, storage) and of "
+        "`tests/test_hostile_inputs.py` (configs, data files), plus the named checks of `scripts/reliability.py` "
+        "(payloads through `aggregate_files`, data through `load_labeled`, dropout, timeouts, SIGKILL + resume "
+        "on the tiny model).",
+        "",
+        "| target | value | |",
+        "|---|---:|---|",
+        *[f"| {t['target']} | {t['value']} | {lm.met_word(t['met'])} |" for t in targets],
+        "",
+        "| class | cases |",
+        "|---|---:|",
+        *[f"| {k} | {v} |" for k, v in count.items()],
+        "",
+        "| case | source | class | verdict | what happened |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {esc(r['case'])} | {esc(r['happened'])} | {esc(r['expected'])} | {'pass' if r['pass'] else 'FAIL'} |"
-        for r in results
+        f"| {esc(r['case'])} | {r['source']} | {r['class']} | {r['verdict']} | {esc(r['happened'])} |" for r in rows
     ]
-    lm.write_results(ROOT / "results" / "reliability", {"command": command, "cases": results}, lines)
+    lm.write_results(Path(args.out), result, lines)
+    print(f"wrote {args.out}.json and .md: " + ", ".join(f"{k} {v}" for k, v in count.items()))
 
 
 if __name__ == "__main__":

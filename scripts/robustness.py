@@ -1,16 +1,33 @@
-"""FedAvg against the robust options when 1 of 5 clients poisons its update; writes results/robustness.{json,md}.
+"""One poisoning client of 5 against lorafed's defences; writes results/robustness_*.{json,md}.
 
-Each attack (none, delta x100, sign flip) is run with each defence (FedAvg, trimmed mean, median,
-norm clipping) from the same seed; the table gives final test accuracy and macro-F1 and the change
-against the clean FedAvg run.
+Two studies, each from the same seed in every run:
+
+``--study defences`` (the default): each attack (none, delta x100, sign flip) with each
+aggregation rule (FedAvg, trimmed mean, median, norm clipping); final test accuracy and macro-F1
+and the change against the clean FedAvg run. Writes ``results/robustness_<setting>``.
+
+``--study policy``: the server's *default* policy (``federation.max_update_ratio`` 10, FedAvg)
+against a scaled update (x100), a sign flip (x-1: same norm as an honest delta, so it passes the
+norm bound), an inflated weight (``num_examples`` claimed 10^6 with an honest update) and an
+inflated sign flip, the last two also with ``federation.max_client_share=0.5``. Reports the clean
+macro-F1, each attack's and the difference (target: at most 1 point), and per run how often the
+attacker was refused and its largest share of the average. Writes
+``results/robustness_policy_<setting>``.
 
     flock /tmp/lorafed-heavy.lock python scripts/robustness.py --setting tiny
     flock /tmp/lorafed-heavy.lock python scripts/robustness.py --setting real   # packaged MiniLM, real data
+    python scripts/robustness.py --study policy --tiny                         # tiny model, ~1 min
+    flock /tmp/lorafed-heavy.lock python scripts/robustness.py --study policy --setting real  # ~10 min, 2 cores
+
+The real policy setting is the packaged MiniLM in int8 on ``configs/clothing_recommend.yaml`` with
+5 IID clients, 3000 rows, 3 rounds of 6 steps of 16 at ``max_length`` 64 with bf16 autocast
+(~1,440 training samples and the evaluations of 400 test rows per run, 7 runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -24,8 +41,9 @@ from _tiny import make_tiny, tiny_overrides  # noqa: E402
 
 import lorafed.measure as lm  # noqa: E402
 from lorafed.config import load_config  # noqa: E402
-from lorafed.engine.faults import scale_update  # noqa: E402
+from lorafed.engine.faults import Wrapper, chain, scale_update  # noqa: E402
 from lorafed.engine.inprocess import simulate  # noqa: E402
+from lorafed.engine.record import read_metrics  # noqa: E402
 
 ATTACKS = {"none": None, "delta x100": 100.0, "sign flip": -1.0}
 
@@ -49,12 +67,8 @@ def setting(name: str, work: Path) -> tuple[Path, list[str]]:
     return ROOT / "configs" / "retail_intents.yaml", [*common, *real, "partition.scheme=iid"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setting", choices=["tiny", "real"], default="tiny")
-    ap.add_argument("--clip", type=float, default=4.0, help="clip_update_norm bound (clean deltas: see update_norms)")
-    ap.add_argument("--out", default=str(ROOT / "results" / "robustness"))
-    args = ap.parse_args()
+def defence_study(args: argparse.Namespace) -> None:
+    """``--study defences``: every attack against every aggregation rule."""
     work = Path(tempfile.mkdtemp(prefix="lorafed-robust-"))
     config_path, base = setting(args.setting, work)
     runs = []
@@ -105,6 +119,175 @@ def main() -> None:
     lines += ["", f"Reproduce: `{command}`"]
     lm.write_results(out, result, lines)
     print(f"wrote {out}.md and .json")
+
+
+#: num_examples the weight-inflating attacker claims (the server's default bound is 10^9).
+CLAIMED = 1_000_000
+ATTACKER = "client0"
+
+
+def inflate_examples(clients: list[str], claimed: int) -> Wrapper:
+    """The chosen clients claim ``claimed`` training examples in their update's header.
+
+    The in-process transport writes the header's ``num_examples`` from the client's
+    ``TrainResult``, so replacing it there is what a client lying in its header does.
+    """
+
+    def wrap(inner):
+        def client(fed, state, k, r):
+            tensors, result = inner(fed, state, k, r)
+            if fed.partition.client_ids[k] in clients:
+                result = dataclasses.replace(result, num_examples=claimed)
+            return tensors, result
+
+        return client
+
+    return wrap
+
+
+def policy_attacks() -> dict[str, tuple[Wrapper | None, bool]]:
+    """Attack name -> (client wrapper, whether ``max_client_share`` can matter for it)."""
+    flip = scale_update([ATTACKER], -1.0)
+    inflate = inflate_examples([ATTACKER], CLAIMED)
+    return {
+        "none": (None, False),
+        "scaled x100": (scale_update([ATTACKER], 100.0), False),
+        "sign flip (x-1)": (flip, False),
+        f"weight inflated (num_examples {CLAIMED:.0e}, honest update)": (inflate, True),
+        f"weight inflated + sign flip ({CLAIMED:.0e})": (chain(inflate, flip), True),
+    }
+
+
+def policy_setting(name: str, work: Path, threads: int) -> tuple[Path, list[str]]:
+    """Config and overrides of the policy study (default server policy, 5 IID clients)."""
+    common = [
+        "partition.scheme=iid",
+        "partition.num_clients=5",
+        "federation.min_clients=2",
+        "federation.robust=none",
+        "federation.max_update_ratio=10",
+        f"train.num_threads={threads}",
+    ]
+    if name == "tiny":
+        model_dir, csv = make_tiny(work)
+        train = ["federation.rounds=4", "train.max_steps=30", "train.learning_rate=0.01"]
+        return ROOT / "configs" / "tiny.yaml", [*tiny_overrides(model_dir, csv), *common, *train]
+    real = [
+        "model.precision=int8",
+        "data.max_rows=3000",
+        "data.max_length=64",
+        "train.autocast=bf16",
+        "federation.rounds=3",
+        "train.max_steps=6",
+        "federation.max_test_rows=400",
+    ]
+    return ROOT / "configs" / "clothing_recommend.yaml", [*common, *real]
+
+
+def _attacker_record(run_dir: Path) -> dict[str, object]:
+    """How the server treated the attacker, from the run's metrics.jsonl."""
+    rounds = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("round", 0) > 0]
+    refused = [reason for r in rounds for reason in r.get("rejected", []) if f"'{ATTACKER}'" in reason]
+    shares = [float(r.get("shares", {}).get(ATTACKER, 0.0)) for r in rounds]
+    return {
+        "attacker_refused_rounds": len(refused),
+        "rounds": len(rounds),
+        "attacker_max_share": round(max(shares, default=0.0), 4),
+        "refusal": refused[0][:300] if refused else "",
+    }
+
+
+def policy_study(args: argparse.Namespace) -> None:
+    """``--study policy``: the default policy, with and without ``max_client_share``, against four attacks."""
+    work = Path(tempfile.mkdtemp(prefix="lorafed-policy-"))
+    threads = args.threads if args.threads is not None else (1 if args.setting == "tiny" else 2)
+    config_path, base = policy_setting(args.setting, work, threads)
+    policies = {"default": [], "default + max_client_share=0.5": ["federation.max_client_share=0.5"]}
+    runs = []
+    for attack, (fn, share_matters) in policy_attacks().items():
+        for policy, overrides in policies.items():
+            if overrides and not share_matters:
+                continue  # the cap does not bind for an honest weight (5 IID clients: ~0.2 each)
+            cfg = load_config(config_path, [*base, *overrides])
+            out = work / f"{len(runs)}"
+            t = time.perf_counter()
+            summary = simulate(cfg, out, progress=False, client_fn=fn)
+            runs.append(
+                {
+                    "attack": attack,
+                    "policy": policy,
+                    "accuracy": summary["final"]["accuracy"],
+                    "macro_f1": summary["final"]["macro_f1"],
+                    **(_attacker_record(out) if fn is not None else {}),
+                    "seconds": round(time.perf_counter() - t, 1),
+                }
+            )
+            print(runs[-1], flush=True)
+    clean = runs[0]
+    targets = []
+    for r in runs:
+        r["macro_f1_drop_points"] = round(100 * (clean["macro_f1"] - r["macro_f1"]), 2)
+        if r["attack"] != "none":
+            name = f"{r['attack']} under {r['policy']}: macro-F1 drop <= 1 point"
+            targets.append(lm.target(name, r["macro_f1_drop_points"], r["macro_f1_drop_points"] <= 1.0))
+    args_line = ["--study", "policy", "--setting", args.setting]
+    command = lm.command_line("robustness.py", args_line, python="python")
+    shown = [o for o in base if not o.startswith(("data.path", "model.name"))]
+    result = {
+        "study": "policy",
+        "setting": args.setting,
+        "config": str(config_path.relative_to(ROOT)),
+        "overrides": shown,
+        "attacker": f"{ATTACKER} of 5, every round",
+        "clean_macro_f1": clean["macro_f1"],
+        "targets": targets,
+        "runs": runs,
+        "command": command,
+    }
+    lines = [
+        f"# The default server policy against one poisoning client ({args.setting})",
+        "",
+        f"Config `{result['config']}` with overrides `{' '.join(shown)}`.",
+        f"{ATTACKER} of 5 attacks every round. Scaled: it sends `g + factor * (u - g)` (x100; sign flip x-1, the",
+        "same norm as its honest delta). Weight inflated: its header claims "
+        f"`num_examples` = {CLAIMED:,} (under the default bound of 10^9).",
+        "Default policy: FedAvg weighted by samples, `federation.max_update_ratio` 10 (an update whose delta norm",
+        "is above 10x the global adapter's norm is refused). `max_client_share=0.5` caps any client's share.",
+        "One run per row (seed 0); macro-F1 on the held-out test rows after the last round.",
+        "",
+        f"Clean macro-F1: {clean['macro_f1']:.4f} (accuracy {clean['accuracy']:.4f}).",
+        "",
+        "| attack | policy | accuracy | macro-F1 | drop (points) | attacker refused (rounds) | attacker's max share "
+        "| seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        refused = f"{r['attacker_refused_rounds']}/{r['rounds']}" if "rounds" in r else "-"
+        share = f"{r['attacker_max_share']:.3f}" if "rounds" in r else "-"
+        cells = [r["attack"], r["policy"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}"]
+        cells += [f"{r['macro_f1_drop_points']:+.2f}", refused, share, r["seconds"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "| target | value | |", "|---|---:|---|"]
+    lines += [f"| {t['target']} | {t['value']:+.2f} | {lm.met_word(t['met'])} |" for t in targets]
+    lines += ["", f"Reproduce: `{command}`"]
+    out = Path(args.out + f"_policy_{args.setting}")
+    lm.write_results(out, result, lines)
+    print(f"wrote {out}.md and .json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", choices=["defences", "policy"], default="defences")
+    ap.add_argument("--setting", choices=["tiny", "real"], default="tiny")
+    ap.add_argument("--tiny", action="store_const", const="tiny", dest="setting", help="same as --setting tiny")
+    ap.add_argument("--clip", type=float, default=4.0, help="clip_update_norm bound (clean deltas: see update_norms)")
+    ap.add_argument("--threads", type=int, help="train.num_threads of the policy study (default: 1 tiny, 2 real)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "robustness"))
+    args = ap.parse_args()
+    if args.study == "policy":
+        policy_study(args)
+    else:
+        defence_study(args)
 
 
 if __name__ == "__main__":
