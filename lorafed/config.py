@@ -288,6 +288,9 @@ class FederationConfig:
             this (``null``: no absolute bound).
         max_update_ratio: Refuse an update whose delta norm is above this multiple of the global
             adapter's own norm (``null``: off). Honest rounds move it by a fraction of its norm.
+        min_update_cosine: With 3 or more valid updates, refuse one whose delta points against
+            the round's consensus: its cosine with the coordinate-wise median delta is below this
+            (a sign-flipped update scores about -1 x an honest one; ``null``: off).
         max_client_share: No client's share of the weighted average may exceed this, in (0, 1]:
             a client claiming an inflated ``num_examples`` is capped (``null``: off).
         robust: ``none`` (the rule in ``aggregation``), or a coordinate-wise ``trimmed_mean`` or
@@ -321,6 +324,7 @@ class FederationConfig:
     max_update_norm: float | None = None
     max_update_ratio: float | None = 10.0
     max_client_share: float | None = None
+    min_update_cosine: float | None = -0.2
     robust: Robust = "none"
     trim_ratio: float = 0.2
     clip_update_norm: float | None = None
@@ -814,6 +818,10 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(
         f.max_update_ratio is None or f.max_update_ratio > 0,
         f"federation.max_update_ratio: must be > 0 or null, got {f.max_update_ratio}",
+    )
+    need(
+        f.min_update_cosine is None or -1 <= f.min_update_cosine <= 1,
+        f"federation.min_update_cosine: must be in [-1, 1] or null, got {f.min_update_cosine}",
     )
     need(
         f.max_client_share is None or 0 < f.max_client_share <= 1,

@@ -142,3 +142,31 @@ def test_poisoning_one_of_five_clients(tiny_config, tmp_path: Path) -> None:
     assert all(len(r["clients"]) == 4 and "client0" not in r["clients"] for r in rows)
     assert all(any("max_update_norm" in reason for reason in r["rejected"]) for r in rows)
     # The sign flip and the other defences are measured by scripts/robustness.py (results/robustness.md).
+
+
+def test_a_sign_flipped_update_is_refused_by_direction() -> None:
+    """Hand-made deltas: 4 honest clients near d, one sends -d; the median is ~d, the flip scores ~-1."""
+    from lorafed.server.fold import Incoming, fold_updates
+    from lorafed.server.validate import UpdateSpec
+    from lorafed.wire.adapter import adapter_spec
+    from lorafed.wire.payload import ModelIdentity, payload_to_bytes
+
+    rng = np.random.default_rng(0)
+    ref = {"w": torch.zeros(50)}
+    d = torch.from_numpy(rng.normal(size=50)).float()
+    ident = ModelIdentity("fp", {"r": 8}, ("a", "b"))
+    spec = UpdateSpec("fp", {"r": 8}, ("a", "b"), adapter_spec(ref), round=1)
+    ups = []
+    honest = []
+    for i in range(4):
+        t = {"w": d + 0.3 * torch.from_numpy(rng.normal(size=50)).float()}
+        honest.append(t["w"].numpy())
+        ups.append(Incoming(f"c{i}", payload_to_bytes(t, ident.meta(f"c{i}", 1, 10))))
+    ups.append(Incoming("evil", payload_to_bytes({"w": -d}, ident.meta("evil", 1, 10))))
+    out = fold_updates(ups, spec, reference=ref, min_cosine=-0.2)
+    assert [m.client_id for _, m in out.accepted] == ["c0", "c1", "c2", "c3"]
+    (reason,) = [r for _, r in out.rejected]
+    assert "direction: expected a cosine with the round's median update >= -0.2" in reason
+    np.testing.assert_allclose(out.state["w"].numpy(), np.mean(honest, axis=0), rtol=1e-5, atol=1e-6)
+    # Off, the flip is averaged in.
+    assert len(fold_updates(ups, spec, reference=ref).accepted) == 5

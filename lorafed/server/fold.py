@@ -141,6 +141,7 @@ def fold_updates(
     max_update_norm: float | None = None,
     max_share: float | None = None,
     verifier: Mapping[str, Ed25519PublicKey] | None = None,
+    min_cosine: float | None = None,
 ) -> RoundOutcome:
     """Validate each update once and fold the valid ones into the round's average.
 
@@ -178,6 +179,11 @@ def fold_updates(
             duplicate check. A byte-identical copy of an update already received is refused as a
             copy, without refusing the original. ``None``: client ids are taken on trust.
 
+    min_cosine: With at least 3 valid updates and a ``reference``, refuse an update whose delta
+            points against the round's consensus: its cosine with the coordinate-wise median of
+            the round's deltas is below this (a sign-flipped update has about -1 x an honest
+            one's). Keeps the round's valid updates in memory.
+
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
 
@@ -196,7 +202,7 @@ def fold_updates(
         raise AggregationError(f"max_update_norm: expected a number > 0, got {max_update_norm!r}")
     if max_share is not None and not 0 < max_share <= 1:
         raise AggregationError(f"max_share: expected a number in (0, 1], got {max_share!r}")
-    defer = max_share is not None and robust == "none" and accumulator is None
+    defer = (max_share is not None or min_cosine is not None) and robust == "none" and accumulator is None
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
     readable: list[tuple[Incoming, bytes, PayloadHeader]] = []
@@ -225,6 +231,7 @@ def fold_updates(
         readable.append((up, data if up.data is not None else b"", head))
     acc = accumulator if accumulator is not None else WeightedMean()
     kept: list[Mapping[str, torch.Tensor]] = []
+    kept_ids: list[tuple[str, str, int]] = []  # (client id, source, bytes) of each kept update, when deferred
     weights: dict[str, float] = {}
     for up, data, head in readable:
         cid = head.meta.client_id
@@ -261,6 +268,7 @@ def fold_updates(
         if defer:
             weights[cid] = update_weight(payload.meta, weighting)
             kept.append(tensors)
+            kept_ids.append((cid, up.source, payload.nbytes))
         elif robust == "none":
             weights[cid] = update_weight(payload.meta, weighting)
             acc.add(tensors, weights[cid])
@@ -275,6 +283,8 @@ def fold_updates(
             out.verified.append(cid)
             if keep_bytes:
                 out.signatures[cid] = signed[cid][0]
+    if defer and min_cosine is not None and reference is not None and len(kept) >= 3:
+        kept = _drop_opposed(kept, kept_ids, reference, min_cosine, weights, out)
     if defer:
         capped = cap_shares(weights, float(max_share or 1.0))
         out.weight_clipped = {c: w for c, w in capped.items() if w < weights[c]}
@@ -293,6 +303,51 @@ def fold_updates(
             out.state = acc.result()
         require_finite(out.state, f"round average ({robust if robust != 'none' else 'weighted mean'})")
     return out
+
+
+def _drop_opposed(
+    kept: list[Mapping[str, torch.Tensor]],
+    ids: list[tuple[str, str, int]],
+    reference: Mapping[str, torch.Tensor],
+    min_cosine: float,
+    weights: dict[str, float],
+    out: RoundOutcome,
+) -> list[Mapping[str, torch.Tensor]]:
+    """Refuse the updates whose delta has a cosine below ``min_cosine`` with the round's median delta.
+
+    The coordinate-wise median of the deltas is the consensus a minority cannot move far, so an
+    update that reverses it (a sign flip) stands out whatever its norm. Returns the updates kept;
+    ``weights`` and ``out`` lose the refused ones.
+    """
+    keys = sorted(reference)
+    deltas = torch.stack(
+        [torch.cat([(t[k].double() - reference[k].double()).flatten() for k in keys if k in t]) for t in kept]
+    )
+    median = deltas.median(dim=0).values
+    m_norm = float(median.norm())
+    if m_norm == 0.0:
+        return kept
+    cosines = (deltas @ median) / (deltas.norm(dim=1).clamp_min(1e-30) * m_norm)
+    refused = {cid for (cid, _, _), c in zip(ids, cosines.tolist(), strict=True) if c < min_cosine}
+    if not refused:
+        return kept
+    for (cid, source, nbytes), c in zip(ids, cosines.tolist(), strict=True):
+        if cid in refused:
+            out.bytes_in -= nbytes
+            out.rejected.append(
+                (
+                    source,
+                    f"update from client {cid!r} ({source}) rejected: direction: expected a cosine with the round's "
+                    f"median update >= {min_cosine:g} (min_update_cosine), received {c:.3f}",
+                )
+            )
+            weights.pop(cid, None)
+            out.payloads.pop(cid, None)
+            out.signatures.pop(cid, None)
+            if cid in out.verified:
+                out.verified.remove(cid)
+    out.accepted = [(s, m) for s, m in out.accepted if m.client_id not in refused]
+    return [t for (cid, _, _), t in zip(ids, kept, strict=True) if cid not in refused]
 
 
 #: Exceptions a malformed payload could still raise past the named checks (a bug in lorafed);

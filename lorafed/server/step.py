@@ -209,6 +209,7 @@ class RoundPolicy:
                 keep_bytes=keep_bytes,
                 max_update_norm=bound,
                 max_share=self.max_client_share,
+                min_cosine=f.min_update_cosine,
                 verifier=self.verifier,
             )
             acc = None
