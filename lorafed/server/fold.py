@@ -254,7 +254,8 @@ def fold_updates(
                     (
                         up.source,
                         f"update from client {cid!r} ({up.source}) rejected: update norm: expected an L2 norm of "
-                        f"the delta from the global adapter <= {max_update_norm:g} (federation.max_update_ratio x the global's norm, or max_update_norm), "
+                        f"the delta from the global adapter <= {max_update_norm:g} (max_update_ratio x the "
+                        f"global's norm, or max_update_norm), "
                         f"received {out.norms[cid]:.6g}",
                     )
                 )
