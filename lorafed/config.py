@@ -113,12 +113,16 @@ class LoraSettings:
         dropout: Dropout on the LoRA branch's input during training.
         target_modules: Names of the linear layers that get LoRA (BERT: ``query``, ``key``,
             ``value``, ``dense``).
+        layers: Transformer layer indices that get LoRA (peft's ``layers_to_transform``);
+            ``null`` for all. With only the top layers adapted, backward stops at the lowest
+            adapted layer (nothing below needs a gradient), which saves backward compute.
     """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("query", "value")
+    layers: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,20 @@ class TrainConfig:
             measured 0.55-0.57x of fp32's peak at 0.6-0.75x its step time, on a CPU with
             AVX512-BF16; without bf16 instructions (AVX512-BF16 or AMX) it is slower than fp32.
         record_dp: Record-level differential privacy in each client (off by default).
+        optimizer: The client optimizer, created fresh every round: ``adamw``, or ``sgd`` with
+            heavy-ball ``momentum`` (no per-coordinate normalisation, so its first steps are not
+            Adam's sign-like steps of size ``learning_rate`` on every coordinate).
+        momentum: SGD momentum (``optimizer: sgd`` only).
+        backbone_dropout: Keep the frozen network's own dropout (BERT's hidden, attention and
+            classifier dropout, 0.1 for MiniLM) active in training. Off by default (LoRA's
+            ``model.lora.dropout`` is unaffected): the frozen weights need no regularisation,
+            and the dropout noise only makes each client's gradient noisier. Measured on the
+            retail intents (IID, 5 clients x 10 steps x 6 rounds, lr 2e-3): federated macro-F1
+            0.670 with it, 0.792 without; centralized 10 steps x 6 rounds 0.526 vs 0.663.
+        length_bucketing: Batch rows of similar token length together (rows shuffled, sorted
+            within windows of 16 batches, batches shuffled). Batches are padded to their longest
+            row, so this cuts the pad tokens run through the backbone: on the clothing reviews
+            the mean padded width of a batch of 16 drops from 127 to about 85 tokens.
     """
 
     batch_size: int = 16
@@ -224,6 +242,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     autocast: Literal["none", "bf16"] = "none"
     record_dp: RecordDPConfig = field(default_factory=RecordDPConfig)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9
+    backbone_dropout: bool = False
+    length_bucketing: bool = False
 
 
 @dataclass(frozen=True)
@@ -301,10 +323,13 @@ class FederationConfig:
         client_timeout_s: A client whose update takes longer than this is dropped from the round.
         round_retries: How often a round with fewer than ``min_clients`` valid updates is retried
             before the run is abandoned.
-        server_optimizer: ``none`` (the global adapter is the average), or ``fedadam`` /
-            ``fedyogi`` (Reddi et al. 2021) on the pseudo-gradient average - global.
-        server_lr: Server optimizer step size (eta).
-        server_beta1: First-moment decay.
+        server_optimizer: ``none`` (the global adapter is the average), ``fedavgm`` (Hsu et
+            al. 2019: heavy-ball momentum on the pseudo-gradient Δ = average − global,
+            m ← beta1·m + Δ, x ← x + server_lr·m; with ``server_beta1: 0`` it is FedAvg with a
+            server step size), or ``fedadam`` / ``fedyogi`` (Reddi et al. 2021) on Δ.
+        server_lr: Server optimizer step size (eta); ``fedavgm`` wants about 1, the adaptive
+            ones about 1e-2.
+        server_beta1: First-moment decay (``fedavgm``: the momentum).
         server_beta2: Second-moment decay.
         server_tau: Adaptivity constant (also the initial sqrt of the second moment).
         dp: Client-level differential privacy (off by default).
@@ -789,6 +814,10 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(m.lora.alpha > 0, f"model.lora.alpha: must be > 0, got {m.lora.alpha}")
     need(0 <= m.lora.dropout < 1, f"model.lora.dropout: must be in [0, 1), got {m.lora.dropout}")
     need(len(m.lora.target_modules) > 0, "model.lora.target_modules: needs at least one module name")
+    need(
+        m.lora.layers is None or (len(m.lora.layers) > 0 and min(m.lora.layers) >= 0),
+        f"model.lora.layers: must be null or a non-empty list of layer indices >= 0, got {m.lora.layers}",
+    )
     need(t.batch_size >= 1, f"train.batch_size: must be >= 1, got {t.batch_size}")
     need(t.learning_rate > 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
     need(t.epochs >= 1, f"train.epochs: must be >= 1, got {t.epochs}")
@@ -798,6 +827,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(t.eval_batch_size >= 1, f"train.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
     need(t.num_threads >= 0, f"train.num_threads: must be >= 0, got {t.num_threads}")
     need(t.prox_mu >= 0, f"train.prox_mu: must be >= 0, got {t.prox_mu}")
+    need(0 <= t.momentum < 1, f"train.momentum: must be in [0, 1), got {t.momentum}")
     need(f.rounds >= 0, f"federation.rounds: must be >= 0, got {f.rounds}")
     need(0 < f.fraction <= 1, f"federation.fraction: must be in (0, 1], got {f.fraction}")
     need(f.min_clients >= 1, f"federation.min_clients: must be >= 1, got {f.min_clients}")

@@ -42,6 +42,7 @@ the DP training loop must agree on the same steps; kept together so they cannot 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import secrets
@@ -53,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorafed.client.train import TrainResult, autocast, client_loss, planned_steps
+from lorafed.client.train import TrainResult, autocast, client_loss, frozen_dropout_off, planned_steps
 from lorafed.config import RecordDPConfig, TrainConfig
 from lorafed.data.tokens import TokenizedRows
 from lorafed.errors import PrivacyBudgetError
@@ -289,6 +290,10 @@ def train_local_dp(
     sampler, noise_gen = _generators(plan, seed)
     torch.manual_seed(seed)
     model.train()
+    # The frozen backbone's own dropout off, as in non-private training (train.backbone_dropout).
+    stack = contextlib.ExitStack()
+    if not cfg.backbone_dropout:
+        stack.enter_context(frozen_dropout_off(model))
     gsm, dp_opt = make_private(model, opt, plan.noise_multiplier, plan.clip_norm, plan.expected_batch_size, noise_gen)
     if anchors:
 
@@ -327,6 +332,7 @@ def train_local_dp(
     finally:
         bar.close()
         gsm.cleanup()
+        stack.close()
         for p in params:
             for attr in ("summed_grad", "grad_sample"):
                 if hasattr(p, attr):

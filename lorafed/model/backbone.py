@@ -131,7 +131,10 @@ def _fingerprint_cached(model_dir: str, stats: tuple[tuple[str, int, int], ...])
 
 def lora_config_dict(lora: LoraSettings) -> dict[str, Any]:
     """The LoRA settings as they travel in payload headers."""
-    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": sorted(lora.target_modules)}
+    out = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": sorted(lora.target_modules)}
+    if lora.layers is not None:  # only when set, so headers of all-layer adapters are unchanged
+        out["layers"] = sorted(lora.layers)
+    return out
 
 
 @contextlib.contextmanager
@@ -288,6 +291,7 @@ def add_lora(model: Any, lora: LoraSettings, seed: int) -> Any:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        layers_to_transform=sorted(lora.layers) if lora.layers is not None else None,
     )
     try:
         with _quiet_loading():

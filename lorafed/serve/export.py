@@ -157,6 +157,7 @@ def load_adapter_model(payload: Payload, base: str, source: str = "adapter") -> 
             alpha=m.lora["alpha"],
             dropout=float(m.lora.get("dropout", 0.0)),
             target_modules=tuple(m.lora["target_modules"]),
+            layers=tuple(int(i) for i in m.lora["layers"]) if m.lora.get("layers") is not None else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"{source}: header lora {m.lora} lacks r, alpha or target_modules ({exc})") from exc

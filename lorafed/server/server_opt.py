@@ -8,7 +8,9 @@ takes an adaptive step instead of jumping to the average:
     v ← v − (1 − β2) Δ² sign(v − Δ²)            (FedYogi)
     x ← x + η m / (√v + τ)
 
-with m₀ = 0 and v₀ = τ² as in the paper (no bias correction). Pure functions over state dicts:
+with m₀ = 0 and v₀ = τ² as in the paper (no bias correction). ``fedavgm`` (Hsu et al. 2019)
+is heavy-ball momentum on Δ, m ← β1 m + Δ, x ← x + η m (no second moment; η = 1 and β1 = 0
+is plain FedAvg). Pure functions over state dicts:
 the caller (the server) keeps :class:`ServerOptState` between rounds; it round-trips through
 plain tensors (:meth:`ServerOptState.to_tensors`) so it can be saved with the global adapter.
 Only the tensors present in the round's average move; the moments of the others are kept.
@@ -26,7 +28,7 @@ import torch
 from lorafed.errors import AggregationError, PayloadError
 
 #: Server optimizers applied to the aggregated adapter delta.
-ServerOptimizer = Literal["none", "fedadam", "fedyogi"]
+ServerOptimizer = Literal["none", "fedavgm", "fedadam", "fedyogi"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,10 @@ def server_step(
         d2 = delta * delta
         m_prev = m.get(key, torch.zeros_like(x))
         v_prev = v.get(key, torch.full_like(x, tau * tau))
+        if settings.kind == "fedavgm":
+            m[key] = b1 * m_prev + delta
+            new_state[key] = x + settings.lr * m[key]
+            continue
         m[key] = b1 * m_prev + (1 - b1) * delta
         if settings.kind == "fedyogi":
             v[key] = v_prev - (1 - b2) * d2 * torch.sign(v_prev - d2)
