@@ -313,6 +313,9 @@ class FederationConfig:
         min_update_cosine: With 3 or more valid updates, refuse one whose delta points against
             the round's consensus: its cosine with the coordinate-wise median delta is below this
             (a sign-flipped update scores about -1 x an honest one; ``null``: off).
+        max_examples_ratio: With 3 or more valid updates, no client weighs more than this multiple
+            of the round's median ``num_examples`` (a claimed 10^6 rows is averaged as ``ratio x
+            median``; ``null``: off). Natural partitions stay under it (clothing: 3.8).
         max_client_share: No client's share of the weighted average may exceed this, in (0, 1]:
             a client claiming an inflated ``num_examples`` is capped (``null``: off).
         robust: ``none`` (the rule in ``aggregation``), or a coordinate-wise ``trimmed_mean`` or
@@ -350,6 +353,7 @@ class FederationConfig:
     max_update_ratio: float | None = 10.0
     max_client_share: float | None = None
     min_update_cosine: float | None = -0.2
+    max_examples_ratio: float | None = 10.0
     robust: Robust = "none"
     trim_ratio: float = 0.2
     clip_update_norm: float | None = None
@@ -848,6 +852,10 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(
         f.max_update_ratio is None or f.max_update_ratio > 0,
         f"federation.max_update_ratio: must be > 0 or null, got {f.max_update_ratio}",
+    )
+    need(
+        f.max_examples_ratio is None or f.max_examples_ratio >= 1,
+        f"federation.max_examples_ratio: must be >= 1 or null, got {f.max_examples_ratio}",
     )
     need(
         f.min_update_cosine is None or -1 <= f.min_update_cosine <= 1,

@@ -170,3 +170,27 @@ def test_a_sign_flipped_update_is_refused_by_direction() -> None:
     np.testing.assert_allclose(out.state["w"].numpy(), np.mean(honest, axis=0), rtol=1e-5, atol=1e-6)
     # Off, the flip is averaged in.
     assert len(fold_updates(ups, spec, reference=ref).accepted) == 5
+
+
+def test_an_inflated_weight_is_capped_at_ratio_times_the_median() -> None:
+    """Claims 10, 20, 30, 10^6: the median is 25, so the inflated client weighs 10 x 25 = 250."""
+    from lorafed.server.fold import Incoming, fold_updates
+    from lorafed.server.validate import UpdateSpec
+    from lorafed.wire.adapter import adapter_spec
+    from lorafed.wire.payload import ModelIdentity, payload_to_bytes
+
+    ref = {"w": torch.zeros(4)}
+    ident = ModelIdentity("fp", {"r": 8}, ("a", "b"))
+    spec = UpdateSpec("fp", {"r": 8}, ("a", "b"), adapter_spec(ref), round=1)
+    values = [1.0, 2.0, 3.0, 4.0]
+    claims = [10, 20, 30, 10**6]
+    ups = [
+        Incoming(f"c{i}", payload_to_bytes({"w": torch.full((4,), v)}, ident.meta(f"c{i}", 1, n)))
+        for i, (v, n) in enumerate(zip(values, claims, strict=True))
+    ]
+    out = fold_updates(ups, spec, reference=ref, max_examples_ratio=10.0)
+    weights = [10, 20, 30, 250]
+    want = np.average(values, weights=weights)
+    np.testing.assert_allclose(out.state["w"].numpy(), np.full(4, want), rtol=1e-6)
+    assert out.weight_clipped == {"c3": 250.0}
+    assert abs(out.shares["c3"] - 250 / 310) < 1e-9

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError, SignatureError
@@ -142,6 +143,7 @@ def fold_updates(
     max_share: float | None = None,
     verifier: Mapping[str, Ed25519PublicKey] | None = None,
     min_cosine: float | None = None,
+    max_examples_ratio: float | None = None,
 ) -> RoundOutcome:
     """Validate each update once and fold the valid ones into the round's average.
 
@@ -184,6 +186,11 @@ def fold_updates(
             the round's deltas is below this (a sign-flipped update has about -1 x an honest
             one's). Keeps the round's valid updates in memory.
 
+    max_examples_ratio: With at least 3 valid updates, no client's weight exceeds this multiple
+            of the round's median weight (a client claiming a huge ``num_examples`` is averaged as
+            if it claimed ``ratio x median``; recorded in ``weight_clipped``). Natural partitions
+            stay under it (the clothing departments: largest / median = 3.8).
+
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
 
@@ -202,7 +209,11 @@ def fold_updates(
         raise AggregationError(f"max_update_norm: expected a number > 0, got {max_update_norm!r}")
     if max_share is not None and not 0 < max_share <= 1:
         raise AggregationError(f"max_share: expected a number in (0, 1], got {max_share!r}")
-    defer = (max_share is not None or min_cosine is not None) and robust == "none" and accumulator is None
+    defer = (
+        (max_share is not None or min_cosine is not None or max_examples_ratio is not None)
+        and robust == "none"
+        and accumulator is None
+    )
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
     readable: list[tuple[Incoming, bytes, PayloadHeader]] = []
@@ -287,7 +298,11 @@ def fold_updates(
     if defer and min_cosine is not None and reference is not None and len(kept) >= 3:
         kept = _drop_opposed(kept, kept_ids, reference, min_cosine, weights, out)
     if defer:
-        capped = cap_shares(weights, float(max_share or 1.0))
+        capped = dict(weights)
+        if max_examples_ratio is not None and len(capped) >= 3:
+            bound = max_examples_ratio * float(np.median(list(capped.values())))
+            capped = {c: min(w, bound) for c, w in capped.items()}
+        capped = cap_shares(capped, float(max_share or 1.0))
         out.weight_clipped = {c: w for c, w in capped.items() if w < weights[c]}
         weights = capped
         for tensors, w in zip(kept, weights.values(), strict=True):

@@ -210,6 +210,7 @@ class RoundPolicy:
                 max_update_norm=bound,
                 max_share=self.max_client_share,
                 min_cosine=f.min_update_cosine,
+                max_examples_ratio=f.max_examples_ratio,
                 verifier=self.verifier,
             )
             acc = None
