@@ -71,8 +71,13 @@ def classification_scores(
 
 
 @torch.no_grad()
-def predict_logits(model: Any, rows: TokenizedRows, positions: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_logits(
+    model: Any, rows: TokenizedRows, positions: np.ndarray, batch_size: int, autocast: str = "none"
+) -> np.ndarray:
     """Logits (fp32) of the model for ``rows[positions]``, in order.
+
+    ``autocast: bf16`` runs the matmuls in bfloat16 as training does with ``train.autocast: bf16``
+    (the logits are returned in fp32).
 
     The rows are run shortest first and the logits put back in the order of ``positions``: a
     batch is padded to its longest row, so sorted batches carry few pad tokens (800 clothing
@@ -82,9 +87,11 @@ def predict_logits(model: Any, rows: TokenizedRows, positions: np.ndarray, batch
     pos = np.asarray(positions, dtype=np.int64)
     order = np.argsort([len(rows.input_ids[int(i)]) for i in pos], kind="stable")
     chunks = []
+    device = next(model.parameters()).device.type
     for batch in rows.batches(pos[order], batch_size):
         batch = {k: v for k, v in batch.items() if k != "labels"}
-        chunks.append(model(**batch).logits.float().cpu().numpy())
+        with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            chunks.append(model(**batch).logits.float().cpu().numpy())
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     logits = np.empty_like(np.concatenate(chunks))
@@ -93,10 +100,15 @@ def predict_logits(model: Any, rows: TokenizedRows, positions: np.ndarray, batch
 
 
 def evaluate(
-    model: Any, rows: TokenizedRows, positions: np.ndarray, batch_size: int, label_names: tuple[str, ...]
+    model: Any,
+    rows: TokenizedRows,
+    positions: np.ndarray,
+    batch_size: int,
+    label_names: tuple[str, ...],
+    autocast: str = "none",
 ) -> EvalResult:
-    """Score the model on ``rows[positions]``."""
-    logits = predict_logits(model, rows, positions, batch_size)
+    """Score the model on ``rows[positions]`` (``autocast: bf16``: bfloat16 matmuls, as in training)."""
+    logits = predict_logits(model, rows, positions, batch_size, autocast)
     y_true = rows.labels[np.asarray(positions, dtype=np.int64)].numpy()
     loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)))
     acc, macro, report, cm = classification_scores(y_true, logits.argmax(axis=1), label_names)

@@ -172,13 +172,14 @@ def policy_setting(name: str, work: Path, threads: int) -> tuple[Path, list[str]
         model_dir, csv = make_tiny(work)
         train = ["federation.rounds=4", "train.max_steps=30", "train.learning_rate=0.01"]
         return ROOT / "configs" / "tiny.yaml", [*tiny_overrides(model_dir, csv), *common, *train]
+    # The main job's client step (lr 3e-3, bf16, length bucketing, backbone dropout off) for 4 rounds:
+    # trained far enough that 4 honest clients and 5 give the same model.
     real = [
         "model.precision=int8",
-        "data.max_rows=3000",
+        "data.max_rows=4000",
         "data.max_length=64",
-        "train.autocast=bf16",
-        "federation.rounds=3",
-        "train.max_steps=6",
+        "federation.rounds=4",
+        "train.max_steps=12",
         "federation.max_test_rows=400",
     ]
     return ROOT / "configs" / "clothing_recommend.yaml", [*common, *real]
@@ -251,8 +252,10 @@ def policy_study(args: argparse.Namespace) -> None:
         f"{ATTACKER} of 5 attacks every round. Scaled: it sends `g + factor * (u - g)` (x100; sign flip x-1, the",
         "same norm as its honest delta). Weight inflated: its header claims "
         f"`num_examples` = {CLAIMED:,} (under the default bound of 10^9).",
-        "Default policy: FedAvg weighted by samples, `federation.max_update_ratio` 10 (an update whose delta norm",
-        "is above 10x the global adapter's norm is refused). `max_client_share=0.5` caps any client's share.",
+        "Default policy (the config defaults): FedAvg weighted by samples; `federation.max_update_ratio` 10 (an",
+        "update whose delta norm is above 10x the global adapter's norm is refused); `min_update_cosine` -0.2 (an",
+        "update pointing against the round's median delta is refused); `max_examples_ratio` 10 (no client weighs",
+        "more than 10x the round's median num_examples). `max_client_share=0.5` additionally caps any share.",
         "One run per row (seed 0); macro-F1 on the held-out test rows after the last round.",
         "",
         f"Clean macro-F1: {clean['macro_f1']:.4f} (accuracy {clean['accuracy']:.4f}).",

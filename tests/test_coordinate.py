@@ -133,3 +133,16 @@ def test_fsspec_storage_round_trip_and_atomic_names() -> None:
     assert store.read("round_1/b.safetensors") == b"bb" and store.exists("round_1/a.safetensors")
     store.fs.rm(store.root, recursive=True)
     assert isinstance(open_storage("file:///tmp/x"), LocalStorage)
+
+
+def test_a_second_poller_with_a_claimed_id_is_refused(tiny_config, tmp_path) -> None:
+    from lorafed.engine.filedrop import poll_and_train
+
+    cfg = tiny_config("partition.num_clients=2", "federation.rounds=1", "train.max_steps=1")
+    fed = prepare_cohort(cfg)
+    drop = LocalStorage(tmp_path / "drop")
+    drop.write(global_name(0), payload_to_bytes(fed.initial_state, fed.identity.meta("server", 0, 1, kind="global")))
+    drop.write("round_1/client0.safetensors", b"someone else's update")
+    with pytest.raises(LorafedError, match=r"client id 'client0' already has an update in round 1"):
+        poll_and_train(cfg, drop, client=0, poll_s=0.05, timeout_s=5)
+    assert drop.read("round_1/client0.safetensors") == b"someone else's update"  # nothing overwritten

@@ -132,7 +132,8 @@ def evaluate_state(fed: Cohort, state: dict[str, torch.Tensor], positions: np.nd
     """Score an adapter state on the global test rows (or ``positions``)."""
     set_adapter_state(fed.client.model, state)
     pos = fed.test_positions if positions is None else positions
-    return evaluate(fed.client.model, fed.rows, pos, fed.config.train.eval_batch_size, fed.data.label_names)
+    t = fed.config.train
+    return evaluate(fed.client.model, fed.rows, pos, t.eval_batch_size, fed.data.label_names, t.autocast)
 
 
 ClientFn = Callable[[Cohort, dict[str, torch.Tensor], int, int], tuple[dict[str, torch.Tensor], TrainResult]]

@@ -42,13 +42,14 @@ from lorafed.wire.reader import load_payload
 logger = logging.getLogger(__name__)
 
 
-def val_positions(fed: Cohort) -> np.ndarray:
-    """The pooled validation rows of the federation (union of the clients' slices), capped like the test rows.
+def val_positions(fed: Cohort, max_rows: int | None = None) -> np.ndarray:
+    """The pooled validation rows of the federation (union of the clients' slices), capped.
 
-    Capped at ``federation.max_test_rows`` by a seeded sample (seed + 1, so not the test sample's draw).
+    Capped at ``max_rows`` (default ``federation.max_test_rows``) by a seeded sample (seed + 1, so
+    not the test sample's draw).
     """
     val = np.sort(np.concatenate([s.val for s in fed.splits]))
-    cap = fed.config.federation.max_test_rows
+    cap = fed.config.federation.max_test_rows if max_rows is None else max_rows
     if cap is not None and len(val) > cap:
         val = np.sort(np.random.default_rng(fed.config.seed + 1).choice(val, size=cap, replace=False))
     return val
@@ -157,14 +158,21 @@ def train_alone(
     return {**_best(checkpoints), "checkpoints_run": len(checkpoints) - 1, "stopped_early": stopped and r < last}
 
 
-def compare(config: RunConfig, out_dir: str | Path, progress: bool = True, patience: int = 2) -> dict[str, Any]:
+def compare(
+    config: RunConfig, out_dir: str | Path, progress: bool = True, patience: int = 2, val_rows: int | None = None
+) -> dict[str, Any]:
     """Train federated, centralized and local-only models on one prepared federation; write ``compare.json``.
 
     Args:
         config: The federation's config.
         out_dir: Where ``compare.json`` and the federated run folder go.
         progress: Show progress bars (on a terminal).
-        patience: Checkpoints without a better validation score before a baseline stops.
+        patience: Checkpoints without a better validation score before a local-only client stops
+            (the pooled model, the reference, runs every checkpoint).
+        val_rows: Pooled validation rows that pick the federation's and the pooled model's best
+            checkpoint (a seeded sample; default ``federation.max_test_rows``). Fewer rows are
+            cheaper but noisier: on the main job 400 rows picked round 4 (test 0.840) over round 5
+            (0.866), 800 picked round 5.
 
     Returns:
         ``{"federated", "centralized", "local_mean", "local_worst", "local", "test_rows", "seconds"}``;
@@ -173,7 +181,7 @@ def compare(config: RunConfig, out_dir: str | Path, progress: bool = True, patie
     t0 = time.perf_counter()
     out = Path(out_dir)
     fed = prepare_cohort(config)
-    val = val_positions(fed)
+    val = val_positions(fed, val_rows)
     times: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -192,7 +200,7 @@ def compare(config: RunConfig, out_dir: str | Path, progress: bool = True, patie
     pooled = np.sort(np.concatenate([s.train for s in fed.splits]))
     # A pooled client trains with the same per-step settings; its loss weights come from the pooled labels.
     per_round = len(fed.partition.client_ids) * (config.train.max_steps or 1)
-    centralized = train_alone(fed, pooled, "centralized", val, patience=patience, test_each=False, steps=per_round)
+    centralized = train_alone(fed, pooled, "centralized", val, test_each=False, steps=per_round)
     times["centralized"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -242,6 +242,19 @@ def latest_global(storage: Storage) -> int:
     return n
 
 
+def _refuse_claimed(storage: Storage, name: str, client_id: str, round_: int) -> None:
+    """Refuse to drop an update under a client id that already has one in this round.
+
+    Raises:
+        LorafedError: Another poller (or an earlier run of this one) used this id for the round.
+    """
+    if storage.exists(name):
+        raise LorafedError(
+            f"client id {client_id!r} already has an update in round {round_} of this drop ({name}): another "
+            "poller is using this id; give each client its own id (--client-id)"
+        )
+
+
 def poll_and_train(
     config: RunConfig,
     storage: Storage,
@@ -285,8 +298,10 @@ def poll_and_train(
         gsig = None
         if storage.exists(gname + SIG_SUFFIX):
             gsig = decode_signature(storage.read(gname + SIG_SUFFIX), gname + SIG_SUFFIX)
-        update = local.step(local.check_global(glob, gname, gdata, gsig), r, progress=False)
         name = f"round_{r}/{local.client_id}.safetensors"
+        _refuse_claimed(storage, name, local.client_id, r)
+        update = local.step(local.check_global(glob, gname, gdata, gsig), r, progress=False)
+        _refuse_claimed(storage, name, local.client_id, r)  # another poller may have written meanwhile
         data = payload_to_bytes(update.tensors, update.meta)
         sig = local.sign(data)
         if sig is not None:  # the signature first: the coordinator that sees the update finds it
