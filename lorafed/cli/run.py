@@ -109,7 +109,7 @@ def add_parsers(sub: Any) -> None:
             "validate the payload against them, as the server would (exit code 2 if it would be refused)."
         ),
         example=(
-            "lorafed inspect results/clothing_recommend/rounds/global_r3.safetensors\n"
+            "lorafed inspect results/clothing_recommend/rounds/global_r5.safetensors\n"
             "lorafed inspect update.safetensors --config configs/clothing_recommend.yaml   # would it be accepted?\n"
             "lorafed inspect results/clothing_recommend/rounds/global_r5.safetensors --lineage   # where it came from"
         ),
