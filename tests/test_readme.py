@@ -12,6 +12,6 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv")]
     assert len(commands) == 2, commands
     main_job, tests = commands
-    assert "lorafed simulate --config configs/clothing_recommend.yaml" in main_job
+    assert "lorafed compare --config configs/clothing_recommend.yaml" in main_job
     assert "pytest" in tests and "torch==2.13.0" in tests
     assert tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
