@@ -226,7 +226,9 @@ def test_bf16_autocast_training_stays_close_to_fp32_and_keeps_fp32_adapters(tiny
     from lorafed.engine.cohort import prepare_cohort
     from lorafed.wire.adapter import set_adapter_state
 
-    config = tiny_config("model.precision=int8", "train.max_steps=3")
+    # Calibrated with the frozen dropout on: without it the tiny model's gradients are near zero on many
+    # coordinates, where bf16 rounding flips Adam's sign-like first steps (relative deviation 0.26).
+    config = tiny_config("model.precision=int8", "train.max_steps=3", "train.backbone_dropout=true")
     fed = prepare_cohort(config)
     states, losses = [], []
     for mode in ("none", "bf16"):
