@@ -789,6 +789,21 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     return value  # pragma: no cover - every annotation above is handled
 
 
+def _noise_checks(
+    need: typing.Callable[[bool, str], None], prefix: str, noise_multiplier: float | None, target_epsilon: float | None
+) -> None:
+    """The checks both kinds of DP share: exactly one of a noise multiplier and a target epsilon, each > 0."""
+    need(
+        (noise_multiplier is None) != (target_epsilon is None),
+        f"{prefix}: give exactly one of noise_multiplier and target_epsilon",
+    )
+    need(
+        noise_multiplier is None or noise_multiplier > 0,
+        f"{prefix}.noise_multiplier: must be > 0, got {noise_multiplier}",
+    )
+    need(target_epsilon is None or target_epsilon > 0, f"{prefix}.target_epsilon: must be > 0, got {target_epsilon}")
+
+
 def _check_ranges(c: RunConfig) -> list[str]:
     """Range checks that types alone cannot express."""
     p: list[str] = []
@@ -879,18 +894,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
     rdp = t.record_dp
     if rdp.enabled:
         need(rdp.clip_norm > 0, f"train.record_dp.clip_norm: must be > 0, got {rdp.clip_norm}")
-        need(
-            (rdp.noise_multiplier is None) != (rdp.target_epsilon is None),
-            "train.record_dp: give exactly one of noise_multiplier and target_epsilon",
-        )
-        need(
-            rdp.noise_multiplier is None or rdp.noise_multiplier > 0,
-            f"train.record_dp.noise_multiplier: must be > 0, got {rdp.noise_multiplier}",
-        )
-        need(
-            rdp.target_epsilon is None or rdp.target_epsilon > 0,
-            f"train.record_dp.target_epsilon: must be > 0, got {rdp.target_epsilon}",
-        )
+        _noise_checks(need, "train.record_dp", rdp.noise_multiplier, rdp.target_epsilon)
         need(
             rdp.delta is None or 0 < rdp.delta < 1,
             f"train.record_dp.delta: must be in (0, 1) or null, got {rdp.delta}",
@@ -913,18 +917,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
     if dp.enabled:
         need(dp.clip_norm > 0, f"federation.dp.clip_norm: must be > 0, got {dp.clip_norm}")
         need(0 < dp.delta < 1, f"federation.dp.delta: must be in (0, 1), got {dp.delta}")
-        need(
-            (dp.noise_multiplier is None) != (dp.target_epsilon is None),
-            "federation.dp: give exactly one of noise_multiplier and target_epsilon",
-        )
-        need(
-            dp.noise_multiplier is None or dp.noise_multiplier > 0,
-            f"federation.dp.noise_multiplier: must be > 0, got {dp.noise_multiplier}",
-        )
-        need(
-            dp.target_epsilon is None or dp.target_epsilon > 0,
-            f"federation.dp.target_epsilon: must be > 0, got {dp.target_epsilon}",
-        )
+        _noise_checks(need, "federation.dp", dp.noise_multiplier, dp.target_epsilon)
         need(
             f.weighting == "uniform",
             "federation.weighting: must be uniform with federation.dp.enabled (sample weights break the "

@@ -165,3 +165,18 @@ def removed_flag_message(args: Sequence[str]) -> str | None:
         if flag in REMOVED_FLAGS:
             return f"{flag} was removed; pass {REMOVED_FLAGS[flag]} after the verb instead"
     return None
+
+
+def optional_config(path: str | None, overrides: Sequence[str]) -> Any:
+    """The config at ``path`` with ``overrides``, or ``None`` without ``--config``.
+
+    Raises:
+        LorafedError: Overrides given without a config to apply them to.
+    """
+    from lorafed.config import load_config
+
+    if path is None:
+        if overrides:
+            raise LorafedError(f"config overrides {list(overrides)} need --config (the federation's YAML)")
+        return None
+    return load_config(path, overrides)

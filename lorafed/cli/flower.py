@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from lorafed.cli.common import add_output, add_overrides, add_verb, output_folder
+from lorafed.cli.common import add_output, add_overrides, add_verb, optional_config, output_folder
 from lorafed.config import RunConfig, config_to_dict, load_config
 from lorafed.errors import LorafedError
 
@@ -153,7 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run {info['run_id']}: {info['status']}; results in {out} (logs in {work / 'logs'})")
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        acc = f"accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""
+        # Every row has the key; it is null when the server has no test rows (server-eval off).
+        acc = f"accuracy {row['accuracy']:.4f}" if row.get("accuracy") is not None else ""
         print(f"round {row['round']}: {len(row['clients'])} clients {acc} {row.get('seconds', {})}")
     return 0
 
@@ -162,9 +163,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     """``lorafed flower app``."""
     from lorafed.engine.flower.app_dir import write_app_dir, write_run_config
 
-    if args.overrides and not args.config:
-        raise LorafedError(f"config overrides {args.overrides} need --config")
-    config = load_config(args.config, args.overrides) if args.config else None
+    config = optional_config(args.config, args.overrides)
     app_dir = write_app_dir(output_folder(args.out, None, args.overwrite))
     print(f"Flower app written to {app_dir}")
     if config is not None:

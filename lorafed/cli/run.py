@@ -220,22 +220,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  round {fields['round']:>3}  run {fields['run']}  {parent}  {path}")
     if args.config:
         from lorafed.data.clean import load_labeled
-        from lorafed.model.backbone import load_client_model, lora_config_dict
-        from lorafed.server.specs import spec_for
+        from lorafed.server.specs import federation_base, round_spec
         from lorafed.server.validate import validate_update
-        from lorafed.wire.adapter import get_adapter_state
-        from lorafed.wire.payload import ModelIdentity
-        from lorafed.wire.roles import round_keys, select
 
         config = load_config(args.config, args.overrides)
         labels = config.data.labels or load_labeled(config.data, config.seed).label_names
-        client = load_client_model(config.model, labels, config.seed)
-        fresh = get_adapter_state(client.model)
-        identity = ModelIdentity(client.fingerprint, lora_config_dict(config.model.lora), tuple(labels))
+        identity, fresh = federation_base(config, labels)
         # An update carries its round's tensors only (FFA/RoLoRA send a subset); a global carries all.
         round_ = m.round if m.kind == "update" else None
-        sent = select(fresh, round_keys(config.federation.aggregation, round_, fresh))
-        validate_update(payload, spec_for(identity, sent, round_), args.payload)
+        validate_update(payload, round_spec(identity, fresh, config.federation.aggregation, round_), args.payload)
         print(f"valid for {args.config}")
     elif args.overrides:
         raise LorafedError(f"config overrides {args.overrides} need --config")

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from lorafed.cli.common import add_output, add_overrides, add_verb, output_folder
+from lorafed.cli.common import add_output, add_overrides, add_verb, optional_config, output_folder
 from lorafed.errors import LorafedError
 
 _MERGE_MATH = """\
@@ -200,13 +200,11 @@ def _cmd_combine(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from lorafed.config import PACKAGED_BACKBONE, load_config
+    from lorafed.config import PACKAGED_BACKBONE
     from lorafed.serve.export import export_adapter
     from lorafed.wire.reader import load_payload
 
-    if args.overrides and not args.config:
-        raise LorafedError(f"config overrides {args.overrides} need --config")
-    config = load_config(args.config, args.overrides) if args.config else None
+    config = optional_config(args.config, args.overrides)
     base = args.base or (config.model.name_or_path if config else PACKAGED_BACKBONE)
     texts: list[str] = []
     if args.sample:

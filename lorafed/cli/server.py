@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lorafed.cli.common import add_output, add_overrides, add_verb, output_folder, split_overrides
+from lorafed.cli.common import add_output, add_overrides, add_verb, optional_config, output_folder, split_overrides
 from lorafed.config import RunConfig, load_config
 from lorafed.errors import AggregationError, LorafedError
 
@@ -110,11 +110,7 @@ def add_parsers(sub: Any) -> None:
 
 def _server_config(path: str | None, overrides: list[str]) -> RunConfig:
     """The config whose ``federation`` section the server step applies (defaults without ``--config``)."""
-    if path is not None:
-        return load_config(path, overrides)
-    if overrides:
-        raise LorafedError(f"config overrides {overrides} need --config (the federation's YAML)")
-    return RunConfig()
+    return optional_config(path, overrides) or RunConfig()
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +31,10 @@ from lorafed.model.backbone import ClientModel, lora_config_dict
 from lorafed.seeds import client_seed
 from lorafed.wire.adapter import get_adapter_state, set_adapter_state
 from lorafed.wire.compress import update_wire
-from lorafed.wire.payload import ModelIdentity, PayloadMeta
+from lorafed.wire.payload import CLIENT_ID, ModelIdentity, PayloadMeta
 from lorafed.wire.roles import round_keys, round_roles, select, trainable_roles
 
 logger = logging.getLogger(__name__)
-
-#: Client ids travel in headers and name files: keep them to safe characters.
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -153,7 +149,7 @@ def check_client_id(client_id: str) -> str:
     Raises:
         ConfigError: Otherwise.
     """
-    if not _CLIENT_ID.match(client_id):
+    if not CLIENT_ID.match(client_id):
         raise ConfigError([f"client id {client_id!r}: use 1-128 letters, digits, '_', '.' or '-'"], "client")
     return client_id
 

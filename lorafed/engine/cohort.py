@@ -25,11 +25,11 @@ from lorafed.metrics import EvalResult, evaluate
 from lorafed.model.backbone import ClientModel, load_client_model
 from lorafed.partition import Partition, client_table, partition, partition_columns
 from lorafed.seeds import split_seed
-from lorafed.server.specs import spec_for
+from lorafed.server.specs import round_spec
 from lorafed.server.validate import UpdateSpec
 from lorafed.wire.adapter import get_adapter_state, set_adapter_state
 from lorafed.wire.payload import ModelIdentity
-from lorafed.wire.roles import round_keys, select
+from lorafed.wire.roles import round_keys
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ class Cohort:
 
     def spec(self, round_: int | None) -> UpdateSpec:
         """What updates of ``round_`` must match: exactly the tensors sent in that round."""
-        tensors = select(self.initial_state, self.sent_keys(round_))
-        return spec_for(self.identity, tensors, round_, self.config.federation.max_num_examples)
+        f = self.config.federation
+        return round_spec(self.identity, self.initial_state, f.aggregation, round_, f.max_num_examples)
 
     def client_update(
         self, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True

@@ -37,14 +37,11 @@ from lorafed.engine.loop import Dispatched, Federated, run_rounds, start
 from lorafed.engine.record import RunRecord
 from lorafed.engine.storage import Storage
 from lorafed.errors import LorafedError, PayloadError
-from lorafed.model.backbone import load_client_model, lora_config_dict
 from lorafed.server.fold import Incoming
-from lorafed.server.specs import federation_labels, spec_for
+from lorafed.server.specs import federation_base, federation_labels, round_spec
 from lorafed.server.step import RoundPolicy
-from lorafed.wire.adapter import get_adapter_state
 from lorafed.wire.payload import ModelIdentity, PayloadMeta, payload_to_bytes
 from lorafed.wire.reader import header_from_bytes, payload_from_bytes
-from lorafed.wire.roles import round_keys, select
 from lorafed.wire.sign import SIG_SUFFIX, Signing, decode_signature, encode_signature, server_signing
 
 logger = logging.getLogger(__name__)
@@ -209,12 +206,10 @@ def coordinate(
         labels = load_labeled(config.data, config.seed).label_names
     else:
         labels = federation_labels(config)
-    model = load_client_model(config.model, labels, config.seed, precision="fp32")
-    fresh = get_adapter_state(model.model)
-    identity = ModelIdentity(model.fingerprint, lora_config_dict(config.model.lora), labels)
+    identity, fresh = federation_base(config, labels)
 
     def spec(r: int | None) -> Any:
-        return spec_for(identity, select(fresh, round_keys(fcfg.aggregation, r, fresh)), r, fcfg.max_num_examples)
+        return round_spec(identity, fresh, fcfg.aggregation, r, fcfg.max_num_examples)
 
     n = num_clients or fcfg.min_clients
     signing = server_signing(config.federation.signing)

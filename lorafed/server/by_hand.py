@@ -30,12 +30,11 @@ from lorafed.errors import LorafedError
 from lorafed.files import atomic_write_bytes
 from lorafed.server.fold import Incoming
 from lorafed.server.server_opt import load_server_opt, save_server_opt
-from lorafed.server.specs import federation_labels, spec_for
+from lorafed.server.specs import federation_base, federation_labels, round_spec
 from lorafed.server.step import RoundPolicy, RoundResult
 from lorafed.server.validate import UpdateSpec
 from lorafed.wire.payload import ModelIdentity, PayloadMeta, payload_to_bytes
 from lorafed.wire.reader import load_payload
-from lorafed.wire.roles import round_keys
 from lorafed.wire.sign import server_signing, write_signature
 
 
@@ -95,28 +94,20 @@ def start_from_config(config: RunConfig, round_: int | None = None, source: str 
         LorafedError: ``round_`` is not 1 (a later round needs the global adapter its clients started from).
         ModelError: The base model cannot be loaded.
     """
-    from lorafed.model.backbone import load_client_model, lora_config_dict
-    from lorafed.wire.adapter import get_adapter_state
-
     round_ = 1 if round_ is None else round_
     if round_ != 1:
         raise LorafedError(
             f"round {round_}: without the previous global adapter only round 1 can be aggregated (its clients "
             "start from the seeded fresh adapter); pass --global global_r{N-1}.safetensors"
         )
-    labels = federation_labels(config, None, source)
-    client = load_client_model(config.model, labels, config.seed, precision="fp32")
-    identity = ModelIdentity(client.fingerprint, lora_config_dict(config.model.lora), labels)
-    reference = {k: v.detach().to(torch.float32).clone() for k, v in get_adapter_state(client.model).items()}
+    identity, reference = federation_base(config, federation_labels(config, None, source))
     return Start(identity, reference, round_, f"the fresh adapter seeded by {source}")
 
 
-def round_spec(start: Start, config: RunConfig) -> UpdateSpec:
+def start_spec(start: Start, config: RunConfig) -> UpdateSpec:
     """The spec of the round's updates: the tensors this round's clients send (FFA/RoLoRA send a subset)."""
     fcfg = config.federation
-    keys = round_keys(fcfg.aggregation, start.round, start.reference)
-    sent = {k: start.reference[k] for k in keys}
-    return spec_for(start.identity, sent, start.round, fcfg.max_num_examples)
+    return round_spec(start.identity, start.reference, fcfg.aggregation, start.round, fcfg.max_num_examples)
 
 
 def aggregate_by_hand(
@@ -144,7 +135,7 @@ def aggregate_by_hand(
         saved = server_opt_path(start.global_path)
         if saved.is_file():
             policy.server_opt = load_server_opt(saved)
-    spec = round_spec(start, config)
+    spec = start_spec(start, config)
     result = policy.try_aggregate([Incoming.from_file(p) for p in updates], spec, start.reference, start.round)
     return result, policy
 

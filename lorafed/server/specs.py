@@ -14,7 +14,7 @@ trusted sources, never from the updates themselves:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from lorafed.server.validate import UpdateSpec
 from lorafed.wire.adapter import adapter_spec, get_adapter_state
 from lorafed.wire.payload import ModelIdentity, PayloadMeta
 from lorafed.wire.reader import load_payload
+from lorafed.wire.roles import Aggregation, round_keys, select
 
 
 def federation_labels(
@@ -91,6 +92,35 @@ def spec_from_global(path: str | Path, round_: int | None) -> UpdateSpec:
     return spec_for(ModelIdentity.of(payload.meta), payload.tensors, round_)
 
 
+def federation_base(config: RunConfig, labels: Sequence[str]) -> tuple[ModelIdentity, dict[str, torch.Tensor]]:
+    """The federation's identity and its seeded fresh adapter, from the config (the base loaded in fp32).
+
+    What a server that holds no client model needs: the fingerprint, LoRA config and labels every
+    payload must name, and every tensor of the round-0 adapter (names, shapes, starting values).
+
+    Raises:
+        ModelError: The base model cannot be loaded.
+    """
+    client = load_client_model(config.model, labels, config.seed, precision="fp32")
+    identity = ModelIdentity(client.fingerprint, lora_config_dict(config.model.lora), tuple(labels))
+    return identity, get_adapter_state(client.model)
+
+
+def round_spec(
+    identity: ModelIdentity,
+    state: Mapping[str, torch.Tensor],
+    aggregation: Aggregation,
+    round_: int | None,
+    max_num_examples: int | None = None,
+) -> UpdateSpec:
+    """The spec of round ``round_``'s updates: the tensors of ``state`` that mode sends that round.
+
+    FFA sends B and the head, RoLoRA A or B in turn (:func:`lorafed.wire.roles.round_keys`);
+    ``round_=None`` means every tensor (a global adapter).
+    """
+    return spec_for(identity, select(state, round_keys(aggregation, round_, state)), round_, max_num_examples)
+
+
 def spec_from_config(config: RunConfig, round_: int | None, source: str = "config") -> UpdateSpec:
     """The spec of updates of the federation described by ``config`` (loads the base in fp32).
 
@@ -98,7 +128,5 @@ def spec_from_config(config: RunConfig, round_: int | None, source: str = "confi
         ConfigError: ``data.labels`` is not set.
         ModelError: The base model cannot be loaded.
     """
-    labels = federation_labels(config, None, source)
-    client = load_client_model(config.model, labels, config.seed, precision="fp32")
-    identity = ModelIdentity(client.fingerprint, lora_config_dict(config.model.lora), labels)
-    return spec_for(identity, get_adapter_state(client.model), round_)
+    identity, fresh = federation_base(config, federation_labels(config, None, source))
+    return spec_for(identity, fresh, round_)

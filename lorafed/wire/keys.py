@@ -11,7 +11,6 @@ import base64
 import binascii
 import json
 import os
-import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from lorafed.errors import LorafedError, SignatureError
 from lorafed.files import atomic_write_text
+from lorafed.wire.payload import CLIENT_ID
 
 REGISTRY_FORMAT = "lorafed-keys-v1"
 MAX_KEY_FILE = 16 * 1024
 MAX_REGISTRY_BYTES = 16 * 1024 * 1024
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 def read_bounded(path: Path, limit: int, error: type[LorafedError]) -> bytes:
@@ -114,7 +113,7 @@ def write_key_pair(out_dir: str | Path, name: str, key: Ed25519PrivateKey | None
     Raises:
         SignatureError: A bad name, or either file exists already.
     """
-    if not _CLIENT_ID.match(name):
+    if not CLIENT_ID.match(name):
         raise SignatureError(f"key name {name!r}: use 1-128 letters, digits, '_', '.' or '-'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +188,7 @@ def parse_registry(text: str, source: str = "registry") -> KeyRegistry:
         raise SignatureError('"clients" must map client ids to public keys', source)
     keys: dict[str, Ed25519PublicKey] = {}
     for cid, text_key in clients.items():
-        if not _CLIENT_ID.match(cid) or not isinstance(text_key, str):
+        if not CLIENT_ID.match(cid) or not isinstance(text_key, str):
             raise SignatureError(f"client {cid!r}: expected a client id (letters, digits, _ . -) and a key string",
                                  source)  # fmt: skip
         keys[cid] = parse_public_key(text_key, f"{source}: client {cid!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from lorafed.wire.compress import TRANSPORTS, decode, encode
 
 FORMAT_VERSION = 1
 #: Refuse headers above this size before parsing them (a real header is a few KB).
+#: The client ids lorafed writes (headers, file names, key registries): 1-128 letters, digits, ``_``, ``.``, ``-``.
+CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_HEADER_BYTES = 1 << 20
 META_KEY = "lorafed"
 #: Largest ``block_size`` a header may state (the server bounds it further by its tensors).
