@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lorafed.autocast import AutocastMode
 from lorafed.client.personalize import PersonalizeMethod
 from lorafed.errors import ConfigError
 from lorafed.model.int8 import Int8Backend, Precision
@@ -196,7 +197,10 @@ class TrainConfig:
         warmup_ratio: Share of the round's steps with linear warm-up.
         max_grad_norm: Gradient clipping norm; ``null`` disables clipping.
         eval_batch_size: Batch size for evaluation.
-        num_threads: Torch intra-op threads; 0 uses every core.
+        num_threads: Torch intra-op threads; 0 (auto) gives each lorafed process on the machine
+            an equal share of the cores (cores // live lorafed processes, recomputed every
+            client round; ``OMP_NUM_THREADS`` in the environment wins over auto; see
+            :mod:`lorafed.threads`).
         class_weighting: ``none``, or ``balanced``: each client weights its loss by
             n / (k * n_c) from its own training labels (for imbalanced labels; no label counts
             leave the client).
@@ -211,6 +215,8 @@ class TrainConfig:
             LoRA weights, their gradients, AdamW and the loss stay fp32. With int8 weights it
             measured 0.55-0.57x of fp32's peak at 0.6-0.75x its step time, on a CPU with
             AVX512-BF16; without bf16 instructions (AVX512-BF16 or AMX) it is slower than fp32.
+            ``auto`` (default) is ``bf16`` where the CPU has AVX512-BF16 or AMX, or the GPU
+            native bf16, and ``none`` elsewhere (logged once; :mod:`lorafed.autocast`).
         record_dp: Record-level differential privacy in each client (off by default).
         optimizer: The client optimizer, created fresh every round: ``adamw``, or ``sgd`` with
             heavy-ball ``momentum`` (no per-coordinate normalisation, so its first steps are not
@@ -240,7 +246,7 @@ class TrainConfig:
     class_weighting: Literal["none", "balanced"] = "none"
     prox_mu: float = 0.0
     gradient_checkpointing: bool = False
-    autocast: Literal["none", "bf16"] = "none"
+    autocast: AutocastMode = "auto"
     record_dp: RecordDPConfig = field(default_factory=RecordDPConfig)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = 0.9

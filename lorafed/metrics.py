@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorafed.autocast import autocast_context
 from lorafed.data.tokens import TokenizedRows
 
 
@@ -77,7 +78,7 @@ def predict_logits(
     """Logits (fp32) of the model for ``rows[positions]``, in order.
 
     ``autocast: bf16`` runs the matmuls in bfloat16 as training does with ``train.autocast: bf16``
-    (the logits are returned in fp32).
+    (the logits are returned in fp32); ``auto`` resolves as in training (:mod:`lorafed.autocast`).
 
     The rows are run shortest first and the logits put back in the order of ``positions``: a
     batch is padded to its longest row, so sorted batches carry few pad tokens (800 clothing
@@ -87,10 +88,9 @@ def predict_logits(
     pos = np.asarray(positions, dtype=np.int64)
     order = np.argsort([len(rows.input_ids[int(i)]) for i in pos], kind="stable")
     chunks = []
-    device = next(model.parameters()).device.type
     for batch in rows.batches(pos[order], batch_size):
         batch = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        with torch.no_grad(), autocast_context(model, autocast):
             chunks.append(model(**batch).logits.float().cpu().numpy())
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
@@ -107,7 +107,7 @@ def evaluate(
     label_names: tuple[str, ...],
     autocast: str = "none",
 ) -> EvalResult:
-    """Score the model on ``rows[positions]`` (``autocast: bf16``: bfloat16 matmuls, as in training)."""
+    """Score the model on ``rows[positions]`` (``autocast``: ``train.autocast``, resolved as in training)."""
     logits = predict_logits(model, rows, positions, batch_size, autocast)
     y_true = rows.labels[np.asarray(positions, dtype=np.int64)].numpy()
     loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)))

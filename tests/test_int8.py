@@ -246,7 +246,7 @@ def test_bf16_autocast_training_stays_close_to_fp32_and_keeps_fp32_adapters(tiny
 
 def test_config_validates_the_int8_options() -> None:
     assert ModelConfig().int8_backend == "lorafed" and ModelConfig().quantize_embeddings
-    assert not TrainConfig().gradient_checkpointing and TrainConfig().autocast == "none"
+    assert not TrainConfig().gradient_checkpointing and TrainConfig().autocast == "auto"
     with pytest.raises(ConfigError) as err:
         load_config(
             None,
@@ -262,6 +262,6 @@ def test_config_validates_the_int8_options() -> None:
     assert "model.int8_backend: 'bnb' is not one of 'lorafed', 'bitsandbytes'" in text
     assert "model.quantize_embeddings: expected true or false, got 'maybe'" in text
     assert "train.gradient_checkpointing: expected true or false, got 1" in text
-    assert "train.autocast: 'fp16' is not one of 'none', 'bf16'" in text
+    assert "train.autocast: 'fp16' is not one of 'auto', 'none', 'bf16'" in text
     ok = load_config(None, ["data.path=x.csv", "model.int8_backend=bitsandbytes", "train.gradient_checkpointing=true"])
     assert ok.model.int8_backend == "bitsandbytes" and ok.train.gradient_checkpointing

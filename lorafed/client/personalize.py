@@ -150,7 +150,7 @@ def personalize_report(
 
     def score(s: dict[str, torch.Tensor]) -> float:
         set_adapter_state(model, s)
-        return evaluate(model, site.rows, split.val, cfg.train.eval_batch_size, labels).macro_f1
+        return evaluate(model, site.rows, split.val, cfg.train.eval_batch_size, labels, cfg.train.autocast).macro_f1
 
     val_global = score(state) if has_val else None
     best, best_step, best_state = (val_global if val_global is not None else -math.inf), 0, state

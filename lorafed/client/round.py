@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from lorafed.errors import ConfigError
 from lorafed.metrics import EvalResult, evaluate
 from lorafed.model.backbone import ClientModel, lora_config_dict
 from lorafed.seeds import client_seed
+from lorafed.threads import use_threads
 from lorafed.wire.adapter import get_adapter_state, set_adapter_state
 from lorafed.wire.compress import update_wire
 from lorafed.wire.payload import CLIENT_ID, ModelIdentity, PayloadMeta
@@ -55,10 +55,13 @@ class ClientUpdate:
 
 
 def set_threads(num_threads: int) -> int:
-    """Use ``num_threads`` intra-op threads (0: every core this process may use); return the number set."""
-    n = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    torch.set_num_threads(n)
-    return n
+    """Set this process's torch intra-op threads for ``train.num_threads`` and return the number.
+
+    0 (auto) is this process's share of the cores among the live lorafed processes on the
+    machine; an explicit number, or ``OMP_NUM_THREADS`` in the environment, wins (see
+    :mod:`lorafed.threads`). Called when a client is built and again at every round.
+    """
+    return use_threads(num_threads).threads
 
 
 def identity_of(model: ClientModel, config: RunConfig, labels: tuple[str, ...]) -> ModelIdentity:
@@ -114,6 +117,7 @@ def client_step(
         PrivacyBudgetError: Under ``train.record_dp``, this round would exceed the client's budget
             (checked before any training; see :mod:`lorafed.client.dp`).
     """
+    set_threads(config.train.num_threads)  # a lorafed process may have started or ended since the last round
     aggregation = config.federation.aggregation
     train_fn: Any = train_local
     plan = None
@@ -139,7 +143,8 @@ def client_step(
     sent = select(get_adapter_state(model.model), round_keys(aggregation, round_, global_state))
     val = None
     if validate and len(split.val):
-        val = evaluate(model.model, rows, split.val, config.train.eval_batch_size, identity.labels)
+        t = config.train
+        val = evaluate(model.model, rows, split.val, t.eval_batch_size, identity.labels, t.autocast)
     return ClientUpdate(sent, update_meta(identity, config, client_id, round_, result, val), result, val)
 
 

@@ -5,7 +5,8 @@ round over the trainable tensors only (LoRA and head): clients keep no optimizer
 ``prox_mu > 0`` the loss gets FedProx's proximal term mu/2 * ||w - w_global||^2, w_global being
 the trainable tensors as loaded at the start of the round. With ``gradient_checkpointing`` each
 layer is recomputed in backward (about half the peak memory, one more forward pass per step);
-with ``autocast: bf16`` the matmuls run in bfloat16 (``results/memory.md`` has the numbers).
+with ``autocast: bf16`` the matmuls run in bfloat16 (``results/memory.md`` has the numbers), and
+``autocast: auto`` (the default) does so where the CPU or GPU has native bf16 (:mod:`lorafed.autocast`).
 
 Two options change what a client step computes and how fast (``results/quality_findings.md``):
 ``backbone_dropout: false`` switches off the frozen network's own dropout during training (on
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorafed.autocast import autocast_context
 from lorafed.config import TrainConfig
 from lorafed.data.tokens import TokenizedRows
 from lorafed.model.backbone import enable_gradient_checkpointing
@@ -84,12 +86,12 @@ def client_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch
 
 
 def autocast(model: Any, mode: str) -> torch.autocast:
-    """The forward's autocast context: bfloat16 matmuls for ``bf16``, a disabled one for ``none``.
+    """The forward's autocast context: bfloat16 matmuls for ``bf16`` (and ``auto`` where bf16 is native).
 
-    Leaving the block before the loss keeps the loss (and so the gradients' start) in fp32.
+    ``auto`` is resolved by :func:`lorafed.autocast.resolve_autocast`. Leaving the block before
+    the loss keeps the loss (and so the gradients' start) in fp32.
     """
-    device = next(model.parameters()).device.type
-    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=mode == "bf16")
+    return autocast_context(model, mode)
 
 
 def length_bucketed_batches(

@@ -112,8 +112,7 @@ def prepare_cohort(config: RunConfig) -> Cohort:
         test = np.sort(np.random.default_rng(config.seed).choice(test, size=max_test, replace=False))
     if len(test) == 0:
         raise ConfigError(["data.test_fraction leaves no test rows; raise it or use more data"])
-    threads = set_threads(config.train.num_threads)
-    logger.info("torch uses %d thread(s)", threads)
+    set_threads(config.train.num_threads)  # logs "torch threads: N of C cores (...)"
     client = load_client_model(config.model, data.label_names, config.seed)
     rows = TokenizedRows(data, client.tokenizer, config.data.max_length, config.data.pair_mode)
     identity = identity_of(client, config, data.label_names)

@@ -39,6 +39,7 @@ from lorafed.serve.batcher import Batcher
 from lorafed.serve.export import EXPORT_INFO
 from lorafed.serve.infer import ServingModel, load_serving_model
 from lorafed.serve.limits import DEFAULT_PORT, RequestError, ServeError, ServeLimits, _too_large, parse_predict
+from lorafed.threads import use_threads
 
 logger = logging.getLogger("lorafed.serve.http")
 
@@ -215,5 +216,8 @@ def serve(
         raise ServeError(f"log level {log_level!r} is not one of debug, info, warning, error")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(level)
-    app = create_app(model_dir, limits, backend=backend)
+    # This process's share of the cores among the lorafed processes on the machine (torch, and
+    # onnxruntime's intra-op pool, which is fixed when its session starts); see lorafed.threads.
+    threads = use_threads(0).threads
+    app = create_app(model_dir, limits, sm=load_serving_model(model_dir, backend, threads), backend=backend)
     uvicorn.run(app, host=host, port=int(port), access_log=False, log_level=log_level.lower())
