@@ -3,14 +3,14 @@
 Every method trains until its validation macro-F1 has not improved for ``patience`` rounds (or
 a round cap) and reports the test macro-F1 of its best-validation round, on the same test rows:
 
-    centralized   all clients' training rows pooled; a "round" is one client's ``max_steps`` steps
-                  (the sequential progress of a federated round), early-stopped on the pooled
-                  validation rows
+    centralized   all clients' training rows pooled; a "round" is a federated round's samples
+                  (clients x ``max_steps`` steps, as ``lorafed compare`` does), early-stopped on the
+                  pooled validation rows, so it gets at least the federation's compute
     local-only    each client alone on its own rows, early-stopped on its own validation rows;
                   the mean and the worst client on the global test rows
     fedavg, ffa, rolora, fedadam, fedprox
-                  the federation through the in-process engine (``simulate``, resumed one round
-                  at a time), early-stopped on the pooled validation rows of the federation
+                  the federation through the in-process engine up to the round cap, early-stopped
+                  on the pooled validation rows (``lorafed.engine.compare.run_federated``)
 
 Methods are config overrides in :data:`FEDERATED` (one line per method). Steps per round and the
 learning rate come from each setting's config. Settings: (a) clothing by department, (b)
@@ -49,12 +49,9 @@ from lorafed import measure
 from lorafed.config import RunConfig, load_config
 from lorafed.data.clean import load_labeled
 from lorafed.engine.cohort import Cohort, evaluate_state, prepare_cohort
-from lorafed.engine.compare import EarlyStop, train_alone, val_positions
-from lorafed.engine.inprocess import simulate
-from lorafed.engine.record import RunRecord, read_metrics
+from lorafed.engine.compare import run_federated, train_alone, val_positions
 from lorafed.partition import partition, partition_columns
 from lorafed.plots import figure, save_figure
-from lorafed.wire.reader import load_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,70 +186,12 @@ class Plan:
         return load_config(self.config, [*self.overrides, f"seed={seed}", *extra])
 
 
-def run_federated(
-    fed: Cohort, cfg: RunConfig, work: Path, val: np.ndarray, rounds: int, patience: int | None
-) -> dict[str, Any]:
-    """One federated run through the in-process engine, early-stopped on ``val``.
-
-    The engine's ``simulate`` runs one round per call, resuming its own run folder (each
-    client's round is seeded by seed, round and client, so this is the uninterrupted run); after
-    each round the new global adapter is scored on the pooled validation rows.
-
-    Args:
-        fed: The federation prepared once for the setting and seed (data, splits, tokens, model).
-        cfg: The method's config (the setting's, with the method's overrides).
-        work: The run folder (``metrics.jsonl`` and the payloads of every round).
-        val: The validation rows (:func:`~lorafed.engine.compare.val_positions`).
-        rounds: The round cap.
-        patience: Rounds without a better validation macro-F1 before stopping.
-
-    Returns:
-        The test scores of the best-validation round, the per-round curve (validation and test
-        macro-F1, cumulative upload bytes), rounds run, bytes per client per round and seconds.
-    """
-    t0 = time.perf_counter()
-    stop = EarlyStop(patience)
-    val_f1 = [evaluate_state(fed, fed.initial_state, val).macro_f1]
-    stop.update(0, val_f1[0])
-    record = RunRecord(work)
-    for r in range(1, rounds + 1):
-        cfg_r = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=r))
-        simulate(cfg_r, work, progress=False, resume=r > 1, fed=dataclasses.replace(fed, config=cfg_r))
-        state = {k: v.to(torch.float32) for k, v in load_payload(record.global_path(r)).decoded().items()}
-        val_f1.append(evaluate_state(fed, state, val).macro_f1)
-        if stop.update(r, val_f1[-1]):
-            break
-    rows = read_metrics(work / "metrics.jsonl")
-    curve, bytes_cum = [], 0
-    for row, v in zip(rows, val_f1, strict=True):
-        bytes_cum += row["bytes_up"]
-        curve.append(
-            {
-                "round": row["round"],
-                "val_macro_f1": v,
-                "macro_f1": row["macro_f1"],
-                "accuracy": row["accuracy"],
-                "bytes_up_cum": bytes_cum,
-            }
-        )
-    best = curve[stop.best_at]
-    return {
-        "macro_f1": best["macro_f1"],
-        "accuracy": best["accuracy"],
-        "best_round": stop.best_at,
-        "rounds_run": len(curve) - 1,
-        "final_macro_f1": curve[-1]["macro_f1"],
-        "curve": curve,
-        "bytes_per_client_round": statistics.mean(row["bytes_up"] / len(row["clients"]) for row in rows[1:]),
-        "seconds": time.perf_counter() - t0,
-    }
-
-
 def run_centralized(fed: Cohort, val: np.ndarray, rounds: int, patience: int | None) -> dict[str, Any]:
     """All clients' training rows pooled, ``max_steps`` steps per checkpoint, early-stopped on ``val``."""
     t0 = time.perf_counter()
     pooled = np.sort(np.concatenate([s.train for s in fed.splits]))
-    res = train_alone(fed, pooled, "centralized", val, rounds=rounds, patience=patience)
+    steps = len(fed.partition.client_ids) * (fed.config.train.max_steps or 1)
+    res = train_alone(fed, pooled, "centralized", val, rounds=rounds, patience=patience, steps=steps)
     curve = [
         {"round": c["checkpoint"], "val_macro_f1": c["val_macro_f1"], "macro_f1": c["macro_f1"], "bytes_up_cum": 0}
         for c in res["curve"]
@@ -533,7 +472,7 @@ def plot_setting(setting: dict[str, Any], path: Path) -> Path:
             mb = [p["bytes_up_cum"] / 1e6 for p in res["curve"]]
             ax2.plot(mb, f1, color=col[m], marker=".", label=m)
             ax2.plot([mb[b]], [f1[b]], "*", color=col[m], ms=12)
-    ax1.set(xlabel="round (centralized: checkpoint of max_steps steps)", ylabel="test macro-F1", title=setting["title"])
+    ax1.set(xlabel="round (centralized: checkpoint of clients x max_steps steps)", ylabel="test macro-F1", title=setting["title"])
     ax2.set(xlabel="cumulative MB uploaded (all clients)", ylabel="test macro-F1")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -573,7 +512,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "global test rows: the union of the clients' test slices, seeded sample of `max_test_rows`). "
         "Federated methods and centralized stop on the pooled validation rows of the federation "
         "(capped like the test rows); a local-only client stops on its own validation slice. A "
-        "centralized round is one client's `max_steps` steps on the pooled rows. The baselines, "
+        "centralized round is a federated round's samples (clients x `max_steps` steps) on the pooled rows, so the "
+        "pooled model gets at least the federation's compute; a local-only checkpoint is `max_steps` steps. The baselines, "
         "fedavg and the best other federated method (chosen on seed 0's validation macro-F1) run "
         "every seed; the other methods seed 0 only. Rounds / MB to 95% and 99%: the first round "
         "whose test macro-F1 reaches that share of centralized's mean (mean over the seeds that "
