@@ -189,3 +189,145 @@ def test_predict_skips_rows_without_text_or_refuses_with_strict(adapter, tiny_mo
     assert main(["predict", "--model", str(merged), "--input", str(rows), "--strict"]) == 2
     err = capsys.readouterr().err
     assert "row 2" in err and "empty or missing text (and 1 more such row(s))" in err
+
+
+TEXTS = ["love this soft dress", "awful itchy top, returned it", "plain okay size", "great color but tight " * 5]
+
+
+def _np_softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_default_export_has_onnx_that_onnxruntime_runs_like_the_adapter(adapter, tiny_model_dir, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from transformers import AutoTokenizer
+
+    from lorafed.serve.infer import load_serving_model
+
+    out = tmp_path / "merged"
+    report = export_adapter(adapter, out, str(tiny_model_dir))  # the default: merged, fp32
+    assert report.format == "merged" and report.onnx_skipped == ""
+    assert report.onnx_max_abs_diff is not None and report.onnx_max_abs_diff <= 1e-4
+    assert (out / "model.onnx").is_file()
+    assert json.loads((out / "lorafed_export.json").read_text())["onnx_max_abs_diff"] <= 1e-4
+    # Oracle: onnxruntime called directly on the tokenizer's output vs the un-merged adapter model.
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="np")
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()})[0]
+    want = _adapter_logits(adapter, tiny_model_dir, {k: torch.from_numpy(v) for k, v in enc.items()}).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    sm = load_serving_model(out)  # auto
+    assert sm.backend == "onnx" and "has model.onnx" in sm.backend_reason
+    assert np.abs(sm.onnx(enc) - want).max() <= 1e-4
+
+
+def test_no_onnx_flag_and_missing_packages_give_a_torch_only_export(
+    adapter, tiny_model_dir, tmp_path, capsys, caplog, monkeypatch
+) -> None:
+    import logging
+
+    from lorafed.serve import export as export_mod
+    from lorafed.serve.infer import load_serving_model
+    from lorafed.serve.onnx import OnnxError
+
+    src = save_payload(tmp_path / "global.safetensors", adapter.tensors, adapter.meta)
+    base = ["--adapter", str(src), "--base", str(tiny_model_dir)]
+    out = tmp_path / "plain"
+    with caplog.at_level(logging.INFO, logger="lorafed"):
+        assert main(["export", *base, "--out", str(out), "--no-onnx"]) == 0
+    assert not (out / "model.onnx").exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # asked for: nothing to warn about
+    assert "model.onnx" not in capsys.readouterr().out
+    sm = load_serving_model(out)
+    assert sm.backend == "torch" and "no model.onnx" in sm.backend_reason
+    assert main(["export", *base, "--out", str(tmp_path / "p"), "--format", "peft", "--no-onnx"]) == 2
+    assert "--no-onnx applies to --format merged" in capsys.readouterr().err
+
+    # Without the onnx packages the default export still succeeds, torch-only, with one warning naming the fix.
+    monkeypatch.setattr(export_mod, "missing_onnx_packages", lambda: ["onnx", "onnxruntime"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorafed"):
+        report = export_adapter(adapter, tmp_path / "noort", str(tiny_model_dir))
+    assert not (tmp_path / "noort" / "model.onnx").exists() and report.onnx_max_abs_diff is None
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1
+    assert (
+        "torch-only" in warned[0] and "pip install 'lorafed[onnx]'" in warned[0] and "onnx and onnxruntime" in warned[0]
+    )
+    assert "onnx and onnxruntime not installed" in report.onnx_skipped
+    with pytest.raises(OnnxError, match=r"--format onnx needs onnx and onnxruntime; pip install 'lorafed\[onnx\]'"):
+        export_adapter(adapter, tmp_path / "x", str(tiny_model_dir), "onnx")
+
+
+def test_failed_onnx_graph_is_never_shipped(adapter, tiny_model_dir, tmp_path, caplog, monkeypatch) -> None:
+    import logging
+
+    from lorafed.serve import export as export_mod
+    from lorafed.serve.onnx import OnnxError
+
+    def broken(model, tok, path, batches, tolerance):
+        Path(path).write_bytes(b"half a graph")
+        raise OnnxError("parity check failed: onnxruntime logits differ from torch's by 0.5 > 0.0001")
+
+    monkeypatch.setattr(export_mod, "export_onnx", broken)
+    with caplog.at_level(logging.WARNING, logger="lorafed"):
+        report = export_adapter(adapter, tmp_path / "m", str(tiny_model_dir))
+    assert not (tmp_path / "m" / "model.onnx").exists() and (tmp_path / "m" / "model.safetensors").is_file()
+    assert "the ONNX export failed (parity check failed" in report.onnx_skipped
+    assert any("torch-only" in r.getMessage() for r in caplog.records)
+    with pytest.raises(OnnxError, match="parity check failed"):
+        export_adapter(adapter, tmp_path / "o", str(tiny_model_dir), "onnx")
+    report = export_adapter(adapter, tmp_path / "h", str(tiny_model_dir), dtype="fp16")  # fp32 only: no attempt
+    assert "fp32 exports only" in report.onnx_skipped and not (tmp_path / "h" / "model.onnx").exists()
+
+
+def test_peft_export_loads_with_auto_peft_and_matches_predict(adapter, tiny_model_dir, tmp_path, capsys) -> None:
+    """AutoPeftModelForSequenceClassification on the peft export gives lorafed predict's probabilities.
+
+    Both sides are fp32 (export reloads the base in fp32, never int8), so they differ only by the
+    rounding of the merge (W + s B A summed once vs. applied as two matmuls): ~1e-7 in the logits,
+    well inside 1e-5. The oracle is plain transformers on the merged export with a numpy softmax.
+    """
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    peft_dir, merged = tmp_path / "peft", tmp_path / "merged"
+    export_adapter(adapter, peft_dir, str(tiny_model_dir), fmt="peft")
+    export_adapter(adapter, merged, str(tiny_model_dir), with_onnx=False)
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir) and "classifier" in cfg["modules_to_save"]
+    id2label = dict(enumerate(LABELS))
+    # peft builds the base from the base's own config, which has no labels: the saved 3-way head does not fit
+    # a default 2-way one. The model card gives the label maps that fix it (num_labels follows from id2label).
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        AutoPeftModelForSequenceClassification.from_pretrained(str(peft_dir))
+    card = (peft_dir / "README.md").read_text()
+    assert "AutoPeftModelForSequenceClassification.from_pretrained" in card
+    assert "id2label = {0: 'bad', 1: 'good', 2: 'meh'}" in card and "label2id=label2id" in card
+    label2id = {lab: i for i, lab in id2label.items()}
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        str(peft_dir), id2label=id2label, label2id=label2id
+    ).eval()
+    assert model.config.id2label == id2label and model.config.num_labels == 3
+    assert model.config.label2id == {"bad": 0, "good": 1, "meh": 2}
+    tok = AutoTokenizer.from_pretrained(peft_dir)
+    enc = tok(TEXTS, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        got = _np_softmax(model(**enc).logits.numpy())
+
+    oracle_model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    oracle_enc = AutoTokenizer.from_pretrained(merged)(TEXTS, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        oracle = _np_softmax(oracle_model(**oracle_enc).logits.numpy())
+    assert np.abs(got - oracle).max() <= 1e-5
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text\n" + "".join(f'"{t}"\n' for t in TEXTS), encoding="utf-8")
+    assert main(["predict", "--model", str(merged), "--input", str(rows)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    predicted = np.array([[r["probabilities"][lab] for lab in LABELS] for r in records])
+    assert np.abs(got - predicted).max() <= 1e-5
+    assert [r["label"] for r in records] == [id2label[int(i)] for i in got.argmax(axis=1)]

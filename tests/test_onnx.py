@@ -89,6 +89,21 @@ def test_onnx_backend_probabilities_match_torch(onnx_export: Path, tmp_path: Pat
         resolve_backend(tmp_path, "tensorrt")
 
 
+def test_auto_backend_says_why(onnx_export: Path, tmp_path: Path, monkeypatch) -> None:
+    from lorafed.serve import infer
+
+    assert infer.choose_backend(onnx_export) == (
+        "onnx",
+        "auto: the export has model.onnx and onnxruntime is installed (faster than torch on CPU)",
+    )
+    backend, why = infer.choose_backend(tmp_path)
+    assert backend == "torch" and why.startswith("auto: the export has no model.onnx (re-export without --no-onnx")
+    monkeypatch.setattr(infer, "onnxruntime_available", lambda: False)
+    backend, why = infer.choose_backend(onnx_export)
+    assert backend == "torch" and "has model.onnx but onnxruntime is not installed" in why
+    assert "pip install 'lorafed[onnx]'" in why
+
+
 def test_http_onnx_backend_matches_torch(onnx_export: Path) -> None:
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
@@ -98,13 +113,17 @@ def test_http_onnx_backend_matches_torch(onnx_export: Path) -> None:
 
     want = predict_proba(load_serving_model(onnx_export, "torch"), TEXTS)
     with TestClient(create_app(onnx_export, backend="onnx")) as c:
-        assert c.get("/metadata").json()["backend"] == "onnx"
+        meta = c.get("/metadata").json()
+        assert meta["backend"] == "onnx" and meta["backend_reason"] == "--backend onnx was asked for"
         res = c.post("/predict", json={"texts": TEXTS})
         assert res.status_code == 200, res.text
         got = np.array([[p["probabilities"][lab] for lab in LABELS] for p in res.json()["predictions"]])
     assert np.abs(got - want).max() <= 1e-4
     with TestClient(create_app(onnx_export, backend="torch")) as c:
         assert c.get("/metadata").json()["backend"] == "torch"
+    with TestClient(create_app(onnx_export)) as c:  # auto: the export has model.onnx
+        meta = c.get("/metadata").json()
+        assert meta["backend"] == "onnx" and "has model.onnx and onnxruntime is installed" in meta["backend_reason"]
 
 
 def test_export_cli_onnx_and_refusals(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:

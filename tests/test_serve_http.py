@@ -104,6 +104,26 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(export_dir
     assert batches < len(TEXTS)  # at least two requests shared a forward pass
 
 
+def test_every_batch_runs_on_one_model_thread(export_dir) -> None:
+    sm = load_serving_model(export_dir)
+    app = create_app(export_dir, ServeLimits(max_batch=1, max_wait_ms=0), sm=sm)
+    batcher = app.state.batcher
+    seen: list[tuple[int, str]] = []
+    real = batcher.run_batch
+
+    def spy(jobs):
+        seen.append((threading.get_ident(), threading.current_thread().name))
+        return real(jobs)
+
+    batcher.run_batch = spy
+    with TestClient(app) as c:
+        for text in TEXTS:
+            assert c.post("/predict", json={"texts": [text]}).status_code == 200
+    assert len(seen) == len(TEXTS)  # max_batch 1: one batch per request
+    assert len({ident for ident, _ in seen}) == 1 and seen[0][1].startswith("lorafed-model")
+    assert threading.get_ident() not in {ident for ident, _ in seen}
+
+
 def test_limits_answer_413_and_422_naming_the_limit(client) -> None:
     res = client.post("/predict", content=b'{"texts": ["' + b"a" * 5000 + b'"]}')
     assert res.status_code == 413
@@ -158,7 +178,7 @@ def test_full_queue_answers_503_at_once(export_dir) -> None:
     assert codes == [200, 200]
 
 
-def test_health_metadata_and_page(client, tiny_model_dir) -> None:
+def test_health_metadata_and_page(client, tiny_model_dir, export_dir) -> None:
     res = client.get("/health")
     assert res.status_code == 200 and res.json()["status"] == "ok"
     meta = client.get("/metadata").json()
@@ -168,6 +188,10 @@ def test_health_metadata_and_page(client, tiny_model_dir) -> None:
     assert meta["rounds"] == 3
     assert meta["final_metrics"] == {"accuracy": 0.75, "macro_f1": 0.7, "test_loss": 0.6}
     assert meta["input"]["pair_mode"] == "pair" and meta["input"]["max_length"] == 24
+    # The default export carries model.onnx (when the onnx packages are installed), so auto serves onnxruntime.
+    has_onnx = (export_dir / "model.onnx").is_file()
+    assert meta["backend"] == ("onnx" if has_onnx else "torch")
+    assert meta["backend_reason"].startswith("auto: the export has " + ("model.onnx" if has_onnx else "no model.onnx"))
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<form" in page.text and "http://" not in page.text and "https://" not in page.text

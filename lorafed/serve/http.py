@@ -14,8 +14,8 @@ naming the limit::
                "message": "..."}}
 
 The model runs on the ``torch`` or ``onnx`` (onnxruntime) backend; ``auto`` (the default) takes
-``onnx`` when the export has ``model.onnx`` (``lorafed export --format onnx``) and onnxruntime is
-installed. ``GET /metadata`` names the backend in use.
+``onnx`` when the export has ``model.onnx`` (``lorafed export`` writes it unless ``--no-onnx``) and
+onnxruntime is installed. The start-up log line and ``GET /metadata`` name the backend and why.
 
 Start it with :func:`serve` (binds 127.0.0.1 by default; uvicorn stops cleanly on SIGTERM/SIGINT).
 """
@@ -79,6 +79,7 @@ def model_metadata(model_dir: str | Path, sm: ServingModel, limits: ServeLimits)
         "federation": fed or None,
         "parity_max_abs_diff": info.get("max_abs_diff"),
         "backend": sm.backend,
+        "backend_reason": sm.backend_reason,
         "onnx_max_abs_diff": info.get("onnx_max_abs_diff"),
         "limits": asdict(limits),
     }
@@ -117,7 +118,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         logger.info(
-            "serving %s (%d labels, %s backend) with limits %s", model_dir, len(sm.labels), sm.backend, asdict(limits)
+            "serving %s (%d labels) on the %s backend (%s) with limits %s",
+            model_dir,
+            len(sm.labels),
+            sm.backend,
+            sm.backend_reason or "given",
+            asdict(limits),
         )
         try:
             yield
@@ -214,7 +220,8 @@ def serve(
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         raise ServeError(f"log level {log_level!r} is not one of debug, info, warning, error")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger("lorafed").handlers:  # the CLI's handler already shows them: one line per request
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(level)
     # This process's share of the cores among the lorafed processes on the machine (torch, and
     # onnxruntime's intra-op pool, which is fixed when its session starts); see lorafed.threads.

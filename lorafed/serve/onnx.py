@@ -14,6 +14,7 @@ that froze the batch or sequence size fails), within ``tolerance``.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,10 @@ ONNX_FILE = "model.onnx"
 #: Opset written (>= 17: LayerNormalization is one op).
 ONNX_OPSET = 17
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+#: What an ONNX export needs: ``onnx`` (the exporter writes through it) and ``onnxruntime`` (the parity check).
+ONNX_PACKAGES = ("onnx", "onnxruntime")
+#: How to get them (they are core dependencies; the extra exists for installs that left them out).
+ONNX_INSTALL = "pip install 'lorafed[onnx]'"
 
 
 class OnnxError(LorafedError):
@@ -42,6 +47,17 @@ def onnxruntime_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def missing_onnx_packages() -> list[str]:
+    """The packages of :data:`ONNX_PACKAGES` that do not import (empty: an ONNX export can be written)."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def _require_onnxruntime() -> Any:
