@@ -13,6 +13,10 @@ checkpoints) and reports the test scores of that checkpoint only, so no method i
 arbitrary budget: the federation and the pooled model on the pooled validation rows, each party
 alone on its own validation slice (a party alone has nothing else). The test rows are the
 federation's global test rows for all three.
+
+:func:`run_federated` is the benchmarks' convergence protocol for one federated run: the
+federation up to a round cap, early-stopped on the pooled validation rows, scored at its best
+round (``scripts/bench_quality.py``, ``scripts/dp_record_accuracy.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +161,70 @@ def train_alone(
         b = stop.best_at
         checkpoints[b] = (b, checkpoints[b][1], evaluate_state(fed, best_state))
     return {**_best(checkpoints), "checkpoints_run": len(checkpoints) - 1, "stopped_early": stopped and r < last}
+
+
+def run_federated(
+    fed: Cohort, cfg: RunConfig, work: Path, val: np.ndarray, rounds: int, patience: int | None
+) -> dict[str, Any]:
+    """One federated run through the in-process engine, early-stopped on ``val`` (the convergence protocol).
+
+    The federation runs with ``federation.rounds = rounds``, the cap, so a record-level DP
+    ``target_epsilon`` is calibrated for the cap and early stopping spends less epsilon, never
+    more. After each round the engine's stop callback scores the new global adapter (as recorded)
+    on the pooled validation rows; ``patience`` rounds without a better validation macro-F1 end
+    the run. The test scores reported are those of the best-validation round.
+
+    Args:
+        fed: The federation prepared once for the setting and seed (data, splits, tokens, model).
+        cfg: The method's config (the setting's, with the method's overrides); its
+            ``federation.rounds`` is replaced by ``rounds``.
+        work: The run folder (``metrics.jsonl`` and the payloads of every round).
+        val: The validation rows (:func:`val_positions`).
+        rounds: The round cap.
+        patience: Rounds without a better validation macro-F1 before stopping (``None``: never).
+
+    Returns:
+        The test scores of the best-validation round, the per-round curve (validation and test
+        macro-F1, cumulative upload bytes), rounds run, bytes per client per round and seconds.
+    """
+    t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=rounds))
+    stop = EarlyStop(patience)
+    val_f1 = [evaluate_state(fed, fed.initial_state, val).macro_f1]
+    stop.update(0, val_f1[0])
+    record = RunRecord(work)
+
+    def scored(r: int, _state: dict[str, torch.Tensor], _scores: EvalResult | None) -> bool:
+        # The adapter as recorded (decoded from its wire encoding) is the one that would be released.
+        state = {k: v.to(torch.float32) for k, v in load_payload(record.global_path(r)).decoded().items()}
+        val_f1.append(evaluate_state(fed, state, val).macro_f1)
+        return stop.update(r, val_f1[-1])
+
+    simulate(cfg, work, progress=False, fed=dataclasses.replace(fed, config=cfg), stop=scored)
+    rows = read_metrics(work / "metrics.jsonl")
+    curve, bytes_cum = [], 0
+    for row, v in zip(rows, val_f1, strict=True):
+        bytes_cum += row["bytes_up"]
+        curve.append(
+            {
+                "round": row["round"],
+                "val_macro_f1": v,
+                "macro_f1": row["macro_f1"],
+                "accuracy": row["accuracy"],
+                "bytes_up_cum": bytes_cum,
+            }
+        )
+    best = curve[stop.best_at]
+    return {
+        "macro_f1": best["macro_f1"],
+        "accuracy": best["accuracy"],
+        "best_round": stop.best_at,
+        "rounds_run": len(curve) - 1,
+        "final_macro_f1": curve[-1]["macro_f1"],
+        "curve": curve,
+        "bytes_per_client_round": statistics.mean(row["bytes_up"] / len(row["clients"]) for row in rows[1:]),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def compare(
