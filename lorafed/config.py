@@ -30,6 +30,7 @@ from lorafed.errors import ConfigError
 from lorafed.model.int8 import Int8Backend, Precision
 from lorafed.partition import Scheme
 from lorafed.server.aggregate import Weighting
+from lorafed.server.claims import OverRatio
 from lorafed.server.robust import Robust
 from lorafed.server.server_opt import ServerOptimizer
 from lorafed.wire.compress import Transport
@@ -320,9 +321,14 @@ class FederationConfig:
             the round's consensus: its cosine with the coordinate-wise median delta is below this
             (a sign-flipped update scores about -1 x an honest one; ``null``: off, the default:
             under label skew honest clients score below 0 too, -0.36 seen on a Dirichlet split).
-        max_examples_ratio: With 3 or more valid updates, no client weighs more than this multiple
-            of the round's median ``num_examples`` (a claimed 10^6 rows is averaged as ``ratio x
-            median``; ``null``: off). Natural partitions stay under it (clothing: 3.8).
+        max_examples_ratio: A client's ``num_examples`` above this multiple of the median claim of
+            the other clients (this round's and those pinned earlier in the run; at least 2) is
+            implausible, dealt with as ``over_ratio`` says (``null``: off). Natural partitions stay
+            under it (clothing: Tops / median of the other departments = 6.1).
+        over_ratio: ``refuse`` an implausible claim with its reason (not averaged), or ``cap`` it
+            (averaged as if it claimed ``max_examples_ratio x`` the others' median).
+        max_examples_growth: A client's claim above this multiple of its first accepted claim in
+            the run is capped to it (its rows do not change within a run; ``null``: off).
         max_client_share: No client's share of the weighted average may exceed this, in (0, 1]:
             a client claiming an inflated ``num_examples`` is capped (``null``: off).
         robust: ``none`` (the rule in ``aggregation``), or a coordinate-wise ``trimmed_mean`` or
@@ -361,6 +367,8 @@ class FederationConfig:
     max_client_share: float | None = None
     min_update_cosine: float | None = None
     max_examples_ratio: float | None = 10.0
+    over_ratio: OverRatio = "refuse"
+    max_examples_growth: float | None = 2.0
     robust: Robust = "none"
     trim_ratio: float = 0.2
     clip_update_norm: float | None = None
@@ -878,6 +886,10 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(
         f.max_examples_ratio is None or f.max_examples_ratio >= 1,
         f"federation.max_examples_ratio: must be >= 1 or null, got {f.max_examples_ratio}",
+    )
+    need(
+        f.max_examples_growth is None or f.max_examples_growth >= 1,
+        f"federation.max_examples_growth: must be >= 1 or null, got {f.max_examples_growth}",
     )
     need(
         f.min_update_cosine is None or -1 <= f.min_update_cosine <= 1,

@@ -6,28 +6,32 @@ Two studies, each from the same seed in every run:
 aggregation rule (FedAvg, trimmed mean, median, norm clipping); final test accuracy and macro-F1
 and the change against the clean FedAvg run. Writes ``results/robustness_<setting>``.
 
-``--study policy``: the server's *default* policy (``federation.max_update_ratio`` 10, FedAvg)
-against a scaled update (x100), a sign flip (x-1: same norm as an honest delta, so it passes the
-norm bound), an inflated weight (``num_examples`` claimed 10^6 with an honest update) and an
-inflated sign flip, the last two also with ``federation.max_client_share=0.5``. Reports the clean
-macro-F1, each attack's and the difference (target: at most 1 point), and per run how often the
-attacker was refused and its largest share of the average. Writes
-``results/robustness_policy_<setting>``.
+``--study policy``: the server's *default* policy (FedAvg; ``federation.max_update_ratio`` 10;
+``max_examples_ratio`` 10 with ``over_ratio: refuse`` and ``max_examples_growth`` 2, see
+:mod:`lorafed.server.claims`) against a scaled update (x100), a sign flip (x-1: same norm as an
+honest delta, so it passes the norm bound), an inflated weight (``num_examples`` claimed 10^6
+with an honest update), an inflated sign flip, and the *adaptive* attacker, which claims just
+under the ratio bound (10 x the median of the other clients' rows: the most the default policy
+averages at full weight) with an honest update and with a sign flip, those two also with
+``federation.max_client_share=0.5``. Reports the clean macro-F1, each attack's and the
+difference (target: at most 1 point), and per run how often the attacker was refused and its
+largest share of the average. Writes ``results/robustness_policy_<setting>``.
 
     flock /tmp/lorafed-heavy.lock python scripts/robustness.py --setting tiny
     flock /tmp/lorafed-heavy.lock python scripts/robustness.py --setting real   # packaged MiniLM, real data
     python scripts/robustness.py --study policy --tiny                         # tiny model, ~1 min
-    flock /tmp/lorafed-heavy.lock python scripts/robustness.py --study policy --setting real  # ~10 min, 2 cores
+    flock /tmp/lorafed-heavy.lock python scripts/robustness.py --study policy --setting real  # ~7 min, 2 cores
 
 The real policy setting is the packaged MiniLM in int8 on ``configs/clothing_recommend.yaml`` with
-5 IID clients, 3000 rows, 3 rounds of 6 steps of 16 at ``max_length`` 64 with bf16 autocast
-(~1,440 training samples and the evaluations of 400 test rows per run, 7 runs).
+5 IID clients, 4000 rows, 4 rounds of 12 steps of 16 at ``max_length`` 64 with the main job's
+client step (~3,840 training samples and the evaluations of 400 test rows per run, 9 runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import tempfile
 import time
@@ -37,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import numpy as np  # noqa: E402
 from _tiny import make_tiny, tiny_overrides  # noqa: E402
 
 import lorafed.measure as lm  # noqa: E402
@@ -145,16 +150,43 @@ def inflate_examples(clients: list[str], claimed: int) -> Wrapper:
     return wrap
 
 
+def claim_under_bound(clients: list[str]) -> Wrapper:
+    """The chosen clients claim just under the server's ratio bound: the adaptive weight inflater.
+
+    The claim is ``ceil(max_examples_ratio x m) - 1``, with ``m`` the median of the other clients'
+    training rows (their claims), so the default policy averages it at full weight: what a client
+    that knows the others' sizes can still get.
+    """
+
+    def wrap(inner):
+        def client(fed, state, k, r):
+            tensors, result = inner(fed, state, k, r)
+            ratio = fed.config.federation.max_examples_ratio
+            if fed.partition.client_ids[k] in clients and ratio is not None:
+                others = [len(s.train) for j, s in enumerate(fed.splits) if j != k]
+                claim = math.ceil(ratio * float(np.median(others))) - 1
+                result = dataclasses.replace(result, num_examples=claim)
+            return tensors, result
+
+        return client
+
+    return wrap
+
+
 def policy_attacks() -> dict[str, tuple[Wrapper | None, bool]]:
     """Attack name -> (client wrapper, whether ``max_client_share`` can matter for it)."""
     flip = scale_update([ATTACKER], -1.0)
     inflate = inflate_examples([ATTACKER], CLAIMED)
+    adaptive = claim_under_bound([ATTACKER])
     return {
         "none": (None, False),
         "scaled x100": (scale_update([ATTACKER], 100.0), False),
         "sign flip (x-1)": (flip, False),
-        f"weight inflated (num_examples {CLAIMED:.0e}, honest update)": (inflate, True),
-        f"weight inflated + sign flip ({CLAIMED:.0e})": (chain(inflate, flip), True),
+        # Refused under the default policy (over_ratio: refuse), so max_client_share cannot matter.
+        f"weight inflated (num_examples {CLAIMED:.0e}, honest update)": (inflate, False),
+        f"weight inflated + sign flip ({CLAIMED:.0e})": (chain(inflate, flip), False),
+        "adaptive: claims just under the ratio bound, honest update": (adaptive, True),
+        "adaptive: claims just under the ratio bound + sign flip": (chain(adaptive, flip), True),
     }
 
 
@@ -251,12 +283,13 @@ def policy_study(args: argparse.Namespace) -> None:
         f"Config `{result['config']}` with overrides `{' '.join(shown)}`.",
         f"{ATTACKER} of 5 attacks every round. Scaled: it sends `g + factor * (u - g)` (x100; sign flip x-1, the",
         "same norm as its honest delta). Weight inflated: its header claims "
-        f"`num_examples` = {CLAIMED:,} (under the default bound of 10^9).",
+        f"`num_examples` = {CLAIMED:,} (under the default bound of 10^9). Adaptive: it claims just under the",
+        "ratio bound, `ceil(10 x m) - 1` with m the median of the other clients' rows, every round.",
         "Default policy (the config defaults): FedAvg weighted by samples; `federation.max_update_ratio` 10 (an",
-        "update whose delta norm is above 10x the global adapter's norm is refused); `min_update_cosine` -0.2 (an",
-        "update pointing against the round's median delta is refused; off by default since this run, see the",
-        "README); `max_examples_ratio` 10 (no client weighs",
-        "more than 10x the round's median num_examples). `max_client_share=0.5` additionally caps any share.",
+        "update whose delta norm is above 10x the global adapter's norm is refused); `max_examples_ratio` 10 with",
+        "`over_ratio: refuse` (a claim above 10x the median claim of the other clients is refused, not averaged);",
+        "`max_examples_growth` 2 (a claim above 2x the client's first accepted one is capped); `min_update_cosine`",
+        "off. `max_client_share=0.5` additionally caps any share.",
         "One run per row (seed 0); macro-F1 on the held-out test rows after the last round.",
         "",
         f"Clean macro-F1: {clean['macro_f1']:.4f} (accuracy {clean['accuracy']:.4f}).",

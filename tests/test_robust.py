@@ -172,8 +172,11 @@ def test_a_sign_flipped_update_is_refused_by_direction() -> None:
     assert len(fold_updates(ups, spec, reference=ref).accepted) == 5
 
 
-def test_an_inflated_weight_is_capped_at_ratio_times_the_median() -> None:
-    """Claims 10, 20, 30, 10^6: the median is 25, so the inflated client weighs 10 x 25 = 250."""
+def test_an_inflated_weight_is_capped_at_ratio_times_the_others_median() -> None:
+    """``over_ratio: cap``, claims 10, 20, 30, 10^6: the others' median is 20, so the inflated client weighs 200.
+
+    (The default, ``refuse``, is tested in tests/test_claims.py.)
+    """
     from lorafed.server.fold import Incoming, fold_updates
     from lorafed.server.validate import UpdateSpec
     from lorafed.wire.adapter import adapter_spec
@@ -188,9 +191,9 @@ def test_an_inflated_weight_is_capped_at_ratio_times_the_median() -> None:
         Incoming(f"c{i}", payload_to_bytes({"w": torch.full((4,), v)}, ident.meta(f"c{i}", 1, n)))
         for i, (v, n) in enumerate(zip(values, claims, strict=True))
     ]
-    out = fold_updates(ups, spec, reference=ref, max_examples_ratio=10.0)
-    weights = [10, 20, 30, 250]
+    out = fold_updates(ups, spec, reference=ref, max_examples_ratio=10.0, over_ratio="cap")
+    weights = [10, 20, 30, 200]
     want = np.average(values, weights=weights)
     np.testing.assert_allclose(out.state["w"].numpy(), np.full(4, want), rtol=1e-6)
-    assert out.weight_clipped == {"c3": 250.0}
-    assert abs(out.shares["c3"] - 250 / 310) < 1e-9
+    assert out.weight_clipped == {"c3": 200.0}
+    assert abs(out.shares["c3"] - 200 / 260) < 1e-9

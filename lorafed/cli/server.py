@@ -34,7 +34,8 @@ def add_parsers(sub: Any) -> None:
             "are the spec and the reference) or, in round 1, from the fresh adapter seeded by --config "
             "(the base is loaded to fingerprint it; labels from data.labels). Server settings come from "
             "--config; with --global alone, the defaults (sample-weighted FedAvg, min_clients 1). A server "
-            "optimizer's state is read from GLOBAL_STEM.server_opt.safetensors and written beside --out."
+            "optimizer's state is read from GLOBAL_STEM.server_opt.safetensors and written beside --out; so are "
+            "the clients' pinned num_examples claims (GLOBAL_STEM.claims.json: federation.max_examples_growth)."
             "\n\nWith fewer than federation.min_clients valid updates nothing is written and the exit code is 2."
         ),
         example=(
@@ -178,6 +179,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     )
     if opt_path is not None:
         print(f"{f.server_optimizer} state written to {opt_path}")
+    for cid, weight in outcome.weight_clipped.items():
+        print(f"client {cid!r} averaged with weight {weight:.6g}, below its claimed num_examples")
     return 0
 
 

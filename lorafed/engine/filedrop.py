@@ -111,15 +111,16 @@ class FileDrop:
                     out.failures.append({"client": item, "reason": f"unreadable: {exc}"})
                     continue
                 try:
-                    meta = header_from_bytes(data, item).meta
+                    head = header_from_bytes(data, item)
                 except PayloadError:  # the server step rejects it, with its reason
                     out.replies.append((-1, Incoming(item, data, signature=sig)))
                     continue
+                meta = head.meta
                 reason = self._misplaced(item, meta, ids)
                 if reason:
                     out.failures.append({"client": item, "reason": reason})
                     continue
-                out.replies.append((-1, Incoming(item, data, signature=sig)))
+                out.replies.append((-1, Incoming(item, data, signature=sig, header=head)))  # parsed once
                 if meta.round == round_ and meta.base_fingerprint == self.identity.base_fingerprint:
                     ids.add(meta.client_id)
             if len(ids) >= len(clients):

@@ -138,6 +138,8 @@ def simulate(
     state = None
     if resume:
         state, policy.server_opt = record.resume(fed.spec(None), fcfg.server_optimizer != "none")
+        if state is not None:
+            policy.claims = record.read_claims(record.rows[-1]["round"])
     else:
         record.fresh()
     if state is None:

@@ -107,7 +107,7 @@ def publish(
         lineage.update(parent_round=r - 1, parent=payload_digest(parent))
     meta = fed.identity.meta("server", r, max(num_examples, 1), kind="global", metrics=lineage)
     data = payload_to_bytes(state, meta)
-    path = fed.record.write_global(r, data, fed.policy.server_opt)
+    path = fed.record.write_global(r, data, fed.policy.server_opt, fed.policy.claims)
     if fed.signing is not None:
         write_signature(path, fed.signing.sign_global(data))
     return data
@@ -156,6 +156,10 @@ def run_round(
         received += got.replies
         received.sort(key=lambda kv: (kv[0], kv[1].source))
         t = time.perf_counter()
+        # A retry hands the server step every update received so far, so those of earlier attempts
+        # are parsed and validated again: the claim and direction checks compare a round's updates
+        # with each other, and keeping decoded tensors across attempts would hold the whole round
+        # in memory (a file drop's). Validation costs milliseconds per update next to training.
         result = fed.policy.try_aggregate(
             [u for _, u in received], fed.spec(r), state, r, asked=len(chosen), keep_bytes=True
         )
@@ -179,6 +183,15 @@ def run_round(
     outcome = result.outcome
     for src, reason in outcome.rejected:
         logger.warning("round %d: rejected %s: %s", r, src, reason)
+    for cid, weight in outcome.weight_clipped.items():
+        logger.warning(
+            "round %d: client %r averaged with weight %.6g, below its claimed num_examples (max_examples_growth, "
+            "over_ratio: cap or max_client_share); its share is %.4f",
+            r,
+            cid,
+            weight,
+            outcome.shares.get(cid, 0.0),
+        )
     if result.state is None:
         drop = "; ".join(f"{x['client']}: {x['reason']}" for x in failed) or "none"
         rej = "; ".join(reason for _, reason in outcome.rejected) or "none"

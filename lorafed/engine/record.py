@@ -7,6 +7,7 @@ Layout::
     rounds/global_rN.safetensors     the global adapter after N rounds
     rounds/rN/<client>.safetensors   the updates averaged in round N, as received
     rounds/server_opt_rN.safetensors FedAdam/FedYogi moments after round N
+    rounds/claims_rN.json            each client's pinned num_examples claim after round N
     summary.json, metrics.png        written at the end
 
 Each global adapter's header records its lineage under ``metrics``: ``run`` (this run's id, kept
@@ -38,6 +39,7 @@ import torch
 from lorafed.errors import LorafedError
 from lorafed.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from lorafed.metrics import EvalResult
+from lorafed.server.claims import load_claims, save_claims
 from lorafed.server.server_opt import ServerOptState, load_server_opt, save_server_opt
 from lorafed.server.validate import UpdateSpec, validate_update
 from lorafed.wire.reader import load_payload
@@ -120,6 +122,18 @@ class RunRecord:
         """Where the server optimizer state after ``r`` rounds is kept."""
         return self.out / "rounds" / f"server_opt_r{r}.safetensors"
 
+    def claims_path(self, r: int) -> Path:
+        """Where the clients' pinned claims after ``r`` rounds are kept (see :mod:`lorafed.server.claims`)."""
+        return self.out / "rounds" / f"claims_r{r}.json"
+
+    def read_claims(self, r: int) -> dict[str, float]:
+        """The clients' pinned claims after round ``r`` (none for a run recorded before they were kept).
+
+        Raises:
+            LorafedError: The claims file is malformed.
+        """
+        return load_claims(self.claims_path(r))
+
     def fresh(self) -> None:
         """Start from nothing: remove what an earlier run left here."""
         self.out.mkdir(parents=True, exist_ok=True)
@@ -165,10 +179,18 @@ class RunRecord:
         logger.info("resuming %s after round %d", self.out, last)
         return {k: v.to(torch.float32) for k, v in payload.decoded().items()}, opt
 
-    def write_global(self, r: int, data: bytes, server_opt: ServerOptState | None = None) -> Path:
-        """Keep the global adapter after round ``r`` (and the server optimizer state first)."""
+    def write_global(
+        self,
+        r: int,
+        data: bytes,
+        server_opt: ServerOptState | None = None,
+        claims: Mapping[str, float] | None = None,
+    ) -> Path:
+        """Keep the global adapter after round ``r`` (and first the server optimizer state and the pinned claims)."""
         if server_opt is not None:
             save_server_opt(self.server_opt_path(r), server_opt)
+        if claims is not None:
+            save_claims(self.claims_path(r), claims)
         return atomic_write_bytes(self.global_path(r), data)
 
     def write_updates(self, r: int, payloads: Mapping[str, bytes]) -> None:
@@ -197,7 +219,7 @@ class RunRecord:
     def _remove_rounds_after(self, last: int) -> None:
         rounds = self.out / "rounds"
         for p in rounds.iterdir() if rounds.exists() else ():
-            m = re.fullmatch(r"(?:global_|server_opt_)?r(\d+)(?:\.safetensors)?", p.name)
+            m = re.fullmatch(r"(?:global_|server_opt_|claims_)?r(\d+)(?:\.safetensors|\.json)?", p.name)
             if m and int(m.group(1)) > last:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 

@@ -9,7 +9,9 @@ clients started from, the server optimizer's state — and runs the same
 update clipping, client-level DP, FFA/RoLoRA and server optimizers all apply.
 
 The server optimizer's state travels beside the global adapter as
-``<stem>.server_opt.safetensors`` (see :func:`server_opt_path`).
+``<stem>.server_opt.safetensors`` (see :func:`server_opt_path`), and the clients' pinned
+``num_examples`` claims as ``<stem>.claims.json`` (see :func:`claims_path` and
+:mod:`lorafed.server.claims`), so the next round's server refuses or caps as a long-running one would.
 
 With ``federation.signing.registry`` each update file must have its client's signature beside it
 (``<update>.sig``, as ``lorafed client train`` writes it) and the new global adapter gets the
@@ -28,6 +30,7 @@ import torch
 from lorafed.config import RunConfig
 from lorafed.errors import LorafedError
 from lorafed.files import atomic_write_bytes
+from lorafed.server.claims import load_claims, save_claims
 from lorafed.server.fold import Incoming
 from lorafed.server.server_opt import load_server_opt, save_server_opt
 from lorafed.server.specs import federation_base, federation_labels, round_spec
@@ -62,6 +65,12 @@ def server_opt_path(adapter: str | Path) -> Path:
     ``X.server_opt.safetensors``)."""
     p = Path(adapter)
     return p.with_name(f"{p.stem}.server_opt.safetensors")
+
+
+def claims_path(adapter: str | Path) -> Path:
+    """Where the pinned claims of the global adapter ``adapter`` are kept (``X.safetensors`` -> ``X.claims.json``)."""
+    p = Path(adapter)
+    return p.with_name(f"{p.stem}.claims.json")
 
 
 def start_from_global(path: str | Path, config: RunConfig | None = None, round_: int | None = None) -> Start:
@@ -116,7 +125,7 @@ def aggregate_by_hand(
     """Validate and aggregate update files as the federation's server would.
 
     The policy has ``len(updates)`` clients, the config's seed, and the server optimizer state
-    saved beside ``start.global_path`` (when there is one).
+    and pinned claims saved beside ``start.global_path`` (when there are).
 
     Returns:
         The result (``state`` is ``None`` when fewer than ``federation.min_clients`` updates were
@@ -125,6 +134,7 @@ def aggregate_by_hand(
     Raises:
         PayloadError: The saved server optimizer state is unreadable.
         AggregationError: It is not an optimizer state.
+        LorafedError: The saved claims file is malformed.
         ConfigError: A key registry without ``federation.signing.server_key``.
         SignatureError: The registry or the server key is unreadable or not the registry's.
     """
@@ -135,6 +145,8 @@ def aggregate_by_hand(
         saved = server_opt_path(start.global_path)
         if saved.is_file():
             policy.server_opt = load_server_opt(saved)
+    if start.global_path is not None:
+        policy.claims = load_claims(claims_path(start.global_path))
     spec = start_spec(start, config)
     result = policy.try_aggregate([Incoming.from_file(p) for p in updates], spec, start.reference, start.round)
     return result, policy
@@ -143,7 +155,7 @@ def aggregate_by_hand(
 def write_global(
     out: str | Path, result: RoundResult, policy: RoundPolicy, start: Start
 ) -> tuple[Path, Path | None, PayloadMeta]:
-    """Write the new global adapter (and the server optimizer state beside it, if any).
+    """Write the new global adapter, the pinned claims beside it, and the server optimizer state (if any).
 
     With a key registry in ``federation.signing``, the server's signature is written beside the
     adapter first (``<out>.sig``).
@@ -175,6 +187,7 @@ def write_global(
     signing = server_signing(fcfg.signing)
     if signing is not None:
         write_signature(out, signing.sign_global(data))
+    save_claims(claims_path(out), policy.claims)
     path = atomic_write_bytes(out, data)
     opt_path = save_server_opt(server_opt_path(path), policy.server_opt) if policy.server_opt is not None else None
     return path, opt_path, meta

@@ -5,8 +5,9 @@ Each one either becomes part of the weighted mean or is refused with a named rea
 never stops the others. :mod:`lorafed.server.step` runs it inside a federation's round.
 
 Why one module over 300 lines: every check an untrusted update goes through sits in one
-readable path (parse, duplicate ids, validation, norm bound, share cap, finite result), so a
-reviewer sees the whole attack surface of the server at once.
+readable path (parse, duplicate ids, validation, norm bound, claimed weight, direction, share cap,
+finite result), so a reviewer sees the whole attack surface of the server at once. The policy on
+claimed weights (``num_examples``) is :mod:`lorafed.server.claims`.
 
 With a key registry (``verifier``), an update counts only when its detached Ed25519 signature
 verifies for the client id its header claims (:mod:`lorafed.wire.sign`); the signature is checked
@@ -23,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError, SignatureError
 from lorafed.server.aggregate import WeightedMean, Weighting, require_finite
+from lorafed.server.claims import OverRatio, check_claims
 from lorafed.server.privacy import DPSum
 from lorafed.server.robust import Robust, clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.server.validate import UpdateSpec, validate_update
@@ -51,12 +52,16 @@ class Incoming:
         signature: The sender's detached Ed25519 signature of the payload bytes (see
             :mod:`lorafed.wire.sign`); ``None``: none came with it, or, with ``path``, the
             ``<path>.sig`` file beside it is read when needed.
+        header: The header of ``data`` as the transport already parsed it (a file drop reads it
+            to count clients), so it is not parsed twice; used only when ``data`` starts with
+            its bytes.
     """
 
     source: str
     data: bytes | None = None
     path: Path | None = None
     signature: bytes | None = None
+    header: PayloadHeader | None = None
 
     def read_signature(self) -> bytes | None:
         """The signature that came with the payload (for a file: its ``.sig`` file), or ``None``.
@@ -107,6 +112,9 @@ class RoundOutcome:
             weight ``max_share`` lowered (its claimed weight is its ``num_examples``).
         verified: Client ids whose signature verified (empty without a verifier).
         signatures: Client id -> the accepted update's signature (for the run record), when kept.
+        claims: Client id -> its ``num_examples`` as accepted (after ``max_examples_growth`` and,
+            under ``over_ratio: cap``, the ratio bound; before ``max_share``), for every accepted
+            update: what the server pins as the client's claim when it first accepts one.
     """
 
     state: dict[str, torch.Tensor] | None
@@ -120,6 +128,7 @@ class RoundOutcome:
     weight_clipped: dict[str, float] = field(default_factory=dict)
     verified: list[str] = field(default_factory=list)
     signatures: dict[str, bytes] = field(default_factory=dict)
+    claims: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -144,6 +153,9 @@ def fold_updates(
     verifier: Mapping[str, Ed25519PublicKey] | None = None,
     min_cosine: float | None = None,
     max_examples_ratio: float | None = None,
+    over_ratio: OverRatio = "refuse",
+    max_examples_growth: float | None = None,
+    known_claims: Mapping[str, float] | None = None,
 ) -> RoundOutcome:
     """Validate each update once and fold the valid ones into the round's average.
 
@@ -180,24 +192,29 @@ def fold_updates(
             else it is refused (missing signature, unknown client id, bad signature) before the
             duplicate check. A byte-identical copy of an update already received is refused as a
             copy, without refusing the original. ``None``: client ids are taken on trust.
-
-    min_cosine: With at least 3 valid updates and a ``reference``, refuse an update whose delta
+        min_cosine: With at least 3 valid updates and a ``reference``, refuse an update whose delta
             points against the round's consensus: its cosine with the coordinate-wise median of
             the round's deltas is below this (a sign-flipped update has about -1 x an honest
             one's). Keeps the round's valid updates in memory.
-
-    max_examples_ratio: With at least 3 valid updates, no client's weight exceeds this multiple
-            of the round's median weight (a client claiming a huge ``num_examples`` is averaged as
-            if it claimed ``ratio x median``; recorded in ``weight_clipped``). Natural partitions
-            stay under it (the clothing departments: largest / median = 3.8).
+        max_examples_ratio: With ``samples`` weighting, a claim above this multiple of the median
+            claim of the *other* clients (this round's valid updates and ``known_claims`` of
+            clients absent this round; at least 2 of them) is implausible (see
+            :mod:`lorafed.server.claims`). Natural partitions stay under it (the clothing
+            departments: Tops / median of the other five = 6.1).
+        over_ratio: ``refuse`` an implausible claim with its reason (not averaged at all), or
+            ``cap`` it: averaged as if it claimed the bound (recorded in ``weight_clipped``).
+        max_examples_growth: With ``samples`` weighting, a claim above this multiple of the
+            client's pinned claim in ``known_claims`` is capped to it (recorded in ``weight_clipped``).
+        known_claims: Client id -> the claim pinned when the server first accepted one of its
+            updates in this run (earlier rounds).
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
 
     Raises:
-        AggregationError: An unknown ``robust`` rule, ``clip_update_norm`` or ``max_update_norm``
-            without a ``reference``, a ``max_share`` outside (0, 1], or an average that is not
-            finite (nothing is published then).
+        AggregationError: An unknown ``robust`` rule or ``over_ratio``, ``clip_update_norm`` or
+            ``max_update_norm`` without a ``reference``, a ``max_share`` outside (0, 1], or an
+            average that is not finite (nothing is published then).
     """
     if robust not in typing.get_args(Robust):
         raise AggregationError(f"robust: expected one of {typing.get_args(Robust)}, got {robust!r}")
@@ -207,13 +224,13 @@ def fold_updates(
         raise AggregationError("max_update_norm needs the reference (global) adapter the clients started from")
     if max_update_norm is not None and not max_update_norm > 0:
         raise AggregationError(f"max_update_norm: expected a number > 0, got {max_update_norm!r}")
+    if over_ratio not in typing.get_args(OverRatio):
+        raise AggregationError(f"over_ratio: expected one of {typing.get_args(OverRatio)}, got {over_ratio!r}")
     if max_share is not None and not 0 < max_share <= 1:
         raise AggregationError(f"max_share: expected a number in (0, 1], got {max_share!r}")
-    defer = (
-        (max_share is not None or min_cosine is not None or max_examples_ratio is not None)
-        and robust == "none"
-        and accumulator is None
-    )
+    claim_checks = max_examples_ratio is not None or max_examples_growth is not None
+    weighted = robust == "none" and accumulator is None
+    defer = weighted and (max_share is not None or min_cosine is not None or claim_checks)
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
     readable: list[tuple[Incoming, bytes, PayloadHeader]] = []
@@ -221,7 +238,9 @@ def fold_updates(
     for up in updates:
         try:
             data = up.read()
-            head = header_from_bytes(data, up.source)
+            head = up.header
+            if head is None or up.data is None or data[: len(head.raw)] != head.raw:
+                head = header_from_bytes(data, up.source)
             if verifier is not None:
                 sig = _verify(up, data, head.meta.client_id, verifier)
                 digest = hashlib.sha256(data).digest()
@@ -295,18 +314,21 @@ def fold_updates(
             out.verified.append(cid)
             if keep_bytes:
                 out.signatures[cid] = signed[cid][0]
+    claimed = dict(weights)  # the weights as claimed, before any check lowered one
+    if defer and claim_checks and weighting == "samples":
+        check = check_claims(weights, known_claims, max_examples_ratio, max_examples_growth, over_ratio)
+        kept, kept_ids = _refuse(kept, kept_ids, check.refused, weights, out)
+        weights = check.weights
     if defer and min_cosine is not None and reference is not None and len(kept) >= 3:
-        kept = _drop_opposed(kept, kept_ids, reference, min_cosine, weights, out)
+        kept, kept_ids = _drop_opposed(kept, kept_ids, reference, min_cosine, weights, out)
+    out.claims = {m.client_id: float(m.num_examples) for _, m in out.accepted}
     if defer:
-        capped = dict(weights)
-        if max_examples_ratio is not None and len(capped) >= 3:
-            bound = max_examples_ratio * float(np.median(list(capped.values())))
-            capped = {c: min(w, bound) for c, w in capped.items()}
-        capped = cap_shares(capped, float(max_share or 1.0))
-        out.weight_clipped = {c: w for c, w in capped.items() if w < weights[c]}
+        out.claims.update(weights if weighting == "samples" else {})
+        capped = cap_shares(weights, float(max_share or 1.0))
+        out.weight_clipped = {c: w for c, w in capped.items() if w < claimed[c]}
         weights = capped
-        for tensors, w in zip(kept, weights.values(), strict=True):
-            acc.add(tensors, w)
+        for tensors, (cid, _, _) in zip(kept, kept_ids, strict=True):
+            acc.add(tensors, weights[cid])
         kept = []
     total = sum(weights.values())
     out.shares = {c: w / total for c, w in weights.items()} if total > 0 else {}
@@ -328,12 +350,12 @@ def _drop_opposed(
     min_cosine: float,
     weights: dict[str, float],
     out: RoundOutcome,
-) -> list[Mapping[str, torch.Tensor]]:
+) -> tuple[list[Mapping[str, torch.Tensor]], list[tuple[str, str, int]]]:
     """Refuse the updates whose delta has a cosine below ``min_cosine`` with the round's median delta.
 
     The coordinate-wise median of the deltas is the consensus a minority cannot move far, so an
-    update that reverses it (a sign flip) stands out whatever its norm. Returns the updates kept;
-    ``weights`` and ``out`` lose the refused ones.
+    update that reverses it (a sign flip) stands out whatever its norm. Returns the updates kept
+    and their ids; ``weights`` and ``out`` lose the refused ones.
     """
     keys = sorted(reference)
     deltas = torch.stack(
@@ -342,28 +364,43 @@ def _drop_opposed(
     median = deltas.median(dim=0).values
     m_norm = float(median.norm())
     if m_norm == 0.0:
-        return kept
+        return kept, ids
     cosines = (deltas @ median) / (deltas.norm(dim=1).clamp_min(1e-30) * m_norm)
-    refused = {cid for (cid, _, _), c in zip(ids, cosines.tolist(), strict=True) if c < min_cosine}
-    if not refused:
-        return kept
-    for (cid, source, nbytes), c in zip(ids, cosines.tolist(), strict=True):
-        if cid in refused:
+    reasons = {
+        cid: f"direction: expected a cosine with the round's median update >= {min_cosine:g} (min_update_cosine), "
+        f"received {c:.3f}"
+        for (cid, _, _), c in zip(ids, cosines.tolist(), strict=True)
+        if c < min_cosine
+    }
+    return _refuse(kept, ids, reasons, weights, out)
+
+
+def _refuse(
+    kept: list[Mapping[str, torch.Tensor]],
+    ids: list[tuple[str, str, int]],
+    reasons: Mapping[str, str],
+    weights: dict[str, float],
+    out: RoundOutcome,
+) -> tuple[list[Mapping[str, torch.Tensor]], list[tuple[str, str, int]]]:
+    """Take back updates already accepted into a deferred round (``reasons``: client id -> why).
+
+    Returns the updates kept and their ids; ``weights`` and ``out`` (accepted, bytes, kept
+    payloads and signatures) lose the refused ones, which join ``out.rejected``.
+    """
+    if not reasons:
+        return kept, ids
+    for cid, source, nbytes in ids:
+        if cid in reasons:
             out.bytes_in -= nbytes
-            out.rejected.append(
-                (
-                    source,
-                    f"update from client {cid!r} ({source}) rejected: direction: expected a cosine with the round's "
-                    f"median update >= {min_cosine:g} (min_update_cosine), received {c:.3f}",
-                )
-            )
+            out.rejected.append((source, f"update from client {cid!r} ({source}) rejected: {reasons[cid]}"))
             weights.pop(cid, None)
             out.payloads.pop(cid, None)
             out.signatures.pop(cid, None)
             if cid in out.verified:
                 out.verified.remove(cid)
-    out.accepted = [(s, m) for s, m in out.accepted if m.client_id not in refused]
-    return [t for (cid, _, _), t in zip(ids, kept, strict=True) if cid not in refused]
+    out.accepted = [(s, m) for s, m in out.accepted if m.client_id not in reasons]
+    pairs = [(t, i) for t, i in zip(kept, ids, strict=True) if i[0] not in reasons]
+    return [t for t, _ in pairs], [i for _, i in pairs]
 
 
 #: Exceptions a malformed payload could still raise past the named checks (a bug in lorafed);

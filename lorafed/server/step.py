@@ -9,7 +9,8 @@ nothing invalid is ever averaged and no engine needs its own checks.
 sampling, or Poisson sampling under DP), and the whole server step: validation, optional
 update clipping or a robust rule, sample-weighted (or uniform) FedAvg or clipped-and-noised
 DP-FedAvg with its accountant, the LoRA mode's merge and the server optimizer, whose state it
-carries across rounds. Only one update's tensors are in memory at a time (plus the fp32
+carries across rounds, as it carries each client's pinned ``num_examples`` claim (see
+:mod:`lorafed.server.claims`). Only one update's tensors are in memory at a time (plus the fp32
 accumulator), except for the coordinate-wise robust rules.
 """
 
@@ -118,6 +119,9 @@ class RoundPolicy:
         self.num_clients = num_clients
         self.seed = seed
         self.server_opt: ServerOptState | None = None
+        #: Client id -> its claim when an update of it was first accepted in this run (saved with
+        #: each global adapter, so a resumed run keeps it; see :mod:`lorafed.server.claims`).
+        self.claims: dict[str, float] = {}
         self.max_update_norm: float | None = fcfg.max_update_norm
         self.max_update_ratio: float | None = fcfg.max_update_ratio
         self.max_client_share: float | None = fcfg.max_client_share
@@ -178,7 +182,10 @@ class RoundPolicy:
         """Validate and aggregate the round's updates into the next global adapter.
 
         The spec gets the federation's weight cap (``federation.max_num_examples``), so every
-        engine refuses an update that claims more examples than the cap.
+        engine refuses an update that claims more examples than the cap; the claims policy
+        (``max_examples_ratio``, ``over_ratio``, ``max_examples_growth``) compares each claim with
+        the others' and with the client's pinned one (:attr:`claims`), which only a round that
+        produces a global adapter updates.
 
         Args:
             updates: The round's updates.
@@ -211,6 +218,9 @@ class RoundPolicy:
                 max_share=self.max_client_share,
                 min_cosine=f.min_update_cosine,
                 max_examples_ratio=f.max_examples_ratio,
+                over_ratio=f.over_ratio,
+                max_examples_growth=f.max_examples_growth,
+                known_claims=self.claims,
                 verifier=self.verifier,
             )
             acc = None
@@ -233,6 +243,8 @@ class RoundPolicy:
         state, opt = next_global(reference, outcome.state, f, self.server_opt)
         require_finite(state, f"round {round_}: the next global adapter")
         self.server_opt = opt
+        for cid, claim in outcome.claims.items():  # a round that published nothing pins nothing
+            self.claims.setdefault(cid, claim)
         privacy: dict[str, Any] = {}
         if acc is not None and self.dp is not None:
             privacy = {

@@ -1,0 +1,153 @@
+"""How much a client's self-claimed ``num_examples`` may weigh: the server's policy against weight inflation.
+
+A client's FedAvg weight is the number of training rows its header claims, and nothing the
+server receives can prove it. Two checks bound what a lie buys, both explainable to the parties:
+
+1. **Plausible against the others.** A claim above ``max_examples_ratio`` x the median claim of
+   the *other* clients is implausible. The others are this round's other valid updates plus the
+   claims pinned for clients seen in earlier rounds of the run (so a sampled round of three
+   small clients does not make an honest large one look implausible). Leaving the claimant out
+   of its own median means a huge claim cannot drag the median up with it. By default
+   (``over_ratio: refuse``) such an update is refused with its reason and not averaged at all;
+   ``cap`` averages it as if it had claimed the bound (the behaviour before refusal was the
+   default: one attacker of 5 claiming 10^6 rows still got a share of 0.71).
+2. **Pinned across rounds.** A client's first accepted claim in a run is pinned; a later claim
+   above ``max_examples_growth`` x the pinned one is *capped* to that, not refused: the client's
+   rows do not change within a run (``num_examples`` is its training-row count), so growth is
+   either a lie, which the cap bounds exactly as a refusal would, or new data, which then still
+   counts. A refusal would shut an honest client out for the rest of the run, since the pin
+   never moves.
+
+What it still trusts: a claim just under the ratio bound (10 x the others' median by default)
+is averaged at full weight, so one adaptive client of 5 can still hold up to 10 / 14 = 0.71 of
+the average; ``federation.max_client_share`` bounds that further.
+
+The pinned claims travel with the run (``rounds/claims_rN.json`` in a run folder, and
+``<global>.claims.json`` beside a global adapter written by ``lorafed aggregate``), so a resumed
+run or the next round by hand keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from lorafed.errors import LorafedError
+from lorafed.files import atomic_write_json
+
+#: What the server does with a claim above ``max_examples_ratio`` x the others' median.
+OverRatio = Literal["refuse", "cap"]
+
+#: A claims file is a few dozen bytes per client; anything much larger is not one lorafed wrote.
+MAX_CLAIMS_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class ClaimCheck:
+    """The verdict on a round's claims.
+
+    Attributes:
+        weights: Client id -> the weight it is averaged with (refused clients left out).
+        refused: Client id -> why its claim was refused (no client id or source in the text).
+        pinned: Client ids whose claim was lowered to ``max_examples_growth`` x their pinned claim.
+    """
+
+    weights: dict[str, float]
+    refused: dict[str, str] = field(default_factory=dict)
+    pinned: list[str] = field(default_factory=list)
+
+
+def check_claims(
+    claims: Mapping[str, float],
+    known: Mapping[str, float] | None = None,
+    max_ratio: float | None = None,
+    max_growth: float | None = None,
+    over_ratio: OverRatio = "refuse",
+) -> ClaimCheck:
+    """Apply the pin (``max_growth``) and then the ratio bound (``max_ratio``) to a round's claims.
+
+    Args:
+        claims: Client id -> the ``num_examples`` its valid update claims this round.
+        known: Client id -> its pinned claim (the first accepted in this run), for clients of
+            earlier rounds; those absent this round still count among the others in the median.
+        max_ratio: A claim above this multiple of the median of the other clients' claims is
+            implausible; checked only when at least 2 other claims are known. ``None``: off.
+        max_growth: A claim above this multiple of the client's pinned claim is capped to it.
+            ``None``: off.
+        over_ratio: ``refuse`` an implausible claim, or ``cap`` it to the bound.
+
+    Returns:
+        The weights and the refusals; every client's claim is compared with the same others'
+        claims (after the pin), all at once, so the order of the updates does not matter.
+    """
+    known = known or {}
+    pinned = dict(claims)
+    check = ClaimCheck(weights=pinned)
+    if max_growth is not None:
+        for cid, claim in claims.items():
+            first = known.get(cid)
+            if first is not None and claim > max_growth * first:
+                pinned[cid] = max_growth * first
+                check.pinned.append(cid)
+    if max_ratio is None:
+        return check
+    absent = [w for cid, w in known.items() if cid not in claims]
+    weights = dict(pinned)
+    for cid, claim in pinned.items():
+        others = [w for other, w in pinned.items() if other != cid] + absent
+        if len(others) < 2:
+            continue
+        median = float(np.median(others))
+        bound = max_ratio * median
+        if claim <= bound:
+            continue
+        if over_ratio == "cap":
+            weights[cid] = bound
+            continue
+        grown = f" (lowered from {claims[cid]:g} by max_examples_growth)" if cid in check.pinned else ""
+        check.refused[cid] = (
+            f"num_examples: expected at most {bound:g} (federation.max_examples_ratio {max_ratio:g} x {median:g}, "
+            f"the median claim of the {len(others)} other clients), received {claim:g}{grown}; "
+            "not averaged (federation.over_ratio: refuse)"
+        )
+        del weights[cid]
+    check.weights = weights
+    return check
+
+
+def save_claims(path: str | Path, claims: Mapping[str, float]) -> Path:
+    """Write pinned claims (client id -> first accepted claim) as a JSON object, atomically."""
+    return atomic_write_json(path, {cid: float(v) for cid, v in sorted(claims.items())})
+
+
+def load_claims(path: str | Path) -> dict[str, float]:
+    """Read pinned claims written by :func:`save_claims`; a missing file means none pinned yet.
+
+    Raises:
+        LorafedError: The file is too large, not JSON, or not an object of client id -> positive
+            finite number.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    if p.stat().st_size > MAX_CLAIMS_BYTES:
+        raise LorafedError(f"{p}: a claims file over {MAX_CLAIMS_BYTES} bytes; not one lorafed wrote")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise LorafedError(f"{p}: unreadable claims file ({exc})") from exc
+    if not isinstance(data, dict):
+        raise LorafedError(f"{p}: expected a JSON object of client id -> claimed num_examples")
+    out: dict[str, float] = {}
+    for cid, v in data.items():
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        if not ok:
+            raise LorafedError(f"{p}: client {cid[:128]!r}: expected a number > 0, got {str(v)[:60]!r}")
+        out[cid] = float(v)
+    return out
