@@ -160,6 +160,9 @@ class RecordDPConfig:
     each row's gradient of the LoRA and head tensors to ``clip_norm`` and adds Gaussian noise of
     std ``noise_multiplier * clip_norm`` to their sum. Epsilon is composed over
     ``round x steps per round`` steps (as if the client took part in every round so far).
+    The other ``train`` settings apply (``optimizer``, warm-up, FedProx; ``max_grad_norm`` clips
+    the noisy gradient), except three that are refused with it: ``length_bucketing``,
+    ``class_weighting: balanced`` and ``gradient_checkpointing``.
 
     Attributes:
         enabled: Train every client with DP-SGD.
@@ -196,7 +199,9 @@ class TrainConfig:
         epochs: Local epochs per round (ignored when ``max_steps`` is set).
         max_steps: Local optimizer steps per round, whatever the client's size.
         warmup_ratio: Share of the round's steps with linear warm-up.
-        max_grad_norm: Gradient clipping norm; ``null`` disables clipping.
+        max_grad_norm: Gradient clipping norm; ``null`` disables clipping. Under ``record_dp`` it
+            clips the noisy mean gradient after the noise (``record_dp.clip_norm`` bounds each
+            row's gradient before it).
         eval_batch_size: Batch size for evaluation.
         num_threads: Torch intra-op threads; 0 (auto) gives each lorafed process on the machine
             an equal share of the cores (cores // live lorafed processes, recomputed every
@@ -232,7 +237,8 @@ class TrainConfig:
         length_bucketing: Batch rows of similar token length together (rows shuffled, sorted
             within windows of 16 batches, batches shuffled). Batches are padded to their longest
             row, so this cuts the pad tokens run through the backbone: on the clothing reviews
-            the mean padded width of a batch of 16 drops from 127 to about 85 tokens.
+            the mean padded width of a batch of 16 drops from 127 to about 85 tokens. Refused
+            under ``record_dp`` (its Poisson sampling draws each step's rows independently).
     """
 
     batch_size: int = 16
@@ -911,6 +917,12 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(f.round_retries >= 0, f"federation.round_retries: must be >= 0, got {f.round_retries}")
     rdp = t.record_dp
     if rdp.enabled:
+        need(
+            not t.length_bucketing,
+            "train.length_bucketing: must be false with train.record_dp.enabled (DP-SGD's Poisson sampling draws "
+            "each step's rows independently, as its accountant assumes, so there are no length-sorted batches to "
+            "keep); set train.length_bucketing=false",
+        )
         need(rdp.clip_norm > 0, f"train.record_dp.clip_norm: must be > 0, got {rdp.clip_norm}")
         _noise_checks(need, "train.record_dp", rdp.noise_multiplier, rdp.target_epsilon)
         need(
@@ -924,12 +936,13 @@ def _check_ranges(c: RunConfig) -> list[str]:
         need(
             t.class_weighting == "none",
             "train.class_weighting: must be none with train.record_dp.enabled (balanced weights depend on every "
-            f"row's label, so one row would change every other row's gradient), got {t.class_weighting}",
+            f"row's label, so one row would change every other row's gradient), got {t.class_weighting}; set "
+            "train.class_weighting=none",
         )
         need(
             not t.gradient_checkpointing,
             "train.gradient_checkpointing: must be false with train.record_dp.enabled (the recomputed forward "
-            "would feed Opacus' per-sample gradient hooks twice)",
+            "would feed Opacus' per-sample gradient hooks twice); set train.gradient_checkpointing=false",
         )
     dp = f.dp
     if dp.enabled:

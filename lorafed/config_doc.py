@@ -55,6 +55,8 @@ def type_text(tp: Any) -> str:
         return "one of: " + ", ".join(f"`{a}`" for a in args)
     if origin is tuple:
         return f"list of {type_text(args[0])}"
+    if origin is dict:
+        return f"mapping of {type_text(args[0])} to {type_text(args[1])}"
     names = {int: "integer", float: "number", bool: "true/false", str: "string"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 

@@ -11,10 +11,21 @@ rows it never saw (non-members: held-out test rows of the same data). It reports
 ROC AUC and its TPR at 1 % FPR (``sklearn.metrics``), next to the global model's macro-F1 and the
 epsilon the client reported in its header, in ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 
-Real mode (women's clothing reviews, ``configs/clothing_recommend.yaml``; balanced class weights
-are turned off in every setting, as record-level DP requires)::
+Real mode: women's clothing reviews, ``configs/clothing_recommend.yaml`` (the main job's
+federation: 6 departments, 5 rounds x 12 steps x 16 rows per client), with, in every setting,
+what record-level DP requires (``train.class_weighting=none``, ``train.length_bucketing=false``)
+and two size cuts, as in ``scripts/bench_quality.py --full``: ``data.max_length=64`` and
+``federation.max_test_rows=500`` (so 500 members and 500 non-members per attack)::
 
-    env PYTHONPATH=. python scripts/audit_privacy.py            # -> results/privacy_audit.{json,md,png}
+    flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/audit_privacy.py   # -> results/privacy_audit.*
+
+Runtime on 2 idle cores (estimated, not run here): a federation is 5 x 6 x 12 x 16 = 5,760
+training samples, ~165 s at ~35 samples/s without DP and ~165-275 s per DP setting (DP-SGD's
+per-sample gradients cost 1.67x a step's CPU time on the tests' tiny BERT, an upper bound for
+MiniLM); each run scores 500 test rows 6 times and each attack 2 x 1,000 rows (~12 s per 1,000
+rows); with ~30 s of data and model: ~1,080-1,260 s, 18-21 minutes. At max_length 128 (the
+config's own) it would be ~45 minutes. ``--time-budget-s`` (default 1,500) starts no setting
+after it; the results are written after every setting, so a cut run keeps the settings it ran.
 
 ``--tiny`` runs the same code on the tests' tiny random BERT and synthetic reviews in seconds.
 """
@@ -25,6 +36,7 @@ import argparse
 import dataclasses
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +54,13 @@ from lorafed.plots import figure, save_figure  # noqa: E402
 from lorafed.wire.adapter import set_adapter_state  # noqa: E402
 from lorafed.wire.reader import load_payload  # noqa: E402
 
+#: Real mode, every setting: what record-level DP requires (the baseline too), and the size cuts.
+REAL_OVERRIDES = [
+    "train.class_weighting=none",
+    "train.length_bucketing=false",
+    "data.max_length=64",
+    "federation.max_test_rows=500",
+]
 #: (name, target epsilon or None for no DP).
 SETTINGS: tuple[tuple[str, float | None], ...] = (
     ("no DP", None),
@@ -166,8 +185,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=str(ROOT / "results" / "privacy_audit"), help="output path without suffix")
     ap.add_argument("--client", type=int, default=0, help="index of the attacked client")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--time-budget-s", type=float, default=1500, help="start no new setting after this many seconds (0: none)"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
+    t0 = time.perf_counter()
+    mode = "tiny" if args.tiny else "clothing"
+    result: dict[str, Any] = {"mode": mode, "rows": [], "skipped": []}
     with tempfile.TemporaryDirectory(prefix="audit-") as tmp:
         work = Path(tmp)
         if args.tiny:
@@ -179,19 +204,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base = [*tiny_overrides(model_dir, csv), "federation.rounds=2", "train.max_steps=4"]
         else:
             path = ROOT / "configs" / "clothing_recommend.yaml"
-            base = ["train.class_weighting=none"]
+            base = list(REAL_OVERRIDES)
+        result.update(config=str(path.relative_to(ROOT)), overrides=list(base))
         base.append(f"output_dir={work}")
         fed = prepare_cohort(load_config(path, base))
-        rows = []
+        rows = result["rows"]
         for name, target in SETTINGS:
+            if args.time_budget_s and time.perf_counter() - t0 > args.time_budget_s:
+                result["skipped"].append(name)
+                continue
             cfg = load_config(path, [*base, *dp_overrides(target, args.tiny)])
             res = audit_setting(fed, cfg, work / name.replace(" ", "_"), args.client, args.seed)
             rows.append({"setting": name, "target_epsilon": target, **res})
-    mode = "tiny" if args.tiny else "clothing"
-    result = {"mode": mode, "config": str(path.relative_to(ROOT)), "overrides": base[:-1], "rows": rows}
-    write_results(out, result, report(rows, mode))
-    plot(rows, out.with_name(out.name + ".png"))
+            save(result, out, t0)  # after every setting, so a run cut by the time budget keeps what it measured
+        if result["skipped"]:
+            save(result, out, t0)
     return result
+
+
+def save(result: dict[str, Any], out: Path, t0: float) -> None:
+    """Write ``<out>.json``, ``.md`` and ``.png`` from the settings run so far."""
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    lines = report(result["rows"], result["mode"])
+    if result["skipped"]:
+        lines += ["", f"Skipped (time budget spent): {', '.join(result['skipped'])}."]
+    write_results(out, result, lines)
+    if result["rows"]:
+        plot(result["rows"], out.with_name(out.name + ".png"))
 
 
 if __name__ == "__main__":

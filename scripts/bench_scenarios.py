@@ -1,4 +1,4 @@
-"""The shopping-guide scenarios, measured: personalization after federation, and a newcomer's cold start.
+"""The shopping-guide scenarios, measured: personalization, cold start, mixed LoRA ranks, continued iteration.
 
 Personalization (settings (a) clothing by department, (b) intents Dirichlet 0.1): one federation
 per setting, then every client personalizes the final global adapter two ways (``finetune``:
@@ -13,14 +13,31 @@ score the global adapter (as is, and after ``local_steps`` steps on the rows) ag
 trained from the untrained one on those rows alone. Target: with 50 rows, the global start
 (after its local steps) beats training alone by >= 10 points.
 
+Heterogeneous ranks (setting (a) only): the six departments train LoRA ranks 4, 8, 16 in turn
+(two of each) in one federation whose global adapter has rank 8 (``federation.hetero_ranks``:
+the server averages the dense changes (alpha_i / r_i) B_i A_i and cuts the mean back to rank 8
+by SVD), against the same federation with every client at r=8. Target: the mixed federation's
+macro-F1 within 2 points of the all-r=8 one.
+
+Continued iteration (setting (a) only): federate four departments (Jackets and Intimate kept
+out), then resume the same run folder with all six for more rounds (``simulate(resume=True)``
+with a changed client set, the lineage unbroken). Each department's test macro-F1 on its own
+test slice before and after. Targets: no first-four department loses more than 1 point; each
+new department gains.
+
 Real mode budget (not yet measured; estimated from ~100 samples/s on intents at max_length 64 and
-~35 samples/s on clothing at max_length 64 with the int8 MiniLM on 2 idle cores): about 20-25
-minutes. ``--tiny`` runs the tests' tiny random BERT on synthetic reviews in well under a minute.
+~35 samples/s on clothing at max_length 64 with the int8 MiniLM on 2 idle cores): personalization
+and cold start about 20-25 minutes; hetero ranks 2 x 6 clients x 3 rounds x 8 steps x 16 rows =
+4,608 samples (~2.5 min with evaluation); continued iteration 4 x 2 x 8 x 16 + 6 x 2 x 8 x 16 =
+2,560 samples plus the per-department scoring (~2 min). The whole real run: about 25-30 minutes.
+``--parts`` runs a subset (e.g. ``--parts hetero,continue --settings a``: ~5 minutes).
+``--tiny`` runs the tests' tiny random BERT on synthetic reviews in well under a minute.
 
 Writes results/scenarios.json (with ``targets``), results/scenarios.md and
 results/scenarios_cold_<setting>.png.
 
     flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/bench_scenarios.py
+    flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/bench_scenarios.py --parts hetero,continue
 """
 
 from __future__ import annotations
@@ -43,6 +60,8 @@ logger = logging.getLogger("bench_scenarios")
 
 #: Personalization methods compared.
 METHODS = ("finetune", "local_head")
+#: The measured parts, in the order they run; ``hetero`` and ``continue`` only for settings that define them.
+PARTS = ("personalize", "cold", "hetero", "continue")
 
 #: Real-mode settings: config, overrides, the cold-start newcomer (``None``: the largest client).
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -54,6 +73,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "personalize": {"steps": 12, "eval_every": 4, "patience": 2, "learning_rate": None},
         "local_rounds": 3,
         "cold": {"local_steps": 12, "alone_steps": 36},
+        "hetero": {"ranks": (4, 8, 16), "overrides": ["federation.rounds=3", "train.max_steps=8"]},
+        "continue": {"new": ("Jackets", "Intimate"), "rounds": (2, 2), "overrides": ["train.max_steps=8"]},
     },
     "b": {
         "title": "intents Dirichlet 0.1",
@@ -75,6 +96,8 @@ TINY: dict[str, dict[str, Any]] = {
         "personalize": {"steps": 4, "eval_every": 2, "patience": 2, "learning_rate": None},
         "local_rounds": 2,
         "cold": {"local_steps": 3, "alone_steps": 6},
+        "hetero": {"ranks": (2, 4, 8), "overrides": ["federation.rounds=2"]},
+        "continue": {"new": ("east",), "rounds": (2, 2), "overrides": []},
     },
     "b": {
         "title": "tiny, Dirichlet 0.5",
@@ -96,10 +119,12 @@ SIZES = (25, 50, 100, 200)
 TINY_SIZES = (5, 10, 20)
 
 
-def setting_config(key: str, spec: dict[str, Any], tiny: list[str] | None, out: Path) -> RunConfig:
-    """The setting's config with its budget overrides (the tiny model's with ``--tiny``)."""
+def setting_config(
+    key: str, spec: dict[str, Any], tiny: list[str] | None, out: Path, extra: list[str] | None = None
+) -> RunConfig:
+    """The setting's config with its budget overrides (the tiny model's with ``--tiny``), then ``extra``."""
     path = ROOT / "configs" / ("tiny.yaml" if tiny is not None else spec["config"])
-    overrides = [*(tiny or []), *spec["overrides"], f"output_dir={out}", f"name=scenarios_{key}"]
+    overrides = [*(tiny or []), *spec["overrides"], f"output_dir={out}", f"name=scenarios_{key}", *(extra or [])]
     return load_config(path, overrides)
 
 
@@ -157,55 +182,235 @@ def run_cold(config: RunConfig, spec: dict[str, Any], out: Path, sizes: tuple[in
     return cold_start(config, holdout, out, sizes, fed=fed, **spec["cold"])
 
 
+def run_hetero(make: Any, spec: dict[str, Any], out: Path, fed: Any) -> dict[str, Any]:
+    """One federation with every client at the global rank, one with ranks cycling over ``spec["hetero"]["ranks"]``.
+
+    Args:
+        make: ``extra overrides -> RunConfig`` of the setting.
+        spec: The setting.
+        out: Folder of the two run folders.
+        fed: The setting's prepared federation (its config is replaced by each run's).
+    """
+    import dataclasses
+    import json
+
+    from lorafed.engine.inprocess import simulate
+    from lorafed.engine.record import read_metrics
+    from lorafed.server.hetero import aggregate_hetero_rank_report
+    from lorafed.wire.reader import load_payload
+
+    h = spec["hetero"]
+    ids = list(fed.partition.client_ids)
+    ranks = {cid: h["ranks"][i % len(h["ranks"])] for i, cid in enumerate(ids)}
+    configs = {
+        "same": make(h["overrides"]),
+        "mixed": make(
+            [*h["overrides"], "federation.hetero_ranks=true", f"model.lora.client_ranks={json.dumps(ranks)}"]
+        ),
+    }
+    global_rank, global_alpha = configs["same"].model.lora.r, configs["same"].model.lora.alpha
+    runs: dict[str, Any] = {}
+    for name, cfg in configs.items():
+        t = time.perf_counter()
+        summary = simulate(cfg, out / name, progress=False, fed=dataclasses.replace(fed, config=cfg))
+        rows = read_metrics(out / name / "metrics.jsonl")
+        runs[name] = {
+            "macro_f1": summary["final"]["macro_f1"],
+            "accuracy": summary["final"]["accuracy"],
+            "curve": [r["macro_f1"] for r in rows],
+            "kb_up": round(sum(r["bytes_up"] for r in rows) / 1024, 1),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+    # How much the last round's cut to the global rank lost, recomputed from the updates as received.
+    last = out / "mixed" / "rounds" / f"r{len(runs['mixed']['curve']) - 1}"
+    ups = [load_payload(p) for p in sorted(last.glob("*.safetensors"))]
+    cut = aggregate_hetero_rank_report(
+        [(u.decoded(), u.meta.num_examples, u.meta.lora["r"], u.meta.lora["alpha"]) for u in ups],
+        global_rank,
+        global_alpha,
+    ).truncation
+    runs["mixed"]["truncation_mean"] = float(sum(cut.values()) / len(cut))
+    runs["mixed"]["truncation_max"] = float(max(cut.values()))
+    return {
+        "global_rank": global_rank,
+        "ranks": ranks,
+        "runs": runs,
+        "gap": runs["mixed"]["macro_f1"] - runs["same"]["macro_f1"],
+    }
+
+
+def run_continue(make: Any, spec: dict[str, Any], out: Path, fed: Any) -> dict[str, Any]:
+    """Federate all clients but ``spec["continue"]["new"]``, then resume the run folder with every client.
+
+    Each client is scored on its own test slice with the global adapter after the first phase
+    (``before``) and after the resumed rounds (``after``).
+    """
+    import dataclasses
+
+    from lorafed.engine.cohort import evaluate_state
+    from lorafed.engine.cold_start import federation_without
+    from lorafed.engine.inprocess import simulate
+    from lorafed.engine.record import RunRecord, lineage
+    from lorafed.engine.scenarios import final_global
+
+    c = spec["continue"]
+    first_rounds, more = c["rounds"]
+    cfg1 = make([*c["overrides"], f"federation.rounds={first_rounds}"])
+    cfg2 = make([*c["overrides"], f"federation.rounds={first_rounds + more}"])
+    early = dataclasses.replace(fed, config=cfg1)
+    for cid in c["new"]:
+        early, _ = federation_without(early, cid)
+    run = out / "run"
+
+    def scores() -> dict[str, float]:
+        _, glob = final_global(fed, run)
+        return {
+            cid: evaluate_state(fed, glob, fed.splits[k].test).macro_f1
+            for k, cid in enumerate(fed.partition.client_ids)
+            if len(fed.splits[k].test)
+        }
+
+    t = time.perf_counter()
+    simulate(cfg1, run, progress=False, fed=early)
+    before = scores()
+    simulate(cfg2, run, progress=False, resume=True, fed=dataclasses.replace(fed, config=cfg2))
+    after = scores()
+    chain = lineage(RunRecord(run).global_path(first_rounds + more))
+    clients = {
+        cid: {
+            "new": cid in c["new"],
+            "test_rows": len(fed.splits[k].test),
+            "before": before[cid],
+            "after": after[cid],
+            "change": after[cid] - before[cid],
+        }
+        for k, cid in enumerate(fed.partition.client_ids)
+        if cid in before
+    }
+    old = [v["change"] for v in clients.values() if not v["new"]]
+    new = [v["change"] for v in clients.values() if v["new"]]
+    return {
+        "new": list(c["new"]),
+        "rounds": [first_rounds, more],
+        "clients": clients,
+        "forgetting": float(max(0.0, -min(old))) if old else 0.0,
+        "new_gain_min": float(min(new)) if new else 0.0,
+        "lineage_length": len(chain),
+        "seconds": round(time.perf_counter() - t, 1),
+    }
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     """The report."""
     lines = ["# Shopping-guide scenarios", "", f"Mode: {result['mode']}; {result['seconds']:.0f} s in all.", ""]
     lines += ["## Targets", ""]
     lines += [f"- {t['target']}: {t['value']:.4f} ({met_word(t['met'])})" for t in result["targets"]]
     for key, s in result["settings"].items():
-        lines += ["", f"## ({key}) {s['title']}: personalization", "", f"Reproduce: `{s['command']}`", ""]
-        lines += [
-            "| method | global mean | personalized mean | local-only mean | worst personalized | "
-            "clients gaining | largest drop |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for m, r in s["personalization"]["methods"].items():
-            lines.append(
-                f"| {m} | {r['mean']['global']:.4f} | {r['mean']['personalized']:.4f} | "
-                f"{r['mean']['local_only']:.4f} | {r['worst']['personalized']:.4f} | "
-                f"{r['gained']}/{r['num_clients']} | {r['max_drop']:.4f} |"
-            )
-        first = next(iter(s["personalization"]["methods"].values()))
-        lines += ["", "| client | test rows | global | " + " | ".join(METHODS) + " | local-only |"]
-        lines.append("| --- " * (4 + len(METHODS)) + "|")
-        for c, v in first["clients"].items():
-            per = " | ".join(f"{s['personalization']['methods'][m]['clients'][c]['personalized']:.4f}" for m in METHODS)
-            lines.append(f"| {c} | {v['test_rows']} | {v['global']:.4f} | {per} | {v['local_only']:.4f} |")
-        cold = s["cold_start"]
-        lines += [
-            "",
-            f"## ({key}) {s['title']}: cold start of {cold['holdout']}",
-            "",
-            f"Reproduce: `{s['command']}`. The federation ran without {cold['holdout']} "
-            f"({cold['train_rows']} train rows, {cold['test_rows']} test rows); global + "
-            f"{cold['local_steps']} local steps vs {cold['alone_steps']} steps alone from the untrained adapter. "
-            f"Plot: `{s['plot']}`.",
-            "",
-            "| rows | global | global + local steps | alone | gain of the global start |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for p in cold["curve"]:
-            lines.append(
-                f"| {p['rows_used']} | {p['global']:.4f} | {p['global_tuned']:.4f} | {p['alone']:.4f} | "
-                f"{p['global_tuned'] - p['alone']:+.4f} |"
-            )
+        if "personalization" in s:
+            lines += _personalization_md(key, s)
+        if "cold_start" in s:
+            lines += _cold_md(key, s)
+        if "hetero" in s:
+            lines += _hetero_md(key, s)
+        if "continued" in s:
+            lines += _continued_md(key, s)
+    return lines
+
+
+def _personalization_md(key: str, s: dict[str, Any]) -> list[str]:
+    lines = ["", f"## ({key}) {s['title']}: personalization", "", f"Reproduce: `{s['command']}`", ""]
+    lines += [
+        "| method | global mean | personalized mean | local-only mean | worst personalized | "
+        "clients gaining | largest drop |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, r in s["personalization"]["methods"].items():
+        lines.append(
+            f"| {m} | {r['mean']['global']:.4f} | {r['mean']['personalized']:.4f} | "
+            f"{r['mean']['local_only']:.4f} | {r['worst']['personalized']:.4f} | "
+            f"{r['gained']}/{r['num_clients']} | {r['max_drop']:.4f} |"
+        )
+    first = next(iter(s["personalization"]["methods"].values()))
+    lines += ["", "| client | test rows | global | " + " | ".join(METHODS) + " | local-only |"]
+    lines.append("| --- " * (4 + len(METHODS)) + "|")
+    for c, v in first["clients"].items():
+        per = " | ".join(f"{s['personalization']['methods'][m]['clients'][c]['personalized']:.4f}" for m in METHODS)
+        lines.append(f"| {c} | {v['test_rows']} | {v['global']:.4f} | {per} | {v['local_only']:.4f} |")
+    return lines
+
+
+def _cold_md(key: str, s: dict[str, Any]) -> list[str]:
+    cold = s["cold_start"]
+    lines = [
+        "",
+        f"## ({key}) {s['title']}: cold start of {cold['holdout']}",
+        "",
+        f"Reproduce: `{s['command']}`. The federation ran without {cold['holdout']} "
+        f"({cold['train_rows']} train rows, {cold['test_rows']} test rows); global + "
+        f"{cold['local_steps']} local steps vs {cold['alone_steps']} steps alone from the untrained adapter. "
+        f"Plot: `{s['plot']}`.",
+        "",
+        "| rows | global | global + local steps | alone | gain of the global start |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in cold["curve"]:
+        lines.append(
+            f"| {p['rows_used']} | {p['global']:.4f} | {p['global_tuned']:.4f} | {p['alone']:.4f} | "
+            f"{p['global_tuned'] - p['alone']:+.4f} |"
+        )
+    return lines
+
+
+def _hetero_md(key: str, s: dict[str, Any]) -> list[str]:
+    h = s["hetero"]
+    ranks = ", ".join(f"{c}: {r}" for c, r in h["ranks"].items())
+    same, mixed = h["runs"]["same"], h["runs"]["mixed"]
+    lines = [
+        "",
+        f"## ({key}) {s['title']}: heterogeneous LoRA ranks",
+        "",
+        f"Reproduce: `{s['command']}`. Global rank {h['global_rank']}; mixed ranks {ranks} "
+        f"(`federation.hetero_ranks=true`, `model.lora.client_ranks`). The last round's cut back to rank "
+        f"{h['global_rank']} lost {mixed['truncation_mean']:.4f} of the mean change's Frobenius norm "
+        f"(mean over modules; max {mixed['truncation_max']:.4f}).",
+        "",
+        "| clients | macro-F1 | accuracy | macro-F1 by round | KB up (all rounds) | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in (("all at the global rank", same), ("mixed ranks", mixed)):
+        curve = " ".join(f"{v:.3f}" for v in r["curve"] if v is not None)
+        lines.append(
+            f"| {name} | {r['macro_f1']:.4f} | {r['accuracy']:.4f} | {curve} | {r['kb_up']:.0f} | {r['seconds']:.0f} |"
+        )
+    return lines
+
+
+def _continued_md(key: str, s: dict[str, Any]) -> list[str]:
+    c = s["continued"]
+    first, more = c["rounds"]
+    lines = [
+        "",
+        f"## ({key}) {s['title']}: continued iteration",
+        "",
+        f"Reproduce: `{s['command']}`. {first} rounds without {', '.join(c['new'])}, then the run folder resumed "
+        f"with every client for {more} more (lineage: {c['lineage_length']} global adapters back to round 0). "
+        "Macro-F1 of each client on its own test slice.",
+        "",
+        "| client | joined | test rows | before | after | change |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for cid, v in c["clients"].items():
+        lines.append(
+            f"| {cid} | {'later' if v['new'] else 'first'} | {v['test_rows']} | {v['before']:.4f} | "
+            f"{v['after']:.4f} | {v['change']:+.4f} |"
+        )
     return lines
 
 
 def judge(settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets: personalization on (b), cold start with 50 rows on every setting."""
+    """The targets: personalization on (b), cold start with 50 rows, hetero ranks, continued iteration."""
     out = []
-    if "b" in settings:
+    if "personalization" in settings.get("b", {}):
         for m, r in settings["b"]["personalization"]["methods"].items():
             gain = r["mean"]["personalized"] - r["mean"]["global"]
             out.append(target(f"(b) {m}: personalized mean >= global mean + 0.02", gain, gain >= 0.02, method=m))
@@ -218,35 +423,75 @@ def judge(settings: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             )
     for key, s in settings.items():
-        curve = s["cold_start"]["curve"]
-        p50 = next((p for p in curve if p["rows"] == 50), curve[min(1, len(curve) - 1)])
-        gain = p50["global_tuned"] - p50["alone"]
-        out.append(
-            target(
-                f"({key}) cold start, {p50['rows']} rows: global start beats training alone by >= 0.10",
-                gain,
-                gain >= 0.10,
-                holdout=s["cold_start"]["holdout"],
+        if "cold_start" in s:
+            curve = s["cold_start"]["curve"]
+            p50 = next((p for p in curve if p["rows"] == 50), curve[min(1, len(curve) - 1)])
+            gain = p50["global_tuned"] - p50["alone"]
+            out.append(
+                target(
+                    f"({key}) cold start, {p50['rows']} rows: global start beats training alone by >= 0.10",
+                    gain,
+                    gain >= 0.10,
+                    holdout=s["cold_start"]["holdout"],
+                )
             )
-        )
+        if "hetero" in s:
+            gap = s["hetero"]["gap"]
+            out.append(
+                target(
+                    f"({key}) mixed LoRA ranks: macro-F1 within 0.02 of every client at rank "
+                    f"{s['hetero']['global_rank']} (mixed - same)",
+                    gap,
+                    gap >= -0.02,
+                )
+            )
+        if "continued" in s:
+            c = s["continued"]
+            out.append(
+                target(
+                    f"({key}) continued iteration: the first clients forget at most 0.01 (largest drop)",
+                    c["forgetting"],
+                    c["forgetting"] <= 0.01,
+                )
+            )
+            out.append(
+                target(
+                    f"({key}) continued iteration: every client that joined later gains (smallest gain)",
+                    c["new_gain_min"],
+                    c["new_gain_min"] > 0,
+                )
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the scenarios and write ``<out>/scenarios.{json,md}`` and the cold-start plots."""
+    """Run the scenarios and write ``<out>/scenarios.{json,md}`` and the cold-start plots.
+
+    With ``--parts`` a subset of :data:`PARTS` runs; the parts it runs replace those of an
+    earlier ``<out>/scenarios.json`` of the same mode, whose other parts are kept, so parts can
+    be run one at a time into one report.
+    """
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny random BERT on synthetic reviews (seconds)")
     ap.add_argument("--settings", default="a,b", help="comma-separated subset of a,b")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--out", default=str(ROOT / "results"), help="folder of scenarios.{json,md}")
     ap.add_argument("--work", default=None, help="folder for the run folders (default: a temporary one)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     keys = [k.strip() for k in args.settings.split(",") if k.strip()]
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS] + [k for k in keys if k not in SETTINGS]
+    if bad:
+        ap.error(f"unknown part or setting {bad[0]!r}; parts: {', '.join(PARTS)}; settings: {', '.join(SETTINGS)}")
     out = Path(args.out)
     specs = TINY if args.tiny else SETTINGS
     sizes = TINY_SIZES if args.tiny else SIZES
-    cli = [*(["--tiny"] if args.tiny else []), "--settings"]
+    mode = "tiny" if args.tiny else "real"
+    cli = [*(["--tiny"] if args.tiny else []), *(["--parts", ",".join(parts)] if set(parts) != set(PARTS) else [])]
+    cli.append("--settings")
+    settings = _earlier(out / "scenarios.json", mode) if set(parts) != set(PARTS) else {}
     with tempfile.TemporaryDirectory(prefix="lorafed-scenarios-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         tiny = None
@@ -256,30 +501,21 @@ def main(argv: list[str] | None = None) -> int:
 
             model_dir, csv = make_tiny(work / "tiny", rows=600)
             tiny = tiny_overrides(model_dir, csv)
-        settings: dict[str, Any] = {}
         for key in keys:
             spec = specs[key]
             config = setting_config(key, spec, tiny, work)
             logger.info("setting (%s) %s", key, spec["title"])
-            pers = run_personalization(config, spec, work / f"{key}_personalize")
-            fed = pers.pop("fed")
-            cold = run_cold(config, spec, work / f"{key}_cold", sizes, fed)
-            plot = out / f"scenarios_cold_{key}.png"
-            from lorafed.engine.cold_start import plot_cold_start
-
-            plot_cold_start(cold, plot, f"({key}) {spec['title']}: cold start of {cold['holdout']}")
-            settings[key] = {
-                "title": spec["title"],
-                "config": spec.get("config", "tiny.yaml"),
-                "overrides": spec["overrides"],
-                "personalize": spec["personalize"],
-                "command": command_line("bench_scenarios.py", [*cli, key]),
-                "plot": str(plot.relative_to(out.parent) if out.parent in plot.parents else plot),
-                "personalization": pers,
-                "cold_start": cold,
-            }
+            entry = settings.setdefault(key, {})
+            entry.update(
+                title=spec["title"],
+                config=spec.get("config", "tiny.yaml"),
+                overrides=spec["overrides"],
+                personalize=spec["personalize"],
+                command=command_line("bench_scenarios.py", [*cli, key]),
+            )
+            entry.update(_run_parts(key, spec, parts, config, tiny, work, out, sizes))
     result = {
-        "mode": "tiny" if args.tiny else "real",
+        "mode": mode,
         "command": command_line("bench_scenarios.py", [*cli, ",".join(keys)]),
         "targets": judge(settings),
         "settings": settings,
@@ -289,6 +525,59 @@ def main(argv: list[str] | None = None) -> int:
     for t in result["targets"]:
         print(f"{t['target']}: {t['value']:.4f} ({met_word(t['met'])})")
     return 0
+
+
+def _run_parts(
+    key: str,
+    spec: dict[str, Any],
+    parts: list[str],
+    config: RunConfig,
+    tiny: list[str] | None,
+    work: Path,
+    out: Path,
+    sizes: tuple[int, ...],
+) -> dict[str, Any]:
+    """The chosen parts of one setting (one prepared federation for all of them)."""
+    from lorafed.engine.cohort import prepare_cohort
+
+    got: dict[str, Any] = {}
+    fed = None
+    if "personalize" in parts:
+        got["personalization"] = run_personalization(config, spec, work / f"{key}_personalize")
+        fed = got["personalization"].pop("fed")
+    todo = [p for p in parts if p == "cold" or (p in ("hetero", "continue") and p in spec)]
+    if fed is None and todo:
+        fed = prepare_cohort(config)
+    if "cold" in parts:
+        from lorafed.engine.cold_start import plot_cold_start
+
+        cold = run_cold(config, spec, work / f"{key}_cold", sizes, fed)
+        plot = out / f"scenarios_cold_{key}.png"
+        plot_cold_start(cold, plot, f"({key}) {spec['title']}: cold start of {cold['holdout']}")
+        got["cold_start"] = cold
+        got["plot"] = str(plot.relative_to(out.parent) if out.parent in plot.parents else plot)
+
+    def make(extra: list[str]) -> RunConfig:
+        return setting_config(key, spec, tiny, work, extra)
+
+    if "hetero" in todo:
+        got["hetero"] = run_hetero(make, spec, work / f"{key}_hetero", fed)
+    if "continue" in todo:
+        got["continued"] = run_continue(make, spec, work / f"{key}_continue", fed)
+    return got
+
+
+def _earlier(path: Path, mode: str) -> dict[str, Any]:
+    """The settings of an earlier report of the same mode (its parts are kept), or nothing."""
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return dict(earlier.get("settings", {})) if earlier.get("mode") == mode else {}
 
 
 if __name__ == "__main__":

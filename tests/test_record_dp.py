@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lorafed.client.dp import epsilon_spent, make_private, plan_record_dp
+from lorafed.config import load_config
 from lorafed.errors import ConfigError, PrivacyBudgetError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,74 @@ def test_config_checks(tiny_config) -> None:
         tiny_config(*DP, "train.record_dp.noise_multiplier=1.0", "train.class_weighting=balanced")
     with pytest.raises(ConfigError, match=r"record_dp\.delta"):
         tiny_config(*DP, "train.record_dp.noise_multiplier=1.0", "train.record_dp.delta=2")
+
+
+def test_length_bucketing_is_refused_with_the_key_to_set() -> None:
+    """The clothing config buckets by length; adding record_dp overrides names the fix, which then loads."""
+    path = ROOT / "configs" / "clothing_recommend.yaml"
+    dp = ["train.record_dp.enabled=true", "train.record_dp.target_epsilon=8", "train.class_weighting=none"]
+    with pytest.raises(ConfigError) as info:
+        load_config(path, dp)
+    problems = [p for p in info.value.problems if "length_bucketing" in p]
+    assert len(problems) == 1 and "train.record_dp.enabled" in problems[0]
+    assert problems[0].endswith("set train.length_bucketing=false")
+    cfg = load_config(path, [*dp, "train.length_bucketing=false"])
+    assert cfg.train.record_dp.enabled and not cfg.train.length_bucketing
+    with pytest.raises(ConfigError, match=r"set train\.class_weighting=none"):
+        load_config(path, [*dp[:2], "train.length_bucketing=false"])
+
+
+def _one_full_batch_step(tiny_config, *overrides: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One DP step with q = 1 (every row), z = 0 and no per-row clipping; return (update, plain gradient).
+
+    The plain gradient is the oracle: torch autograd of the batch-mean loss, without Opacus.
+    """
+    from lorafed.client.dp import RecordDPPlan, train_local_dp
+    from lorafed.engine.cohort import prepare_cohort
+
+    fed = prepare_cohort(tiny_config(*overrides))
+    model, cfg = fed.client.model, fed.config.train
+    pos = fed.splits[0].train[:6]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    model.eval()  # dropout off: what train_local_dp runs with backbone_dropout false and lora dropout 0
+    model.zero_grad(set_to_none=True)
+    batch = fed.rows.batch(pos)
+    labels = batch.pop("labels")
+    torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels).backward()
+    grad = {n: params[n].grad.detach().double().numpy().copy() for n in names}
+    model.zero_grad(set_to_none=True)
+    before = {n: params[n].detach().double().numpy().copy() for n in names}
+    plan = RecordDPPlan(0.0, 1e6, 1.0, 1, 1e-5, math.inf, noise_seed=0, num_rows=len(pos))
+    train_local_dp(model, fed.rows, pos, cfg, 0, plan, progress=False)
+    update = {n: params[n].detach().double().numpy() - before[n] for n in names}
+    return update, grad
+
+
+def test_sgd_optimizer_is_honoured_under_dp(tiny_config) -> None:
+    """train.optimizer=sgd under DP: one step is -lr x the mean gradient (AdamW's first step is -lr x sign)."""
+    lr = 0.05
+    over = [*DP, "train.record_dp.noise_multiplier=1.0", f"train.learning_rate={lr}", "train.max_grad_norm=null"]
+    update, grad = _one_full_batch_step(tiny_config, *over, "train.optimizer=sgd", "train.momentum=0.0")
+    for n in grad:
+        np.testing.assert_allclose(update[n], -lr * grad[n], rtol=1e-3, atol=1e-7)
+    update, grad = _one_full_batch_step(tiny_config, *over)  # AdamW: each coordinate moves by about lr
+    big = np.concatenate([np.abs(g).ravel() for g in grad.values()]) > 1e-4
+    moved = np.concatenate([np.abs(u).ravel() for u in update.values()])
+    np.testing.assert_allclose(moved[big], lr, rtol=1e-2)
+
+
+def test_max_grad_norm_clips_the_noisy_gradient(tiny_config) -> None:
+    """train.max_grad_norm under DP clips the (here noiseless) mean gradient: the SGD step has norm lr x max."""
+    lr, cap = 0.05, 1e-3
+    over = [*DP, "train.record_dp.noise_multiplier=1.0", f"train.learning_rate={lr}", "train.optimizer=sgd"]
+    update, grad = _one_full_batch_step(tiny_config, *over, "train.momentum=0.0", f"train.max_grad_norm={cap}")
+    g = np.concatenate([v.ravel() for v in grad.values()])
+    u = np.concatenate([v.ravel() for v in update.values()])
+    assert np.linalg.norm(g) > 10 * cap  # the cap binds
+    assert np.linalg.norm(u) == pytest.approx(lr * cap, rel=1e-3)
+    # fp32 weights of size ~0.1 carry ~1e-8 of rounding on each coordinate's update
+    np.testing.assert_allclose(u, -lr * cap * g / np.linalg.norm(g), rtol=1e-3, atol=1e-8)
 
 
 def test_plan_calibrates_to_target_and_stops_at_budget(tiny_config) -> None:
@@ -186,3 +255,32 @@ def test_audit_script_tiny(tmp_path: Path) -> None:
     assert eps[0] <= 8.0 and eps[1] <= 3.0 and eps[2] <= 1.0
     assert (tmp_path / "audit.md").read_text().count("|") > 10
     assert (tmp_path / "audit.png").stat().st_size > 0
+
+
+def test_dp_record_accuracy_script_tiny(tmp_path: Path) -> None:
+    """scripts/dp_record_accuracy.py --tiny: every level of both settings, epsilon within target, targets judged."""
+    spec = importlib.util.spec_from_file_location("dp_record_accuracy", ROOT / "scripts" / "dp_record_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--seeds", "1", "--out", str(tmp_path / "dprec")]) == 0
+    result = json.loads((tmp_path / "dprec.json").read_text())
+    assert list(result["settings"]) == ["a", "b"]
+    for s in result["settings"].values():
+        assert "train.length_bucketing=false" in s["overrides"] and "train.class_weighting=none" in s["overrides"]
+        assert list(s["summary"]) == ["no DP", "eps 8", "eps 3", "eps 1"]
+        runs = s["seeds"]["0"]
+        for name, target in (("eps 8", 8.0), ("eps 3", 3.0), ("eps 1", 1.0)):
+            assert 0 < runs[name]["epsilon_max"] <= target
+            assert runs[name]["failed_clients"] == 0 and 1 <= runs[name]["rounds_run"] <= s["rounds_cap"]
+            cost = s["summary"][name]["cost_points"]["mean"]
+            assert cost == pytest.approx(100 * (runs["no DP"]["macro_f1"] - runs[name]["macro_f1"]))
+        assert s["summary"]["eps 1"]["noise_multiplier"][0] > s["summary"]["eps 8"]["noise_multiplier"][0]
+    targets = result["targets"]
+    assert [t["target"] for t in targets] == [
+        "epsilon 8 costs <= 2 points on clothing",
+        "epsilon 3 costs <= 4 points on clothing",
+    ]
+    for t, limit in zip(targets, (2.0, 4.0), strict=True):
+        assert t["met"] == (t["value"] <= limit)
+    assert (tmp_path / "dprec.md").read_text().count("| eps ") == 6
+    assert (tmp_path / "dprec.png").stat().st_size > 0

@@ -146,3 +146,25 @@ def test_inspect_lineage_walks_back_to_round_0(tiny_config, tmp_path: Path, caps
     out = capsys.readouterr().out
     lines = [line for line in out.split("lineage (newest first):")[1].splitlines() if line.strip()]
     assert [line.split()[1] for line in lines] == ["2", "1", "0"] and lines[-1].split()[4] == "root"
+
+
+def test_cli_resume_with_new_data_and_clients_then_inspect(
+    tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lorafed simulate --resume` later, on a new data file with a third party: `inspect --lineage` shows one chain."""
+    from conftest import write_synthetic_csv
+
+    run = tmp_path / "run"
+    simulate(tiny_config("federation.rounds=1", "partition.num_clients=2"), run, progress=False)
+    newer = write_synthetic_csv(tmp_path / "newer.csv", n=360, seed=9)
+    args = ["simulate", "--resume", str(run), "--no-progress", f"data.path={newer}", "federation.rounds=3"]
+    assert main([*args, "partition.num_clients=3"]) == 0
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [len(r["clients"]) for r in rows] == [0, 2, 3, 3]
+    assert str(newer) in (run / "config.yaml").read_text()  # the resumed run's config is the one on record
+    capsys.readouterr()
+    assert main(["inspect", str(run / "rounds" / "global_r3.safetensors"), "--lineage"]) == 0
+    lines = [x for x in capsys.readouterr().out.split("lineage (newest first):")[1].splitlines() if x.strip()]
+    assert [x.split()[1] for x in lines] == ["3", "2", "1", "0"] and lines[-1].split()[4] == "root"
+    assert len({x.split()[3] for x in lines}) == 1  # one run id across the resume
+    assert "(round 1)" in lines[1] and "(round 0)" in lines[2]

@@ -196,6 +196,22 @@ def test_bench_scenarios_tiny(tmp_path) -> None:
         assert (tmp_path / "results" / f"scenarios_cold_{key}.png").is_file()
     md = (tmp_path / "results" / "scenarios.md").read_text()
     assert "cold start" in md and "Reproduce:" in md
+    hetero = result["settings"]["a"]["hetero"]
+    assert sorted(hetero["ranks"].values()) == [2, 4, 8] and hetero["global_rank"] == 4
+    assert set(hetero["runs"]) == {"same", "mixed"} and 0 <= hetero["runs"]["mixed"]["truncation_max"] < 1
+    cont = result["settings"]["a"]["continued"]
+    assert cont["new"] == ["east"] and cont["clients"]["east"]["new"] and not cont["clients"]["north"]["new"]
+    assert cont["lineage_length"] == 5  # rounds 0-2 with two shops, 3-4 with three: one chain
+    assert "b" not in result["settings"] or "hetero" not in result["settings"]["b"]
+    names = {t["target"] for t in result["targets"]}
+    assert any("mixed LoRA ranks" in n for n in names) and any("continued iteration" in n for n in names)
+    # one part again: it replaces that part and keeps the others of the earlier report
+    args = ["--tiny", "--parts", "continue", "--settings", "a", "--out", str(tmp_path / "results")]
+    assert bench_scenarios.main([*args, "--work", str(tmp_path / "w2")]) == 0
+    again = json.loads((tmp_path / "results" / "scenarios.json").read_text())
+    assert set(again["settings"]["a"]) >= {"personalization", "cold_start", "hetero", "continued"}
+    assert again["settings"]["a"]["command"].endswith("--tiny --parts continue --settings a")
+    assert "personalization" in again["settings"]["b"]
 
 
 def test_personalize_verb_writes_one_adapter_per_client(tiny_config, tmp_path, capsys) -> None:

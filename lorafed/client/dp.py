@@ -17,9 +17,19 @@ The mechanism (Abadi et al. 2016, "Deep learning with differential privacy"), pe
   needs no grad sampler for them.
 * :class:`opacus.optimizers.DPOptimizer`: each row's gradient (all trainable tensors together)
   is clipped to L2 norm ``C``, the clipped gradients are summed, Gaussian noise N(0, (z C)^2) is
-  added to every coordinate, and the sum is divided by the *expected* batch size ``q n``. AdamW
-  then steps on that noisy gradient. FedProx's term mu * (w - w_global) depends on no row, so it
-  is added after the noise (post-processing), not through the per-sample gradients.
+  added to every coordinate, and the sum is divided by the *expected* batch size ``q n``. The
+  round's optimizer (``train.optimizer``: AdamW, or SGD with momentum) then steps on that noisy
+  gradient. FedProx's term mu * (w - w_global) depends on no row, so it is added after the noise
+  (post-processing), not through the per-sample gradients; ``train.max_grad_norm`` then clips
+  the noisy gradient with FedProx's term, as it clips the gradient in non-private training
+  (post-processing too: it costs no privacy; ``null`` gives textbook DP-SGD).
+
+Every ``train`` setting either applies under DP or is refused when the config is loaded
+(:mod:`lorafed.config`): ``class_weighting: balanced`` (a row's weight would depend on every other
+row's label), ``gradient_checkpointing`` (the recomputed forward would feed Opacus' hooks twice)
+and ``length_bucketing`` (Poisson sampling draws each step's rows independently, so there are no
+length-sorted batches to keep). Warm-up, weight decay, autocast, backbone dropout and
+``epochs``/``max_steps`` (the steps per round) apply as in :func:`lorafed.client.train.train_local`.
 
 Accounting: epsilon comes from Opacus' accountant (``rdp``: :class:`opacus.accountants.RDPAccountant`,
 or ``prv``) for ``round x steps_per_round`` sampled-Gaussian steps at rate ``q`` and noise ``z``,
@@ -54,7 +64,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorafed.client.train import TrainResult, autocast, client_loss, frozen_dropout_off, planned_steps
+from lorafed.client.train import (
+    TrainResult,
+    autocast,
+    client_loss,
+    frozen_dropout_off,
+    make_optimizer,
+    planned_steps,
+)
 from lorafed.config import RecordDPConfig, TrainConfig
 from lorafed.data.tokens import TokenizedRows
 from lorafed.errors import PrivacyBudgetError
@@ -249,6 +266,18 @@ def make_private(
     return gsm, dp_opt
 
 
+def _after_noise(dp_opt: Any, anchors: list[torch.Tensor], cfg: TrainConfig) -> None:
+    """Opacus' step hook, on the noisy mean gradient: FedProx's term, then ``max_grad_norm``.
+
+    Both only post-process the privatized gradient (neither reads a row), so they cost no privacy.
+    """
+    if anchors:
+        for p, a in zip(dp_opt.params, anchors, strict=True):
+            p.grad.add_(p.detach() - a, alpha=cfg.prox_mu)
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(dp_opt.params, cfg.max_grad_norm)
+
+
 def _empty_step(dp_opt: Any) -> None:
     """Mark an empty Poisson batch: zero per-sample gradients, so the step adds noise only."""
     for p in dp_opt.params:
@@ -267,8 +296,9 @@ def train_local_dp(
 ) -> TrainResult:
     """:func:`~lorafed.client.train.train_local` under DP-SGD: same optimizer, warm-up, autocast, FedProx.
 
-    Takes exactly ``plan.steps_per_round`` steps, each on a Poisson sample of ``positions``.
-    ``cfg.max_grad_norm`` is not applied (the per-sample clip ``plan.clip_norm`` replaces it).
+    Takes exactly ``plan.steps_per_round`` steps, each on a Poisson sample of ``positions``. Each
+    row's gradient is clipped to ``plan.clip_norm`` before the noise; ``cfg.max_grad_norm`` (if
+    set) clips the noisy mean gradient after it, with FedProx's term, as in non-private training.
 
     Args:
         model: A peft model whose adapter holds the starting (global) weights; its trainable
@@ -283,7 +313,7 @@ def train_local_dp(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     total = plan.steps_per_round
     warmup = int(total * cfg.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -295,13 +325,8 @@ def train_local_dp(
     if not cfg.backbone_dropout:
         stack.enter_context(frozen_dropout_off(model))
     gsm, dp_opt = make_private(model, opt, plan.noise_multiplier, plan.clip_norm, plan.expected_batch_size, noise_gen)
-    if anchors:
-
-        def add_prox(dpo: Any) -> None:
-            for p, a in zip(dpo.params, anchors, strict=True):
-                p.grad.add_(p.detach() - a, alpha=cfg.prox_mu)
-
-        dp_opt.attach_step_hook(add_prox)
+    if anchors or cfg.max_grad_norm is not None:
+        dp_opt.attach_step_hook(functools.partial(_after_noise, anchors=anchors, cfg=cfg))
     pos = np.asarray(positions, dtype=np.int64)
     losses: list[float] = []
     samples = 0

@@ -28,6 +28,7 @@ from lorafed.errors import ConfigError, DataError, PayloadError, PayloadValidati
 from lorafed.model.backbone import ClientModel, load_client_model
 from lorafed.partition import partition, partition_columns
 from lorafed.seeds import split_seed
+from lorafed.server.hetero import start_for_client
 from lorafed.server.specs import spec_for
 from lorafed.server.validate import validate_update
 from lorafed.wire.adapter import get_adapter_state
@@ -126,18 +127,25 @@ class LocalClient:
         Raises:
             SignatureError: Signing is on and the global adapter is unsigned or not signed by the
                 registry's server key.
-            PayloadError: It was made for another base model, LoRA config, labels or tensors.
+            PayloadError: It was made for another base model, LoRA config, labels or tensors
+                (with ``federation.hetero_ranks``, another LoRA rank and alpha are accepted, and
+                the tensors returned are the global adapter truncated to this client's rank).
         """
         if self.signing is not None:
             if data is None:
                 raise SignatureError("signing is on but the global adapter's bytes were not given to verify", source)
             self.signing.check_global(data, signature, source)
         spec = spec_for(self.identity, get_adapter_state(self.model.model), None)
+        hetero = self.config.federation.hetero_ranks
+        spec = dataclasses.replace(spec, hetero_ranks=hetero)
         try:
             validate_update(glob, spec, source)
         except PayloadValidationError as exc:
             raise PayloadError(f"the global adapter does not fit this client's config: {exc}", source) from exc
-        return {k: v.to(torch.float32) for k, v in glob.decoded().items()}
+        state = {k: v.to(torch.float32) for k, v in glob.decoded().items()}
+        if hetero:  # the global delta truncated to this client's rank (server.hetero)
+            return start_for_client(state, glob.meta.lora, self.identity.lora, self.fresh)
+        return state
 
     def sign(self, data: bytes) -> bytes | None:
         """This client's signature of its update ``data``, or ``None`` when signing is off.

@@ -8,9 +8,10 @@ file drop use it on the server side for the spec and the test rows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,9 +23,10 @@ from lorafed.data.clean import LabeledData, load_labeled
 from lorafed.data.tokens import Split, TokenizedRows, split_indices
 from lorafed.errors import ConfigError
 from lorafed.metrics import EvalResult, evaluate
-from lorafed.model.backbone import ClientModel, load_client_model
+from lorafed.model.backbone import ClientModel, load_client_model, lora_config_dict
 from lorafed.partition import Partition, client_table, partition, partition_columns
 from lorafed.seeds import split_seed
+from lorafed.server.hetero import start_for_client
 from lorafed.server.specs import round_spec
 from lorafed.server.validate import UpdateSpec
 from lorafed.wire.adapter import get_adapter_state, set_adapter_state
@@ -48,6 +50,9 @@ class Cohort:
         test_positions: The global test rows (union of client test slices, maybe sampled).
         initial_state: The seeded round-0 adapter.
         identity: Base fingerprint, LoRA config and labels, written in every header.
+        rank_models: With ``federation.hetero_ranks``: LoRA rank -> a model with adapters of that
+            rank and its seeded fresh adapter, loaded on first use by a client of
+            ``model.lora.client_ranks`` (the global rank's is ``client``).
     """
 
     config: RunConfig
@@ -59,6 +64,7 @@ class Cohort:
     test_positions: np.ndarray
     initial_state: dict[str, torch.Tensor]
     identity: ModelIdentity
+    rank_models: dict[int, tuple[ClientModel, dict[str, torch.Tensor]]] = field(default_factory=dict, repr=False)
 
     def sent_keys(self, round_: int | None) -> list[str]:
         """The adapter tensors trained and sent in ``round_`` (all of them for ``None``)."""
@@ -72,11 +78,42 @@ class Cohort:
     def client_update(
         self, global_state: dict[str, torch.Tensor], k: int, round_: int, progress: bool = True
     ) -> ClientUpdate:
-        """Client ``k`` trains one round from ``global_state`` (see :func:`~lorafed.client.round.client_step`)."""
+        """Client ``k`` trains one round from ``global_state`` (see :func:`~lorafed.client.round.client_step`).
+
+        With ``federation.hetero_ranks`` the client trains adapters of its own rank
+        (``model.lora.client_ranks``, default the global rank) from the global adapter truncated
+        to that rank (:func:`~lorafed.server.hetero.start_for_client`).
+        """
         cid = self.partition.client_ids[k]
-        return client_step(
-            self.client, self.rows, self.splits[k], global_state, round_, self.config, cid, self.identity, progress
-        )
+        if not self.config.federation.hetero_ranks:
+            return client_step(
+                self.client, self.rows, self.splits[k], global_state, round_, self.config, cid, self.identity, progress
+            )
+        ident = self.client_identity(cid)
+        model, fresh = self.model_of_rank(int(ident.lora["r"]))
+        start = start_for_client(global_state, self.identity.lora, ident.lora, fresh)
+        return client_step(model, self.rows, self.splits[k], start, round_, self.config, cid, ident, progress)
+
+    def client_identity(self, client_id: str) -> ModelIdentity:
+        """The identity in ``client_id``'s headers: the federation's, with its own LoRA rank
+        (``model.lora.client_ranks``) in a ``federation.hetero_ranks`` federation."""
+        lora = self.config.model.lora
+        r = (lora.client_ranks or {}).get(client_id, lora.r)
+        if not self.config.federation.hetero_ranks or r == lora.r:
+            return self.identity
+        return dataclasses.replace(self.identity, lora=lora_config_dict(dataclasses.replace(lora, r=r)))
+
+    def model_of_rank(self, r: int) -> tuple[ClientModel, dict[str, torch.Tensor]]:
+        """A model with LoRA adapters of rank ``r`` (seeded as every client's) and its fresh adapter."""
+        if r == self.config.model.lora.r:
+            return self.client, self.initial_state
+        if r not in self.rank_models:
+            mcfg = self.config.model
+            mcfg = dataclasses.replace(mcfg, lora=dataclasses.replace(mcfg.lora, r=r))
+            model = load_client_model(mcfg, self.data.label_names, self.config.seed)
+            self.rank_models[r] = (model, get_adapter_state(model.model))
+            logger.info("loaded a model with LoRA rank %d for the clients of that rank", r)
+        return self.rank_models[r]
 
 
 def prepare_cohort(config: RunConfig) -> Cohort:
@@ -98,6 +135,10 @@ def prepare_cohort(config: RunConfig) -> Cohort:
                 f"{len(part.client_ids)} client(s); lower min_clients or use more clients"
             ]
         )
+    unknown = sorted(set(config.model.lora.client_ranks or {}) - set(part.client_ids))
+    if unknown:
+        ids = ", ".join(part.client_ids)
+        raise ConfigError([f"model.lora.client_ranks: no client {unknown[0]!r} in the partition; clients: {ids}"])
     splits = [
         split_indices(idx, config.data.val_fraction, config.data.test_fraction, split_seed(config.seed, cid))
         for cid, idx in zip(part.client_ids, part.indices, strict=True)

@@ -73,7 +73,7 @@ class InProcess:
                     {"client": cid, "reason": f"timed out: took {took:.2f} s, over client_timeout_s={timeout}"}
                 )
                 continue
-            meta = update_meta(self.fed.identity, self.fed.config, cid, round_, res)
+            meta = update_meta(self.fed.client_identity(cid), self.fed.config, cid, round_, res)
             data = payload_to_bytes(tensors, meta)
             sig = self.signing.sign_update(cid, data) if self.signing is not None else None
             out.replies.append((k, Incoming(cid, data, signature=sig)))

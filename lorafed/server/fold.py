@@ -29,6 +29,7 @@ import torch
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError, SignatureError
 from lorafed.server.aggregate import WeightedMean, Weighting, require_finite
 from lorafed.server.claims import OverRatio, check_claims
+from lorafed.server.hetero import densify, lora_rank
 from lorafed.server.privacy import DPSum
 from lorafed.server.robust import Robust, clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.server.validate import UpdateSpec, validate_update
@@ -156,6 +157,7 @@ def fold_updates(
     over_ratio: OverRatio = "refuse",
     max_examples_growth: float | None = None,
     known_claims: Mapping[str, float] | None = None,
+    dense: bool = False,
 ) -> RoundOutcome:
     """Validate each update once and fold the valid ones into the round's average.
 
@@ -207,6 +209,10 @@ def fold_updates(
             client's pinned claim in ``known_claims`` is capped to it (recorded in ``weight_clipped``).
         known_claims: Client id -> the claim pinned when the server first accepted one of its
             updates in this run (earlier rounds).
+        dense: Clients of different LoRA ranks (``federation.hetero_ranks``): each update's LoRA
+            pairs become their dense changes ``(alpha_i / r_i) B_i A_i`` as it is folded in
+            (:func:`lorafed.server.hetero.densify`), so the mean, the norms, clipping and the robust
+            rules work on those; ``reference`` must be dense too.
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
@@ -278,7 +284,7 @@ def fold_updates(
             raw = data or up.read()  # a file is read again only here, one at a time
             payload = payload_with_header(raw, head, up.source)
             validate_update(payload, spec, up.source)
-            tensors = _fold_one(payload, reference, clip_update_norm, out)
+            tensors = _fold_one(payload, reference, clip_update_norm, out, dense)
             if max_update_norm is not None and not out.norms[cid] <= max_update_norm:
                 out.rejected.append(
                     (
@@ -463,9 +469,12 @@ def _fold_one(
     reference: Mapping[str, torch.Tensor] | None,
     clip_update_norm: float | None,
     out: RoundOutcome,
+    dense: bool = False,
 ) -> Mapping[str, torch.Tensor]:
-    """One valid update's fp32 tensors, its delta norm recorded and clipped if asked."""
+    """One valid update's fp32 tensors (``dense``: its dense changes), its delta norm recorded and clipped if asked."""
     tensors: Mapping[str, torch.Tensor] = payload.decoded()
+    if dense:
+        tensors = densify(tensors, *lora_rank(payload.meta.lora))
     cid = payload.meta.client_id
     if reference is not None:
         out.norms[cid] = delta_norm(tensors, reference)

@@ -12,7 +12,23 @@ for ``svd`` merging, whose code this reuses. The factors are rescaled to the glo
 scaling ``global_alpha / global_rank``. The head is a full weight: its weighted mean is exact.
 
 A client of rank r_i starts its next round from the global delta truncated to its own rank
-(:func:`truncate_for_client`).
+(:func:`truncate_for_client`, :func:`start_for_client`).
+
+In a federation (``federation.hetero_ranks``) the server step works on dense changes: each
+valid update is :func:`densify`-ed as it is folded in, so the streamed weighted mean, the norm
+bounds, clipping and the robust rules all apply to ``delta_i``; the mean is then
+:func:`factorize`-d back to the global rank. A module's dense change travels inside the server
+under ``<module>.lora_delta.<suffix>`` in place of its A/B pair. ``max_update_ratio`` still
+scales with the norm of the global adapter's factors; the update norm it bounds is the dense
+one, ``sqrt(sum ||delta_i - delta_global||^2 + ||head_i - head_global||^2)``. A server optimizer
+steps on the dense changes too.
+
+A truncated component whose singular value is (numerically) zero has a zero row of A and a
+zero column of B, and LoRA's gradients of both are then zero forever: the component is dead.
+:func:`start_for_client` revives it with the client's own seeded fresh row of A (B's column
+stays zero, so ``B @ A`` is unchanged, exactly LoRA's own initialisation). In round 1 the global
+delta is zero, so every client starts from its own fresh adapter, as a cross-silo client
+without a global adapter does.
 """
 
 from __future__ import annotations
@@ -20,10 +36,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from lorafed.wire.factors import LoraFactors, MergeError, delta_weights, lora_modules, merge_adapters
+from lorafed.wire.factors import LoraFactors, MergeError, delta_weights, lora_modules, merge_adapters, svd_factors
+
+#: A module's dense change ``(alpha / r) B @ A`` is kept under ``<module>.lora_delta.<suffix>``.
+DELTA = ".lora_delta."
+#: Singular values below this share of a module's largest are dropped when a client's start is
+#: truncated (a rank-8 delta cut to 16 has 8 values at ~1e-16 of the largest: dead components).
+DEAD_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -99,3 +122,96 @@ def truncate_for_client(
 def dense_deltas(tensors: Mapping[str, torch.Tensor], r: int, alpha: float) -> dict[str, torch.Tensor]:
     """Module prefix -> ``(alpha / r) B @ A`` (float64), the change an adapter makes to each weight."""
     return delta_weights(LoraFactors(tensors, r, alpha))
+
+
+def lora_rank(lora: Mapping[str, Any]) -> tuple[int, float]:
+    """``(r, alpha)`` of a header's LoRA config."""
+    return int(lora["r"]), float(lora["alpha"])
+
+
+def densify(tensors: Mapping[str, torch.Tensor], r: int, alpha: float) -> dict[str, torch.Tensor]:
+    """The adapter with every LoRA pair replaced by its dense change ``(alpha / r) B @ A`` (float64).
+
+    The head and any other full tensor are kept as they are. Keys: see :data:`DELTA`.
+
+    Raises:
+        MergeError: A factor without its partner.
+    """
+    pairs = lora_modules(tensors)
+    factors = {k for ab in pairs.values() for k in ab}
+    out = {k: v for k, v in tensors.items() if k not in factors}
+    scale = alpha / r
+    for prefix, (a_key, b_key) in pairs.items():
+        suffix = a_key.partition(".lora_A.")[2]
+        out[f"{prefix}{DELTA}{suffix}"] = scale * (tensors[b_key].double() @ tensors[a_key].double())
+    return out
+
+
+def factorize(dense: Mapping[str, torch.Tensor], r: int, alpha: float, rtol: float = 0.0) -> HeteroResult:
+    """Dense changes (:func:`densify`) back to LoRA factors of rank ``r`` and scaling ``alpha / r`` (fp32).
+
+    Each change is cut to its best rank-``r`` approximation (:func:`~lorafed.wire.factors.svd_factors`,
+    singular values at most ``rtol`` times the largest dropped); the other tensors are kept.
+
+    Raises:
+        MergeError: ``r`` larger than a weight allows.
+    """
+    out: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    for key, value in dense.items():
+        if DELTA not in key:
+            out[key] = value.float()
+            continue
+        prefix, _, suffix = key.partition(DELTA)
+        b, a, errors[prefix] = svd_factors(value.double() * (r / alpha), r, prefix, rtol)
+        out[f"{prefix}.lora_A.{suffix}"], out[f"{prefix}.lora_B.{suffix}"] = a, b
+    return HeteroResult(out, errors)
+
+
+def revive(tensors: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dead components (a zero row of A and the zero column of B) take ``fresh``'s row of A.
+
+    ``B @ A`` is unchanged (the column of B stays zero); the component can learn again, as a
+    freshly initialised LoRA pair does (B = 0, A random).
+    """
+    out = dict(tensors)
+    for a_key, b_key in lora_modules(tensors).values():
+        a, b = tensors[a_key], tensors[b_key]
+        dead = (a == 0).all(dim=1) & (b == 0).all(dim=0)
+        if bool(dead.any()):
+            out[a_key] = torch.where(dead[:, None], fresh[a_key].to(a.dtype), a)
+    return out
+
+
+def start_for_client(
+    global_tensors: Mapping[str, torch.Tensor],
+    global_lora: Mapping[str, Any],
+    lora: Mapping[str, Any],
+    fresh: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """What a client of a hetero-rank federation trains its round from.
+
+    The global adapter itself when the client has its rank and alpha, else its delta truncated
+    to the client's rank (:func:`truncate_for_client`, with numerically zero components
+    dropped); dead components are then revived from the client's own fresh adapter (:func:`revive`).
+
+    Args:
+        global_tensors: The global adapter (fp32).
+        global_lora: The global adapter's LoRA config (its header's).
+        lora: The client's LoRA config.
+        fresh: The client's seeded fresh adapter (its rank).
+
+    Raises:
+        MergeError: The client's rank is larger than a weight allows, or its modules differ.
+    """
+    gr, ga = lora_rank(global_lora)
+    r, alpha = lora_rank(lora)
+    if (gr, ga) == (r, alpha):
+        tensors = {k: v.float() for k, v in global_tensors.items()}
+    else:
+        tensors = factorize(densify(global_tensors, gr, ga), r, alpha, DEAD_RTOL).tensors
+    if set(fresh) != set(tensors):
+        diff = sorted(set(fresh) ^ set(tensors))
+        raise MergeError(f"the global adapter's tensors differ from this client's ({len(diff)} keys, e.g. {diff[0]})")
+    revived = revive(tensors, fresh)
+    return {k: revived[k] for k in fresh}

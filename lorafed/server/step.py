@@ -28,6 +28,7 @@ import torch
 
 from lorafed.server.aggregate import require_finite
 from lorafed.server.fold import Incoming, RoundOutcome, fold_updates, require_enough
+from lorafed.server.hetero import densify, factorize, lora_rank
 from lorafed.server.privacy import DPSum, calibrate_noise, compute_epsilon, poisson_sample
 from lorafed.server.server_opt import ServerOptSettings, ServerOptState, server_step
 from lorafed.server.validate import UpdateSpec
@@ -85,11 +86,14 @@ class RoundResult:
     """A finished server step: the new global adapter, what was accepted or rejected, privacy figures.
 
     ``state`` is ``None`` when too few updates were valid (see :meth:`RoundPolicy.try_aggregate`).
+    ``truncation``: with ``federation.hetero_ranks``, module -> relative Frobenius error of cutting
+    the round's dense mean back to the global rank.
     """
 
     state: dict[str, torch.Tensor] | None
     outcome: RoundOutcome
     privacy: dict[str, Any] = field(default_factory=dict)
+    truncation: dict[str, float] = field(default_factory=dict)
 
 
 class RoundPolicy:
@@ -200,16 +204,19 @@ class RoundPolicy:
             :meth:`min_valid` updates were valid.
         """
         f = self.fcfg
-        spec = dataclasses.replace(spec, max_num_examples=f.max_num_examples)
+        spec = dataclasses.replace(spec, max_num_examples=f.max_num_examples, hetero_ranks=f.hetero_ranks)
         need = self.min_valid(len(updates) if asked is None else asked)
-        bound = self.update_bound(reference)
+        bound = self.update_bound(reference)  # the global factors' norm, whatever the clients' ranks
+        start = reference
+        if f.hetero_ranks:  # clients of other ranks: the step works on dense changes (server.hetero)
+            start = densify(reference, *lora_rank(spec.lora))
         if self.dp is None:
             outcome = fold_updates(
                 updates,
                 spec,
                 f.weighting,
                 need,
-                reference=reference,
+                reference=start,
                 clip_update_norm=f.clip_update_norm,
                 robust=f.robust,
                 trim_ratio=f.trim_ratio,
@@ -222,6 +229,7 @@ class RoundPolicy:
                 max_examples_growth=f.max_examples_growth,
                 known_claims=self.claims,
                 verifier=self.verifier,
+                dense=f.hetero_ranks,
             )
             acc = None
         else:
@@ -240,7 +248,11 @@ class RoundPolicy:
             )
         if outcome.state is None:
             return RoundResult(None, outcome)
-        state, opt = next_global(reference, outcome.state, f, self.server_opt)
+        state, opt = next_global(start, outcome.state, f, self.server_opt)
+        truncation: dict[str, float] = {}
+        if f.hetero_ranks:  # the dense mean, cut back to the global rank by SVD
+            cut = factorize(state, *lora_rank(spec.lora))
+            state, truncation = {k: cut.tensors[k] for k in reference}, cut.truncation
         require_finite(state, f"round {round_}: the next global adapter")
         self.server_opt = opt
         for cid, claim in outcome.claims.items():  # a round that published nothing pins nothing
@@ -255,7 +267,7 @@ class RoundPolicy:
                 "sample_rate": f.fraction,
                 **acc.stats(),
             }
-        return RoundResult(state, outcome, privacy)
+        return RoundResult(state, outcome, privacy, truncation)
 
     def aggregate(
         self,

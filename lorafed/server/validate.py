@@ -45,6 +45,9 @@ class UpdateSpec:
             less (in fp32; the wire names, shapes and dtypes follow from the payload's transport).
         round: The round updates must belong to (``None``: any).
         max_num_examples: Upper bound on ``num_examples``.
+        hetero_ranks: Accept an update whose LoRA rank and alpha differ from ``lora``'s (every
+            other LoRA setting must match); its factors must then have its own rank
+            (``federation.hetero_ranks``, see :mod:`lorafed.server.hetero`).
     """
 
     base_fingerprint: str
@@ -53,6 +56,7 @@ class UpdateSpec:
     tensors: Mapping[str, tuple[tuple[int, ...], str]]
     round: int | None = None
     max_num_examples: int = MAX_NUM_EXAMPLES
+    hetero_ranks: bool = False
 
 
 def validate_update(payload: Payload, spec: UpdateSpec, source: str = "") -> None:
@@ -80,14 +84,19 @@ def validate_update(payload: Payload, spec: UpdateSpec, source: str = "") -> Non
             spec.base_fingerprint[:23] + "...",
             m.base_fingerprint[:23] + "... (trained on another base model)",
         )
+    tensor_spec = spec.tensors
     if dict(m.lora) != dict(spec.lora):
         keys = sorted(set(m.lora) | set(spec.lora), key=str)
         diff = [k for k in keys if m.lora.get(k, "<absent>") != spec.lora.get(k, "<absent>")]
-        fail(
-            f"lora config {_brief(', '.join(map(str, diff)))}",
-            {k: spec.lora.get(k, "<absent>") for k in diff},
-            _brief({k: m.lora.get(k, "<absent>") for k in diff}),
-        )
+        if spec.hetero_ranks:  # another rank and alpha are fine; name only what is not
+            diff = [k for k in diff if k not in ("r", "alpha")]
+        if diff:
+            fail(
+                f"lora config {_brief(', '.join(map(str, diff)))}",
+                {k: spec.lora.get(k, "<absent>") for k in diff},
+                _brief({k: m.lora.get(k, "<absent>") for k in diff}),
+            )
+        tensor_spec = _own_rank(m.lora, spec.tensors, fail)
     if tuple(m.labels) != tuple(spec.labels):
         fail("labels", list(spec.labels), _brief(list(m.labels)))
     if spec.round is not None and m.round != spec.round:
@@ -97,14 +106,14 @@ def validate_update(payload: Payload, spec: UpdateSpec, source: str = "") -> Non
     if m.dtype not in TRANSPORTS:
         fail("dtype (transport)", f"one of {list(TRANSPORTS)}", repr(m.dtype)[:80])
     if m.dtype == "int8_block":
-        bound = max_block_size(spec.tensors)
+        bound = max_block_size(tensor_spec)
         if not isinstance(m.block_size, int) or not 1 <= m.block_size <= bound:
             fail(
                 "block_size",
                 f"an integer in [1, {bound}] (blocks longer than the largest tensor are never needed)",
                 _brief(m.block_size),
             )
-    expected = wire_spec(spec.tensors, m.dtype, m.block_size or 0)
+    expected = wire_spec(tensor_spec, m.dtype, m.block_size or 0)
     missing = sorted(set(expected) - set(payload.tensors))
     extra = sorted(set(payload.tensors) - set(expected))
     if missing:
@@ -119,6 +128,34 @@ def validate_update(payload: Payload, spec: UpdateSpec, source: str = "") -> Non
         if got != dtype:
             fail(f"tensor {name} dtype", f"{dtype} (transport {m.dtype})", got)
     _check_values(payload.tensors, fail)
+
+
+def _own_rank(
+    lora: Mapping[str, Any], tensors: Mapping[str, tuple[tuple[int, ...], str]], fail: Any
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors an update of another LoRA rank must carry, once its ``r`` and ``alpha`` are sane.
+
+    ``r`` is an integer from 1 to the smallest dimension of an adapted weight (a larger rank
+    adds nothing); ``alpha`` a finite number > 0.
+    """
+    bound = min(
+        [shape[1] for k, (shape, _) in tensors.items() if ".lora_A." in k]
+        + [shape[0] for k, (shape, _) in tensors.items() if ".lora_B." in k],
+        default=0,
+    )
+    r, alpha = lora.get("r"), lora.get("alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= bound:
+        fail("lora config r", f"an integer in [1, {bound}] (federation.hetero_ranks)", _brief(r))
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha < float("inf"):
+        fail("lora config alpha", "a finite number > 0 (federation.hetero_ranks)", _brief(alpha))
+    out = {}
+    for key, (shape, dtype) in tensors.items():
+        if ".lora_A." in key:
+            shape = (r, *shape[1:])
+        elif ".lora_B." in key:
+            shape = (shape[0], r)
+        out[key] = (tuple(shape), dtype)
+    return out
 
 
 def client_id_ok(client_id: str) -> bool:

@@ -157,16 +157,30 @@ def merge_adapters(
                 w * a.scaling * (a.tensors[b_key].double() @ a.tensors[a_key].double())
                 for a, w in zip(adapters, ws, strict=True)
             )
-            if not 1 <= k <= min(delta.shape):
-                raise MergeError(f"svd rank must be in [1, {min(delta.shape)}] for {prefix}, got {k}")
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            root = s[:k].sqrt()
-            out[b_key] = (u[:, :k] * root).float()
-            out[a_key] = (root[:, None] * vh[:k]).float()
-            total = float(s.norm())
-            errors[prefix] = float(s[k:].norm()) / total if total > 0 else 0.0
+            out[b_key], out[a_key], errors[prefix] = svd_factors(delta, k, prefix)
         return MergeResult(out, k, float(k), errors)
     raise MergeError(f"unknown merge mode {mode!r}; expected one of {', '.join(MERGE_MODES)}")
+
+
+def svd_factors(delta: torch.Tensor, k: int, name: str, rtol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, error)``: the best rank-``k`` factors of ``delta`` (``B @ A = U_k S_k V_k^T``, fp32).
+
+    The singular values are split evenly (``B = U_k S_k^(1/2)``, ``A = S_k^(1/2) V_k^T``), so both
+    factors have the same scale. Singular values at most ``rtol`` times the largest are dropped
+    (their rows of A and columns of B are exactly zero); ``error`` is the relative Frobenius error
+    ``||S_{>k}|| / ||S||`` of the truncation (0 for a zero ``delta``).
+
+    Raises:
+        MergeError: ``k`` outside ``[1, min(delta.shape)]``.
+    """
+    if not 1 <= k <= min(delta.shape):
+        raise MergeError(f"svd rank must be in [1, {min(delta.shape)}] for {name}, got {k}")
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    kept = s[:k] if rtol <= 0 else torch.where(s[:k] > rtol * s[0], s[:k], torch.zeros_like(s[:k]))
+    root = kept.sqrt()
+    total = float(s.norm())
+    error = float(s[k:].norm()) / total if total > 0 else 0.0
+    return (u[:, :k] * root).float(), (root[:, None] * vh[:k]).float(), error
 
 
 def _head_mean(adapters: Sequence[LoraFactors], ws: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,348 @@
+"""Accuracy cost of record-level DP at convergence: no DP against DP-SGD at epsilon 8, 3 and 1.
+
+Settings, as in ``scripts/bench_quality.py --full``: (a) clothing reviews by department
+(``configs/clothing_recommend.yaml``, ``data.max_length=64``, ``federation.max_test_rows=500``,
+round cap 6) and (b) retail intents, Dirichlet 0.1 over 10 clients
+(``configs/retail_intents_dirichlet.yaml``, ``federation.max_test_rows=800``, round cap 8).
+Every run is the convergence protocol (:func:`lorafed.engine.compare.run_federated`): FedAvg up
+to the round cap, early-stopped (patience 2) on the pooled validation rows, scored on the test
+rows at its best-validation round. The DP runs set ``train.record_dp.target_epsilon``, which
+each client's noise multiplier is calibrated to (Opacus) for the round cap, so early stopping
+spends less; the epsilon reported is the most any client spent by its last round, read from
+the clients' update headers (``metrics.jsonl``'s ``record_epsilon``). Delta is each client's
+default, 1 / (10 n); the row sampling and noise are seeded by the run seed
+(``record_dp.noise_seed``), so a rerun reproduces the numbers.
+
+Same settings for the baseline: record-level DP refuses balanced class weights (a row's weight
+would depend on every other row's label) and length bucketing (Poisson sampling draws each
+step's rows independently), so every run, the no-DP baseline included, has
+``train.class_weighting=none`` and ``train.length_bucketing=false``: the only difference between
+a row of the table and the baseline is DP-SGD. (The clothing config's own runs use balanced
+weights, so their macro-F1 is not this baseline's.)
+
+Order: seed 0 of every setting and epsilon first, then seeds 1 and 2; no new run starts after
+``--time-budget-s``; the results (``results/dp_record_accuracy.{json,md,png}``) are rewritten
+after every run, so a partial run keeps what it measured.
+
+Runtime estimate on 2 idle cores (int8 MiniLM; not run here). DP-SGD's extra cost per step is
+Opacus' per-sample gradients of the LoRA and head tensors (the frozen backbone's backward is the
+same): 1.67x the CPU time of a non-private step, measured on the tests' tiny BERT (3 steps of 8
+rows, median of 7), an upper bound for MiniLM, whose backbone outweighs the hooks far more.
+(a) a round is 6 clients x 12 steps x 16 = 1,152 samples: ~35 s at ~35 samples/s (at
+max_length 64 length bucketing changes little: the median review has 80 tokens, so most batches
+are 64 wide either way), ~58 s under DP, plus ~10 s scoring 500 validation and 500 test rows.
+A seed: no DP 6 x 45 s, DP 3 x 6 x 68 s, ~30 s for data, model and noise calibration: ~1,560 s.
+(b) a round is 10 clients x 20 steps x 16 = 3,200 samples: ~32 s at ~100 samples/s, ~53 s
+under DP, plus ~5 s scoring 1,600 rows. A seed: 8 x 37 s + 3 x 8 x 58 s + ~20 s: ~1,730 s.
+Three seeds of both at the round caps: ~9,900 s (2.75 h); early stopping shortens it. The
+default ``--time-budget-s`` of 10,000 s lets that finish (a run started just before it ends
+within ~8 minutes); ``--seeds 1`` takes about 55 minutes.
+
+    flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/dp_record_accuracy.py
+
+``--tiny`` runs the same code on the tests' tiny random BERT and synthetic reviews (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafed import measure
+from lorafed.client.dp import plan_record_dp
+from lorafed.config import RunConfig, load_config
+from lorafed.engine.cohort import Cohort, prepare_cohort
+from lorafed.engine.compare import run_federated, val_positions
+from lorafed.engine.record import read_metrics
+from lorafed.plots import figure, save_figure
+from lorafed.wire.reader import load_payload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Per setting: title, config, overrides, round cap, patience (bench_quality's full profile).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "a": {
+        "title": "(a) clothing reviews, Recommended IND, one client per department",
+        "config": "clothing_recommend.yaml",
+        "overrides": ["data.max_length=64", "federation.max_test_rows=500"],
+        "rounds": 6,
+        "patience": 2,
+    },
+    "b": {
+        "title": "(b) retail intents, Dirichlet alpha=0.1 over 10 clients",
+        "config": "retail_intents_dirichlet.yaml",
+        "overrides": ["federation.max_test_rows=800"],
+        "rounds": 8,
+        "patience": 2,
+    },
+}
+#: ``--tiny``: every setting is configs/tiny.yaml on the tiny BERT, with these overrides.
+TINY: dict[str, dict[str, Any]] = {
+    "a": {"overrides": ["partition.scheme=natural", "partition.column=shop"], "rounds": 2, "patience": 1},
+    "b": {"overrides": ["partition.scheme=dirichlet", "partition.num_clients=2"], "rounds": 2, "patience": 1},
+}
+#: Every run, the baseline included: what record-level DP requires (see the module docstring).
+SAME_FOR_ALL = ["train.class_weighting=none", "train.length_bucketing=false"]
+#: (name, target epsilon or None for no DP).
+LEVELS: tuple[tuple[str, float | None], ...] = (("no DP", None), ("eps 8", 8.0), ("eps 3", 3.0), ("eps 1", 1.0))
+#: The issue's targets on clothing: (level, largest cost in macro-F1 points against no DP).
+TARGETS = (("eps 8", 2.0), ("eps 3", 4.0))
+
+
+def dp_overrides(target: float | None, seed: int) -> list[str]:
+    """Record-level DP at ``target`` epsilon, noise seeded by the run seed (none for ``None``)."""
+    if target is None:
+        return []
+    return [
+        "train.record_dp.enabled=true",
+        f"train.record_dp.target_epsilon={target}",
+        f"train.record_dp.noise_seed={seed}",
+    ]
+
+
+def spent(work: Path, fed: Cohort, cfg: RunConfig) -> dict[str, Any]:
+    """Epsilon spent (from the headers, via ``metrics.jsonl``), delta and noise multipliers of a DP run."""
+    rows = read_metrics(work / "metrics.jsonl")
+    last = rows[-1]
+    eps = last["record_epsilon"] or {}
+    sizes = [len(s.train) for s in fed.splits]
+    z = [plan_record_dp(cfg.train, n, cfg.federation.rounds).noise_multiplier for n in sizes]
+    header = load_payload(work / "rounds" / f"r{last['round']}" / f"{last['clients'][0]}.safetensors").meta.metrics
+    return {
+        "epsilon_max": max(eps.values()) if eps else None,
+        "epsilon_min": min(eps.values()) if eps else None,
+        "epsilon_at_cap": cfg.train.record_dp.target_epsilon,
+        "delta_first_client": header.get("delta"),
+        "noise_multiplier_min": min(z),
+        "noise_multiplier_max": max(z),
+        "failed_clients": sum(len(r["failed"]) for r in rows),
+    }
+
+
+def run_one(fed: Cohort, cfg: RunConfig, val: np.ndarray, rounds: int, patience: int, work: Path) -> dict[str, Any]:
+    """One early-stopped federation; its best-round scores, rounds run, and under DP the epsilon spent."""
+    res = run_federated(fed, cfg, work, val, rounds, patience)
+    out = {k: res[k] for k in ("macro_f1", "accuracy", "best_round", "rounds_run", "seconds")}
+    out["curve"] = [{k: p[k] for k in ("round", "val_macro_f1", "macro_f1")} for p in res["curve"]]
+    if cfg.train.record_dp.enabled:
+        cap = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=rounds))
+        out.update(spent(work, fed, cap))
+    return out
+
+
+def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per level: macro-F1 and rounds over seeds, epsilon spent, and the cost against no DP on the same seeds."""
+    out: dict[str, Any] = {}
+    for name, _ in LEVELS:
+        seeds = [s for s, r in per_seed.items() if name in r]
+        if not seeds:
+            continue
+        runs = [per_seed[s][name] for s in seeds]
+        row = {
+            "macro_f1": measure.summarize([r["macro_f1"] for r in runs]),
+            "rounds_run": measure.summarize([r["rounds_run"] for r in runs]),
+            "seconds": measure.summarize([r["seconds"] for r in runs]),
+        }
+        if runs[0].get("epsilon_max") is not None:
+            row["epsilon_max"] = max(r["epsilon_max"] for r in runs)
+            row["noise_multiplier"] = [
+                min(r["noise_multiplier_min"] for r in runs),
+                max(r["noise_multiplier_max"] for r in runs),
+            ]
+        paired = [s for s in seeds if "no DP" in per_seed[s]]
+        if name != "no DP" and paired:
+            row["cost_points"] = measure.summarize(
+                [100 * (per_seed[s]["no DP"]["macro_f1"] - per_seed[s][name]["macro_f1"]) for s in paired]
+            )
+        out[name] = row
+    return out
+
+
+def check_targets(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's clothing targets, judged on the mean paired cost over seeds (``value`` in points)."""
+    s = settings.get("a", {}).get("summary", {})
+    targets = []
+    for name, limit in TARGETS:
+        cost = s.get(name, {}).get("cost_points")
+        if cost is None:
+            continue
+        eps = name.split()[1]
+        targets.append(
+            measure.target(
+                f"epsilon {eps} costs <= {limit:g} points on clothing",
+                cost["mean"],
+                cost["mean"] <= limit,
+                seeds=cost["n"],
+                text=f"{cost['mean']:.2f} ± {cost['std']:.2f} macro-F1 points below no DP over {cost['n']} seed(s)",
+            )
+        )
+    return targets
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    """The Markdown report."""
+    lines = [
+        f"# Accuracy cost of record-level DP at convergence ({report['mode']})",
+        "",
+        "Each run: FedAvg up to the round cap, early-stopped on the pooled validation rows, test "
+        "macro-F1 of its best-validation round (`lorafed.engine.compare.run_federated`, bench_quality's protocol). "
+        "DP: DP-SGD in every client (Opacus), `target_epsilon` calibrated for the round cap, delta 1 / (10 n) per "
+        "client; epsilon spent = the most any client spent by its last round (from its update headers). "
+        "**Every run, the no-DP baseline included, has `train.class_weighting=none` and "
+        "`train.length_bucketing=false`** (record-level DP refuses both), so DP-SGD is the only difference. "
+        "Cost = no-DP macro-F1 minus DP macro-F1 on the same seed, in points, mean ± std over seeds.",
+        "",
+        f"`{report['command']}`",
+        "",
+    ]
+    for s in report["settings"].values():
+        lines += [
+            f"## {s['title']}",
+            "",
+            f"`{s['config']}` with `{' '.join(s['overrides'])}`; round cap {s['rounds_cap']}, "
+            f"patience {s['patience']}; "
+            f"{s.get('clients', '?')} clients, {s.get('test_rows', '?')} test rows, {s.get('val_rows', '?')} "
+            "validation rows.",
+            "",
+            "| setting | seeds | test macro-F1 | cost vs no DP (points) | epsilon spent (max client) | noise z "
+            "(clients) | rounds run | wall s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, v in s["summary"].items():
+            f1, n = v["macro_f1"], v["macro_f1"]["n"]
+            cost = v.get("cost_points")
+            cost_s = "-" if cost is None else f"{cost['mean']:.2f} ± {cost['std']:.2f}"
+            eps = "-" if "epsilon_max" not in v else f"{v['epsilon_max']:.2f}"
+            z = "-" if "noise_multiplier" not in v else "{:.2f}-{:.2f}".format(*v["noise_multiplier"])
+            lines.append(
+                f"| {name} | {n} | {100 * f1['mean']:.2f} ± {100 * f1['std']:.2f} | {cost_s} | {eps} | {z} | "
+                f"{v['rounds_run']['mean']:.1f} | {v['seconds']['mean']:.0f} |"
+            )
+        if s["skipped"]:
+            lines += ["", f"Skipped (time budget spent): {', '.join(s['skipped'])}."]
+        lines.append("")
+    lines += ["## Targets", ""]
+    lines += [f"- {t['target']}: **{measure.met_word(t['met'])}** — {t['text']}" for t in report["targets"]]
+    if not report["targets"]:
+        lines.append("- not evaluated (setting (a) or its DP runs missing from this run)")
+    lines += ["", f"![macro-F1 per epsilon]({Path(report['plot']).name})", ""]
+    return lines
+
+
+def plot(settings: dict[str, Any], path: Path) -> Path:
+    """Test macro-F1 (mean ± std over seeds) per privacy level, one panel per setting."""
+    fig, axes = figure(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], settings.values(), strict=True):
+        names = list(s["summary"])
+        mean = [100 * s["summary"][n]["macro_f1"]["mean"] for n in names]
+        std = [100 * s["summary"][n]["macro_f1"]["std"] for n in names]
+        ax.errorbar(range(len(names)), mean, yerr=std, fmt="o-", capsize=4)
+        ax.set_xticks(range(len(names)), names)
+        ax.set(ylabel="test macro-F1 (points)", title=s["title"][:48])
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run every setting, level and seed; write the results after each run."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="the tests' tiny random BERT on synthetic reviews (seconds)")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of a,b")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--time-budget-s", type=float, default=10000, help="start no new run after this (0: none)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "dp_record_accuracy"), help="output path, no suffix")
+    args = ap.parse_args(argv)
+    keys = args.settings.split(",")
+    if unknown := [k for k in keys if k not in SETTINGS]:
+        ap.error(f"unknown settings {unknown}")
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    out = Path(args.out)
+    budget = args.time_budget_s or None
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {
+        "mode": "tiny" if args.tiny else "real",
+        "command": measure.command_line("dp_record_accuracy.py", sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPU cores), torch {torch.__version__}",
+        "time_budget_s": budget,
+        "same_for_all": SAME_FOR_ALL,
+        "plot": str(out.with_name(out.name + ".png")),
+        "settings": {},
+        "targets": [],
+    }
+
+    def log(msg: str) -> None:
+        print(f"{time.perf_counter() - t0:7.0f}s {msg}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="lorafed-dprec-") as tmp:
+        work = Path(tmp)
+        base = SAME_FOR_ALL
+        if args.tiny:
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from _tiny import make_tiny, tiny_overrides
+
+            model_dir, csv = make_tiny(work, rows=300)
+            base = [*tiny_overrides(model_dir, csv), *SAME_FOR_ALL]
+        plans = {k: {**SETTINGS[k], **(TINY[k] if args.tiny else {})} for k in keys}
+        for k, p in plans.items():
+            p["path"] = ROOT / "configs" / ("tiny.yaml" if args.tiny else p["config"])
+            report["settings"][k] = {
+                "title": f"tiny BERT, synthetic rows, as {p['title']}" if args.tiny else p["title"],
+                "config": str(p["path"].relative_to(ROOT)),
+                "overrides": [*p["overrides"], *SAME_FOR_ALL],
+                "rounds_cap": p["rounds"],
+                "patience": p["patience"],
+                "seeds": {},
+                "skipped": [],
+                "summary": {},
+            }
+        for seed in range(args.seeds):
+            for k, p in plans.items():
+                s = report["settings"][k]
+
+                def load(extra: list[str], p: dict[str, Any] = p, seed: int = seed) -> RunConfig:
+                    over = [*base, *p["overrides"], f"seed={seed}", f"federation.rounds={p['rounds']}", *extra]
+                    return load_config(p["path"], [*over, f"output_dir={work}"])
+
+                if budget is not None and time.perf_counter() - t0 > budget:
+                    s["skipped"] += [f"{k}/seed{seed}/{name}" for name, _ in LEVELS]
+                    continue
+                fed = prepare_cohort(load([]))
+                val = val_positions(fed)
+                s.update(clients=len(fed.partition.client_ids), test_rows=len(fed.test_positions), val_rows=len(val))
+                runs = s["seeds"].setdefault(str(seed), {})
+                for name, target in LEVELS:
+                    if budget is not None and time.perf_counter() - t0 > budget:
+                        s["skipped"].append(f"{k}/seed{seed}/{name}")
+                        continue
+                    cfg = load(dp_overrides(target, seed))
+                    run_dir = work / f"{k}-{seed}-{name.replace(' ', '_')}"
+                    runs[name] = run_one(fed, cfg, val, p["rounds"], p["patience"], run_dir)
+                    r = runs[name]
+                    log(
+                        f"[{k} seed {seed}] {name}: macro-F1 {r['macro_f1']:.4f}, {r['rounds_run']} rounds, "
+                        f"epsilon {r.get('epsilon_max')}, {r['seconds']:.0f}s"
+                    )
+                    s["summary"] = summarize(s["seeds"])
+                    report["targets"] = check_targets(report["settings"])
+                    report["wall_seconds"] = time.perf_counter() - t0
+                    # After every run, so a partial run keeps its results.
+                    measure.write_results(out, report, render(report))
+                    plot({x: v for x, v in report["settings"].items() if v["summary"]}, Path(report["plot"]))
+    for t in report["targets"]:
+        log(f"target {t['target']}: {measure.met_word(t['met'])}: {t['text']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
