@@ -118,6 +118,9 @@ class LoraSettings:
         layers: Transformer layer indices that get LoRA (peft's ``layers_to_transform``);
             ``null`` for all. With only the top layers adapted, backward stops at the lowest
             adapted layer (nothing below needs a gradient), which saves backward compute.
+        client_ranks: ``simulate`` only: client id -> its own LoRA rank, e.g. ``{Tops: 4,
+            Jackets: 16}`` (the others use ``r``, which is the global adapter's rank); needs
+            ``federation.hetero_ranks``. A cross-silo client sets its own ``r`` instead.
     """
 
     r: int = 8
@@ -125,6 +128,7 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("query", "value")
     layers: tuple[int, ...] | None = None
+    client_ranks: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -359,6 +363,11 @@ class FederationConfig:
             ``int8`` (absmax per tensor) or ``int8_block`` (absmax per block); see :mod:`lorafed.wire.compress`.
         transport_block_size: Elements per scale for ``int8_block``.
         signing: Signed updates and global adapters (off unless a registry is set).
+        hetero_ranks: Clients may use other LoRA ranks (and alphas) than ``model.lora.r``, the
+            global adapter's: the server averages each client's dense change (alpha_i / r_i)
+            B_i A_i and cuts the mean back to rank ``r`` by SVD, and each client starts from the
+            global truncated to its own rank (:mod:`lorafed.server.hetero`). Off: an update of
+            another rank is refused. Needs ``aggregation: fedavg`` and no ``dp``.
     """
 
     rounds: int = 3
@@ -389,6 +398,7 @@ class FederationConfig:
     transport: Transport = "float32"
     transport_block_size: int = 64
     signing: SigningConfig = field(default_factory=SigningConfig)
+    hetero_ranks: bool = False
 
 
 @dataclass(frozen=True)
@@ -773,6 +783,12 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: {_short(value)} is not one of {', '.join(map(repr, args))}")
             return _INVALID
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {_short(value)}")
+            return _INVALID
+        items = {str(k): _coerce(args[1], v, f"{key}.{k}", problems) for k, v in value.items()}
+        return _INVALID if _INVALID in items.values() else items
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -854,6 +870,20 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(m.lora.alpha > 0, f"model.lora.alpha: must be > 0, got {m.lora.alpha}")
     need(0 <= m.lora.dropout < 1, f"model.lora.dropout: must be in [0, 1), got {m.lora.dropout}")
     need(len(m.lora.target_modules) > 0, "model.lora.target_modules: needs at least one module name")
+    ranks = m.lora.client_ranks or {}
+    need(
+        all(r >= 1 for r in ranks.values()),
+        f"model.lora.client_ranks: every rank must be >= 1, got {_short(ranks)}",
+    )
+    need(
+        not ranks or f.hetero_ranks,
+        "model.lora.client_ranks: clients of other ranks need federation.hetero_ranks=true",
+    )
+    need(
+        not f.hetero_ranks or (f.aggregation == "fedavg" and not f.dp.enabled),
+        f"federation.hetero_ranks: needs aggregation fedavg (got {f.aggregation}) and no client-level dp "
+        f"(dp.enabled: {str(f.dp.enabled).lower()})",
+    )
     need(
         m.lora.layers is None or (len(m.lora.layers) > 0 and min(m.lora.layers) >= 0),
         f"model.lora.layers: must be null or a non-empty list of layer indices >= 0, got {m.lora.layers}",
