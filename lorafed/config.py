@@ -341,6 +341,13 @@ class FederationConfig:
             the run is capped to it (its rows do not change within a run; ``null``: off).
         max_client_share: No client's share of the weighted average may exceed this, in (0, 1]:
             a client claiming an inflated ``num_examples`` is capped (``null``: off).
+        trust_weight_above: A weight above this multiple of the median claim of the round's other
+            updates must be earned by agreement: if the update's delta has a cosine below
+            ``trust_min_cosine`` with the others' weighted mean delta, its weight is lowered to
+            that median (not refused; ``0`` or ``null``: off). At 2, an adaptive sign flip claiming
+            just under ``max_examples_ratio`` drops from 10/14 of the average to a typical 1/5.
+        trust_min_cosine: The least cosine with the others' mean delta that earns a weight above
+            ``trust_weight_above`` x the typical, in [-1, 1].
         robust: ``none`` (the rule in ``aggregation``), or a coordinate-wise ``trimmed_mean`` or
             ``median`` of the updates (unweighted; both hold every update of a round in memory).
         trim_ratio: Share of updates cut from *each* end of every coordinate by ``trimmed_mean``.
@@ -384,6 +391,8 @@ class FederationConfig:
     max_examples_ratio: float | None = 10.0
     over_ratio: OverRatio = "refuse"
     max_examples_growth: float | None = 2.0
+    trust_weight_above: float | None = 2.0
+    trust_min_cosine: float = 0.0
     robust: Robust = "none"
     trim_ratio: float = 0.2
     clip_update_norm: float | None = None
@@ -926,6 +935,14 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(
         f.max_examples_growth is None or f.max_examples_growth >= 1,
         f"federation.max_examples_growth: must be >= 1 or null, got {f.max_examples_growth}",
+    )
+    need(
+        f.trust_weight_above is None or f.trust_weight_above == 0 or f.trust_weight_above >= 1,
+        f"federation.trust_weight_above: must be >= 1, or 0 or null (off), got {f.trust_weight_above}",
+    )
+    need(
+        -1 <= f.trust_min_cosine <= 1,
+        f"federation.trust_min_cosine: must be in [-1, 1], got {f.trust_min_cosine}",
     )
     need(
         f.min_update_cosine is None or -1 <= f.min_update_cosine <= 1,

@@ -7,13 +7,16 @@ aggregation rule (FedAvg, trimmed mean, median, norm clipping); final test accur
 and the change against the clean FedAvg run. Writes ``results/robustness_<setting>``.
 
 ``--study policy``: the server's *default* policy (FedAvg; ``federation.max_update_ratio`` 10;
-``max_examples_ratio`` 10 with ``over_ratio: refuse`` and ``max_examples_growth`` 2, see
-:mod:`lorafed.server.claims`) against a scaled update (x100), a sign flip (x-1: same norm as an
-honest delta, so it passes the norm bound), an inflated weight (``num_examples`` claimed 10^6
-with an honest update), an inflated sign flip, and the *adaptive* attacker, which claims just
-under the ratio bound (10 x the median of the other clients' rows: the most the default policy
-averages at full weight) with an honest update and with a sign flip, those two also with
-``federation.max_client_share=0.5``. Reports the clean macro-F1, each attack's and the
+``max_examples_ratio`` 10 with ``over_ratio: refuse``, ``max_examples_growth`` 2 and
+``trust_weight_above`` 2 with ``trust_min_cosine`` 0, see :mod:`lorafed.server.claims`) against
+a scaled update (x100), a sign flip (x-1: same norm as an honest delta, so it passes the norm
+bound), an inflated weight (``num_examples`` claimed 10^6 with an honest update), an inflated
+sign flip, and the *adaptive* attacker, which claims just under the ratio bound (10 x the median
+of the other clients' rows: the most the default policy accepts) with an honest update and with
+a sign flip, those two also with ``federation.max_client_share=0.5``, and the same with
+``federation.trust_weight_above=0`` (the check off); and a sign flip claiming just under the
+trust bound (2 x that median: the most the default policy averages at full weight whatever the
+update's direction). Reports the clean macro-F1, each attack's and the
 difference (target: at most 1 point), and per run how often the attacker was refused and its
 largest share of the average. Writes ``results/robustness_policy_<setting>``.
 
@@ -150,19 +153,21 @@ def inflate_examples(clients: list[str], claimed: int) -> Wrapper:
     return wrap
 
 
-def claim_under_bound(clients: list[str]) -> Wrapper:
-    """The chosen clients claim just under the server's ratio bound: the adaptive weight inflater.
+def claim_under_bound(clients: list[str], bound: str = "max_examples_ratio") -> Wrapper:
+    """The chosen clients claim just under one of the server's bounds: the adaptive weight inflater.
 
-    The claim is ``ceil(max_examples_ratio x m) - 1``, with ``m`` the median of the other clients'
-    training rows (their claims), so the default policy averages it at full weight: what a client
-    that knows the others' sizes can still get.
+    The claim is ``ceil(ratio x m) - 1``, with ``ratio`` the federation setting ``bound``
+    (``max_examples_ratio``: the most the default policy accepts; ``trust_weight_above``: the
+    most it averages at full weight whatever the update's direction) and ``m`` the median of the
+    other clients' training rows (their claims): what a client that knows the others' sizes can
+    still get.
     """
 
     def wrap(inner):
         def client(fed, state, k, r):
             tensors, result = inner(fed, state, k, r)
-            ratio = fed.config.federation.max_examples_ratio
-            if fed.partition.client_ids[k] in clients and ratio is not None:
+            ratio = getattr(fed.config.federation, bound)
+            if fed.partition.client_ids[k] in clients and ratio:
                 others = [len(s.train) for j, s in enumerate(fed.splits) if j != k]
                 claim = math.ceil(ratio * float(np.median(others))) - 1
                 result = dataclasses.replace(result, num_examples=claim)
@@ -174,10 +179,11 @@ def claim_under_bound(clients: list[str]) -> Wrapper:
 
 
 def policy_attacks() -> dict[str, tuple[Wrapper | None, bool]]:
-    """Attack name -> (client wrapper, whether ``max_client_share`` can matter for it)."""
+    """Attack name -> (client wrapper, whether ``max_client_share`` and ``trust_weight_above`` can matter for it)."""
     flip = scale_update([ATTACKER], -1.0)
     inflate = inflate_examples([ATTACKER], CLAIMED)
     adaptive = claim_under_bound([ATTACKER])
+    under_trust = claim_under_bound([ATTACKER], "trust_weight_above")
     return {
         "none": (None, False),
         "scaled x100": (scale_update([ATTACKER], 100.0), False),
@@ -187,6 +193,7 @@ def policy_attacks() -> dict[str, tuple[Wrapper | None, bool]]:
         f"weight inflated + sign flip ({CLAIMED:.0e})": (chain(inflate, flip), False),
         "adaptive: claims just under the ratio bound, honest update": (adaptive, True),
         "adaptive: claims just under the ratio bound + sign flip": (chain(adaptive, flip), True),
+        "adaptive: claims just under the trust bound + sign flip": (chain(under_trust, flip), False),
     }
 
 
@@ -222,8 +229,10 @@ def _attacker_record(run_dir: Path) -> dict[str, object]:
     rounds = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("round", 0) > 0]
     refused = [reason for r in rounds for reason in r.get("rejected", []) if f"'{ATTACKER}'" in reason]
     shares = [float(r.get("shares", {}).get(ATTACKER, 0.0)) for r in rounds]
+    lowered = [r["weight_lowered"][ATTACKER] for r in rounds if ATTACKER in r.get("weight_lowered", {})]
     return {
         "attacker_refused_rounds": len(refused),
+        "attacker_lowered_rounds": len(lowered),
         "rounds": len(rounds),
         "attacker_max_share": round(max(shares, default=0.0), 4),
         "refusal": refused[0][:300] if refused else "",
@@ -235,12 +244,16 @@ def policy_study(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="lorafed-policy-"))
     threads = args.threads if args.threads is not None else (1 if args.setting == "tiny" else 2)
     config_path, base = policy_setting(args.setting, work, threads)
-    policies = {"default": [], "default + max_client_share=0.5": ["federation.max_client_share=0.5"]}
+    policies = {
+        "default": [],
+        "default + max_client_share=0.5": ["federation.max_client_share=0.5"],
+        "default, trust_weight_above=0 (off)": ["federation.trust_weight_above=0"],
+    }
     runs = []
     for attack, (fn, share_matters) in policy_attacks().items():
         for policy, overrides in policies.items():
             if overrides and not share_matters:
-                continue  # the cap does not bind for an honest weight (5 IID clients: ~0.2 each)
+                continue  # neither binds for a weight up to 2 x the typical (5 IID clients: ~0.2 each)
             cfg = load_config(config_path, [*base, *overrides])
             out = work / f"{len(runs)}"
             t = time.perf_counter()
@@ -284,25 +297,29 @@ def policy_study(args: argparse.Namespace) -> None:
         f"{ATTACKER} of 5 attacks every round. Scaled: it sends `g + factor * (u - g)` (x100; sign flip x-1, the",
         "same norm as its honest delta). Weight inflated: its header claims "
         f"`num_examples` = {CLAIMED:,} (under the default bound of 10^9). Adaptive: it claims just under the",
-        "ratio bound, `ceil(10 x m) - 1` with m the median of the other clients' rows, every round.",
+        "ratio bound, `ceil(10 x m) - 1` with m the median of the other clients' rows, every round (or just under",
+        "the trust bound, `ceil(2 x m) - 1`).",
         "Default policy (the config defaults): FedAvg weighted by samples; `federation.max_update_ratio` 10 (an",
         "update whose delta norm is above 10x the global adapter's norm is refused); `max_examples_ratio` 10 with",
         "`over_ratio: refuse` (a claim above 10x the median claim of the other clients is refused, not averaged);",
-        "`max_examples_growth` 2 (a claim above 2x the client's first accepted one is capped); `min_update_cosine`",
-        "off. `max_client_share=0.5` additionally caps any share.",
+        "`max_examples_growth` 2 (a claim above 2x the client's first accepted one is capped); `trust_weight_above`",
+        "2 with `trust_min_cosine` 0 (a claim above 2x the others' median keeps its weight only if its delta's cosine",
+        "with the others' mean delta is >= 0, else it weighs that median); `min_update_cosine` off.",
+        "`max_client_share=0.5` additionally caps any share; `trust_weight_above=0` turns the trust check off.",
         "One run per row (seed 0); macro-F1 on the held-out test rows after the last round.",
         "",
         f"Clean macro-F1: {clean['macro_f1']:.4f} (accuracy {clean['accuracy']:.4f}).",
         "",
-        "| attack | policy | accuracy | macro-F1 | drop (points) | attacker refused (rounds) | attacker's max share "
-        "| seconds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| attack | policy | accuracy | macro-F1 | drop (points) | attacker refused (rounds) "
+        "| attacker's weight lowered (rounds) | attacker's max share | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         refused = f"{r['attacker_refused_rounds']}/{r['rounds']}" if "rounds" in r else "-"
+        lowered = f"{r['attacker_lowered_rounds']}/{r['rounds']}" if "rounds" in r else "-"
         share = f"{r['attacker_max_share']:.3f}" if "rounds" in r else "-"
         cells = [r["attack"], r["policy"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}"]
-        cells += [f"{r['macro_f1_drop_points']:+.2f}", refused, share, r["seconds"]]
+        cells += [f"{r['macro_f1_drop_points']:+.2f}", refused, lowered, share, r["seconds"]]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "| target | value | |", "|---|---:|---|"]
     lines += [f"| {t['target']} | {t['value']:+.2f} | {lm.met_word(t['met'])} |" for t in targets]

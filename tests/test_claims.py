@@ -18,7 +18,7 @@ import torch
 
 from lorafed.config import FederationConfig, load_config
 from lorafed.errors import AggregationError, ConfigError, LorafedError
-from lorafed.server.claims import check_claims, load_claims, save_claims
+from lorafed.server.claims import Lowered, above_typical, check_claims, load_claims, save_claims, unearned_weights
 from lorafed.server.fold import Incoming, fold_updates
 from lorafed.server.step import RoundPolicy
 from lorafed.server.validate import UpdateSpec
@@ -278,3 +278,200 @@ def test_aggregate_refuses_an_inflated_claim_and_pins_across_invocations(
     assert "client 'c0' averaged with weight 20, below its claimed num_examples" in capsys.readouterr().out
     g2 = load_payload(tmp_path / "g2.safetensors").decoded()["w"]
     np.testing.assert_allclose(g2.numpy(), average([1, 2, 3], [20, 20, 30]), rtol=1e-6)
+
+
+# --- weight above the typical must be earned by agreement (federation.trust_weight_above) -------------
+
+VREF = {"w": torch.zeros(50)}
+
+
+def vspec() -> UpdateSpec:
+    return UpdateSpec("fp", {"r": 8}, ("a", "b"), adapter_spec(VREF), round=1)
+
+
+def vupdate(cid: str, vec: np.ndarray, n: int) -> Incoming:
+    tensors = {"w": torch.from_numpy(np.asarray(vec, dtype=np.float32))}
+    return Incoming(f"{cid}.safetensors", payload_to_bytes(tensors, IDENT.meta(cid, 1, n)))
+
+
+def honest_round(claims: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A shared direction d and one honest delta near it per claim (the reference is zero)."""
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=50)
+    return d, [d + 0.3 * rng.normal(size=50) for _ in claims]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+HONEST = [10, 12, 14, 16]  # the attacker's others: median 13, ratio bound 10 x 13 = 130
+
+
+def test_an_adaptive_sign_flip_just_under_the_ratio_bound_weighs_the_median() -> None:
+    d, vecs = honest_round(HONEST)
+    ups = [vupdate(f"c{i}", v, n) for i, (v, n) in enumerate(zip(vecs, HONEST, strict=True))]
+    ups.append(vupdate("evil", -d, 129))
+    out = fold_updates(ups, vspec(), reference=VREF, max_examples_ratio=10.0, trust_weight_above=2.0)
+    assert not out.rejected and len(out.accepted) == 5
+    want = np.average([*vecs, -d], axis=0, weights=[*HONEST, 13])
+    np.testing.assert_allclose(out.state["w"].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert out.shares["evil"] == pytest.approx(13 / 65) and out.weight_clipped == {"evil": 13.0}
+    # The others' mean counts each at most as typical: 10, 12, 13, 13.
+    others = np.average(vecs, axis=0, weights=[10, 12, 13, 13])
+    (low,) = out.lowered.values()
+    assert list(out.lowered) == ["evil"] and (low.claimed, low.weight) == (129.0, 13.0)
+    assert low.cosine == pytest.approx(cosine(-d, others), abs=1e-6) and low.cosine < -0.9
+    assert out.claims["evil"] == 129.0  # what is pinned is the claim, not the lowered weight
+    # Without the check the flip holds 129 / 181 = 0.71 of the average.
+    off = fold_updates(ups, vspec(), reference=VREF, max_examples_ratio=10.0)
+    assert off.shares["evil"] == pytest.approx(129 / 181) and not off.lowered
+
+
+def test_a_heavy_honest_client_agreeing_with_the_others_keeps_its_full_weight() -> None:
+    claims = [*HONEST, 100]
+    _, vecs = honest_round(claims)
+    ups = [vupdate(f"c{i}", v, n) for i, (v, n) in enumerate(zip(vecs, claims, strict=True))]
+    out = fold_updates(ups, vspec(), reference=VREF, max_examples_ratio=10.0, trust_weight_above=2.0)
+    assert not out.rejected and not out.lowered and not out.weight_clipped
+    want = np.average(vecs, axis=0, weights=claims)
+    np.testing.assert_allclose(out.state["w"].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert out.shares["c4"] == pytest.approx(100 / 152)
+
+
+def skewed_heavy(vecs: list[np.ndarray], weights: list[int], cos: float) -> np.ndarray:
+    """A delta with cosine ``cos`` to the others' weighted mean (built by hand: the mean's unit vector and a
+    unit vector orthogonal to it), as an honest client with other labels can send."""
+    mean = np.average(vecs, axis=0, weights=weights)
+    u = mean / np.linalg.norm(mean)
+    o = np.random.default_rng(1).normal(size=mean.size)
+    o -= (o @ u) * u
+    o /= np.linalg.norm(o)
+    return np.linalg.norm(vecs[0]) * (cos * u + np.sqrt(1 - cos**2) * o)
+
+
+def test_an_honest_heavy_client_under_label_skew_weighs_the_median_and_is_not_refused() -> None:
+    """Cosine -0.36 with the others' mean (as seen under Dirichlet label skew): counted as one typical client."""
+    _, vecs = honest_round(HONEST)
+    skew = skewed_heavy(vecs, [10, 12, 13, 13], -0.36)
+    ups = [vupdate(f"c{i}", v, n) for i, (v, n) in enumerate(zip(vecs, HONEST, strict=True))]
+    ups.append(vupdate("big", skew, 60))
+    out = fold_updates(ups, vspec(), reference=VREF, max_examples_ratio=10.0, trust_weight_above=2.0)
+    assert not out.rejected and "big" in [m.client_id for _, m in out.accepted]
+    assert out.lowered["big"].cosine == pytest.approx(-0.36, abs=1e-5)
+    assert (out.lowered["big"].claimed, out.lowered["big"].weight) == (60.0, 13.0)
+    want = np.average([*vecs, skew], axis=0, weights=[*HONEST, 13])
+    np.testing.assert_allclose(out.state["w"].numpy(), want, rtol=1e-5, atol=1e-6)
+    # A lower threshold lets it keep its claim.
+    kept = fold_updates(ups, vspec(), reference=VREF, trust_weight_above=2.0, trust_min_cosine=-0.5)
+    assert not kept.lowered
+    want = np.average([*vecs, skew], axis=0, weights=[*HONEST, 60])
+    np.testing.assert_allclose(kept.state["w"].numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_two_clients_a_heavy_flip_weighs_the_other_one() -> None:
+    """K=2: the typical claim is the one other's; the ratio bound needs two others, so it does not apply."""
+    d, (v,) = honest_round([10])
+    ups = [vupdate("a", v, 10), vupdate("b", -d, 1000)]
+    out = fold_updates(ups, vspec(), reference=VREF, max_examples_ratio=10.0, trust_weight_above=2.0)
+    assert not out.rejected and out.shares == pytest.approx({"a": 0.5, "b": 0.5})
+    assert out.lowered["b"].weight == 10.0 and "a" not in out.lowered
+    np.testing.assert_allclose(out.state["w"].numpy(), np.average([v, -d], axis=0, weights=[10, 10]), atol=1e-6)
+
+
+def test_equal_claims_leave_nothing_to_earn() -> None:
+    """Every claim 10: nobody is above 2 x the others' median, so a sign flip stays a plain 1/5 sign flip."""
+    d, vecs = honest_round([10] * 4)
+    ups = [vupdate(f"c{i}", v, 10) for i, v in enumerate(vecs)] + [vupdate("evil", -d, 10)]
+    out = fold_updates(ups, vspec(), reference=VREF, trust_weight_above=2.0)
+    assert not out.lowered and not out.weight_clipped and out.shares["evil"] == pytest.approx(0.2)
+    np.testing.assert_allclose(out.state["w"].numpy(), np.mean([*vecs, -d], axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_two_colluding_heavy_flips_cannot_vouch_for_each_other() -> None:
+    """3 honest (10 each) and 2 flips claiming 90: each flip's others count at most the typical 10, so their sum
+    is 3 x 10 d - 10 d, and both flips are lowered. Counted at their claims, 30 d - 90 d would have vouched."""
+    d, vecs = honest_round([10] * 3)
+    ups = [vupdate(f"c{i}", v, 10) for i, v in enumerate(vecs)]
+    ups += [vupdate("x", -d, 90), vupdate("y", -d, 90)]
+    out = fold_updates(ups, vspec(), reference=VREF, max_examples_ratio=10.0, trust_weight_above=2.0)
+    assert sorted(out.lowered) == ["x", "y"] and {low.weight for low in out.lowered.values()} == {10.0}
+    want = np.average([*vecs, -d, -d], axis=0, weights=[10] * 5)
+    np.testing.assert_allclose(out.state["w"].numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("off", [None, 0, 0.0])
+def test_trust_weight_above_off(off: float | None) -> None:
+    d, vecs = honest_round(HONEST)
+    ups = [vupdate(f"c{i}", v, n) for i, (v, n) in enumerate(zip(vecs, HONEST, strict=True))]
+    ups.append(vupdate("evil", -d, 129))
+    out = fold_updates(ups, vspec(), reference=VREF, max_examples_ratio=10.0, trust_weight_above=off)
+    assert not out.lowered and out.shares["evil"] == pytest.approx(129 / 181)
+
+
+def test_unearned_weights_by_hand() -> None:
+    # c: 5 > 2 x median(1, 1); the others' sum is (1, 1); cos((-1, 0), (1, 1)) = -1/sqrt(2).
+    deltas = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0]), "c": torch.tensor([-1.0, 0.0])}
+    weights = {"a": 1.0, "b": 1.0, "c": 5.0}
+    assert above_typical(weights, 2.0) == {"c": 1.0}
+    (low,) = unearned_weights(weights, deltas, 2.0).values()
+    assert low == Lowered(pytest.approx(-1 / np.sqrt(2)), 5.0, 1.0)
+    # (1, -0.5): cos = 0.5 / (sqrt(1.25) sqrt(2)) = 0.316 >= 0: earned.
+    deltas["c"] = torch.tensor([1.0, -0.5])
+    assert unearned_weights(weights, deltas, 2.0) == {}
+    assert unearned_weights(weights, deltas, 2.0, min_cosine=0.5)["c"].cosine == pytest.approx(0.5 / np.sqrt(2.5))
+    # The others did not move: nothing to agree with, the weight is kept.
+    assert unearned_weights(weights, {**deltas, "a": torch.zeros(2), "b": torch.zeros(2)}, 2.0) == {}
+    assert above_typical({"a": 3.0}, 2.0) == {}
+
+
+def test_bad_trust_settings_are_refused() -> None:
+    with pytest.raises(AggregationError, match=r"trust_weight_above: expected 0, None or a number >= 1, got 0.5"):
+        fold_updates([], vspec(), trust_weight_above=0.5)
+    with pytest.raises(AggregationError, match=r"trust_min_cosine: expected a number in \[-1, 1\], got 2"):
+        fold_updates([], vspec(), trust_min_cosine=2)
+    assert (FederationConfig().trust_weight_above, FederationConfig().trust_min_cosine) == (2.0, 0.0)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["federation.trust_weight_above=0.5", "federation.trust_min_cosine=-2"])
+    assert "federation.trust_weight_above: must be >= 1, or 0 or null (off), got 0.5" in str(err.value)
+    assert "federation.trust_min_cosine: must be in [-1, 1], got -2" in str(err.value)
+    for off in ("0", "null"):
+        cfg = load_config(None, ["data.path=rows.csv", f"federation.trust_weight_above={off}"])
+        assert not cfg.federation.trust_weight_above
+
+
+def test_the_default_policy_lowers_the_adaptive_flip() -> None:
+    """The server step every engine runs (RoundPolicy, config defaults) applies the check."""
+    d, vecs = honest_round(HONEST)
+    ups = [vupdate(f"c{i}", v, n) for i, (v, n) in enumerate(zip(vecs, HONEST, strict=True))]
+    ups.append(vupdate("evil", -d, 129))
+    policy = RoundPolicy(FederationConfig(min_clients=2), num_clients=5, seed=0)
+    result = policy.try_aggregate(ups, vspec(), VREF, 1)
+    assert list(result.outcome.lowered) == ["evil"]
+    want = np.average([*vecs, -d], axis=0, weights=[*HONEST, 13])
+    np.testing.assert_allclose(result.state["w"].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert policy.claims["evil"] == 129.0
+
+
+def test_aggregate_names_a_lowered_weight(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorafed.cli import main
+
+    g0 = tmp_path / "g0.safetensors"
+    g0.write_bytes(payload_to_bytes(VREF, IDENT.meta("server", 0, 1, kind="global")))
+    d, vecs = honest_round(HONEST)
+    paths = []
+    for cid, v, n in [*((f"c{i}", v, n) for i, (v, n) in enumerate(zip(vecs, HONEST, strict=True))), ("evil", -d, 129)]:
+        p = tmp_path / f"{cid}.safetensors"
+        p.write_bytes(vupdate(cid, v, n).data or b"")
+        paths.append(str(p))
+    out = tmp_path / "g1.safetensors"
+    assert main(["aggregate", *paths, "--global", str(g0), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "client 'evil' averaged with weight 13 (the others' median claim), not its claimed 129: cosine -0." in printed
+    )
+    assert "below its claimed num_examples" not in printed  # named once
+    g1 = load_payload(out)
+    assert g1.meta.metrics["weight_lowered"]["evil"]["weight"] == 13.0
+    want = np.average([*vecs, -d], axis=0, weights=[*HONEST, 13])
+    np.testing.assert_allclose(g1.decoded()["w"].numpy(), want, rtol=1e-5, atol=1e-6)

@@ -179,8 +179,15 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     )
     if opt_path is not None:
         print(f"{f.server_optimizer} state written to {opt_path}")
+    for cid, low in outcome.lowered.items():
+        print(
+            f"client {cid!r} averaged with weight {low.weight:.6g} (the others' median claim), not its claimed "
+            f"{low.claimed:.6g}: cosine {low.cosine:.3f} with the others' mean update, below "
+            f"federation.trust_min_cosine {f.trust_min_cosine:g} (federation.trust_weight_above)"
+        )
     for cid, weight in outcome.weight_clipped.items():
-        print(f"client {cid!r} averaged with weight {weight:.6g}, below its claimed num_examples")
+        if cid not in outcome.lowered or weight != outcome.lowered[cid].weight:
+            print(f"client {cid!r} averaged with weight {weight:.6g}, below its claimed num_examples")
     return 0
 
 

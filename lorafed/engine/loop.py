@@ -183,10 +183,25 @@ def run_round(
     outcome = result.outcome
     for src, reason in outcome.rejected:
         logger.warning("round %d: rejected %s: %s", r, src, reason)
+    for cid, low in outcome.lowered.items():
+        logger.warning(
+            "round %d: client %r averaged with weight %.6g (the median claim of the others), not its claimed %.6g: "
+            "its update's cosine with the others' mean is %.3f, below federation.trust_min_cosine %g "
+            "(federation.trust_weight_above); its share is %.4f",
+            r,
+            cid,
+            low.weight,
+            low.claimed,
+            low.cosine,
+            f.trust_min_cosine,
+            outcome.shares.get(cid, 0.0),
+        )
     for cid, weight in outcome.weight_clipped.items():
+        if cid in outcome.lowered and weight == outcome.lowered[cid].weight:
+            continue  # logged above
         logger.warning(
             "round %d: client %r averaged with weight %.6g, below its claimed num_examples (max_examples_growth, "
-            "over_ratio: cap or max_client_share); its share is %.4f",
+            "over_ratio: cap, trust_weight_above or max_client_share); its share is %.4f",
             r,
             cid,
             weight,
@@ -219,6 +234,10 @@ def run_round(
         bytes_down=len(global_bytes) * len(chosen),
         global_bytes=len(data),
         shares={k: round(v, 6) for k, v in outcome.shares.items()},
+        weight_lowered={
+            cid: {"cosine": round(low.cosine, 6), "claimed": low.claimed, "weight": low.weight}
+            for cid, low in outcome.lowered.items()
+        },
         update_norms={k: round(v, 6) for k, v in outcome.norms.items()},
         clipped=outcome.clipped,
         rejected=[reason for _, reason in outcome.rejected],

@@ -180,6 +180,11 @@ def write_global(
     }
     if outcome.clipped:
         metrics["clipped"] = outcome.clipped
+    if outcome.lowered:
+        metrics["weight_lowered"] = {
+            cid: {"cosine": low.cosine, "claimed": low.claimed, "weight": low.weight}
+            for cid, low in outcome.lowered.items()
+        }
     if result.privacy:
         metrics["privacy"] = result.privacy
     meta = start.identity.meta("server", start.round, outcome.num_examples, kind="global", metrics=metrics)

@@ -5,9 +5,9 @@ Each one either becomes part of the weighted mean or is refused with a named rea
 never stops the others. :mod:`lorafed.server.step` runs it inside a federation's round.
 
 Why one module over 300 lines: every check an untrusted update goes through sits in one
-readable path (parse, duplicate ids, validation, norm bound, claimed weight, direction, share cap,
-finite result), so a reviewer sees the whole attack surface of the server at once. The policy on
-claimed weights (``num_examples``) is :mod:`lorafed.server.claims`.
+readable path (parse, duplicate ids, validation, norm bound, claimed weight, direction, weight
+earned by agreement, share cap, finite result), so a reviewer sees the whole attack surface of
+the server at once. The policy on claimed weights (``num_examples``) is :mod:`lorafed.server.claims`.
 
 With a key registry (``verifier``), an update counts only when its detached Ed25519 signature
 verifies for the client id its header claims (:mod:`lorafed.wire.sign`); the signature is checked
@@ -28,7 +28,7 @@ import torch
 
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError, SignatureError
 from lorafed.server.aggregate import WeightedMean, Weighting, require_finite
-from lorafed.server.claims import OverRatio, check_claims
+from lorafed.server.claims import Lowered, OverRatio, above_typical, check_claims, unearned_weights
 from lorafed.server.hetero import densify, lora_rank
 from lorafed.server.privacy import DPSum
 from lorafed.server.robust import Robust, clip_update, coordinate_median, delta_norm, trimmed_mean
@@ -114,8 +114,11 @@ class RoundOutcome:
         verified: Client ids whose signature verified (empty without a verifier).
         signatures: Client id -> the accepted update's signature (for the run record), when kept.
         claims: Client id -> its ``num_examples`` as accepted (after ``max_examples_growth`` and,
-            under ``over_ratio: cap``, the ratio bound; before ``max_share``), for every accepted
-            update: what the server pins as the client's claim when it first accepts one.
+            under ``over_ratio: cap``, the ratio bound; before ``trust_weight_above`` and
+            ``max_share``), for every accepted update: what the server pins as the client's claim
+            when it first accepts one.
+        lowered: Client id -> its cosine and its weight before and after, for every client whose
+            weight above the typical was not earned by agreement (``trust_weight_above``).
     """
 
     state: dict[str, torch.Tensor] | None
@@ -130,6 +133,7 @@ class RoundOutcome:
     verified: list[str] = field(default_factory=list)
     signatures: dict[str, bytes] = field(default_factory=dict)
     claims: dict[str, float] = field(default_factory=dict)
+    lowered: dict[str, Lowered] = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -158,6 +162,8 @@ def fold_updates(
     max_examples_growth: float | None = None,
     known_claims: Mapping[str, float] | None = None,
     dense: bool = False,
+    trust_weight_above: float | None = None,
+    trust_min_cosine: float = 0.0,
 ) -> RoundOutcome:
     """Validate each update once and fold the valid ones into the round's average.
 
@@ -213,14 +219,22 @@ def fold_updates(
             pairs become their dense changes ``(alpha_i / r_i) B_i A_i`` as it is folded in
             (:func:`lorafed.server.hetero.densify`), so the mean, the norms, clipping and the robust
             rules work on those; ``reference`` must be dense too.
+        trust_weight_above: With ``samples`` weighting and a ``reference``, a weight (the claim
+            accepted above) over this multiple of the median weight of the round's other valid
+            updates must be earned by agreement: if the update's delta has a cosine below
+            ``trust_min_cosine`` with the others' weighted mean delta, its weight is lowered to
+            that median (recorded in ``lowered`` and ``weight_clipped``; see
+            :func:`lorafed.server.claims.unearned_weights`). ``None`` or 0: off.
+        trust_min_cosine: The least cosine that earns a weight above the typical, in [-1, 1].
 
     Returns:
         The outcome; ``state`` is ``None`` when fewer than ``min_clients`` updates were valid.
 
     Raises:
         AggregationError: An unknown ``robust`` rule or ``over_ratio``, ``clip_update_norm`` or
-            ``max_update_norm`` without a ``reference``, a ``max_share`` outside (0, 1], or an
-            average that is not finite (nothing is published then).
+            ``max_update_norm`` without a ``reference``, a ``max_share`` outside (0, 1], a
+            ``trust_weight_above`` below 1 (other than 0) or a ``trust_min_cosine`` outside
+            [-1, 1], or an average that is not finite (nothing is published then).
     """
     if robust not in typing.get_args(Robust):
         raise AggregationError(f"robust: expected one of {typing.get_args(Robust)}, got {robust!r}")
@@ -234,9 +248,14 @@ def fold_updates(
         raise AggregationError(f"over_ratio: expected one of {typing.get_args(OverRatio)}, got {over_ratio!r}")
     if max_share is not None and not 0 < max_share <= 1:
         raise AggregationError(f"max_share: expected a number in (0, 1], got {max_share!r}")
+    if trust_weight_above is not None and trust_weight_above != 0 and not trust_weight_above >= 1:
+        raise AggregationError(f"trust_weight_above: expected 0, None or a number >= 1, got {trust_weight_above!r}")
+    if not -1 <= trust_min_cosine <= 1:
+        raise AggregationError(f"trust_min_cosine: expected a number in [-1, 1], got {trust_min_cosine!r}")
+    trust = bool(trust_weight_above) and weighting == "samples" and reference is not None
     claim_checks = max_examples_ratio is not None or max_examples_growth is not None
     weighted = robust == "none" and accumulator is None
-    defer = weighted and (max_share is not None or min_cosine is not None or claim_checks)
+    defer = weighted and (max_share is not None or min_cosine is not None or claim_checks or trust)
     out = RoundOutcome(state=None)
     owners: dict[str, list[str]] = {}
     readable: list[tuple[Incoming, bytes, PayloadHeader]] = []
@@ -330,6 +349,11 @@ def fold_updates(
     out.claims = {m.client_id: float(m.num_examples) for _, m in out.accepted}
     if defer:
         out.claims.update(weights if weighting == "samples" else {})
+        if trust and reference is not None and above_typical(weights, float(trust_weight_above or 0)):
+            rows = _deltas(kept, reference)
+            deltas = {cid: row for (cid, _, _), row in zip(kept_ids, rows, strict=True)}
+            out.lowered = unearned_weights(weights, deltas, float(trust_weight_above or 0), trust_min_cosine)
+            weights.update({cid: low.weight for cid, low in out.lowered.items()})
         capped = cap_shares(weights, float(max_share or 1.0))
         out.weight_clipped = {c: w for c, w in capped.items() if w < claimed[c]}
         weights = capped
@@ -363,10 +387,7 @@ def _drop_opposed(
     update that reverses it (a sign flip) stands out whatever its norm. Returns the updates kept
     and their ids; ``weights`` and ``out`` lose the refused ones.
     """
-    keys = sorted(reference)
-    deltas = torch.stack(
-        [torch.cat([(t[k].double() - reference[k].double()).flatten() for k in keys if k in t]) for t in kept]
-    )
+    deltas = _deltas(kept, reference)
     median = deltas.median(dim=0).values
     m_norm = float(median.norm())
     if m_norm == 0.0:
@@ -379,6 +400,14 @@ def _drop_opposed(
         if c < min_cosine
     }
     return _refuse(kept, ids, reasons, weights, out)
+
+
+def _deltas(kept: Sequence[Mapping[str, torch.Tensor]], reference: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The updates' deltas from ``reference`` over the tensors they send (LoRA factors, head), one fp64 row each."""
+    keys = sorted(reference)
+    return torch.stack(
+        [torch.cat([(t[k].double() - reference[k].double()).flatten() for k in keys if k in t]) for t in kept]
+    )
 
 
 def _refuse(

@@ -189,7 +189,8 @@ class RoundPolicy:
         engine refuses an update that claims more examples than the cap; the claims policy
         (``max_examples_ratio``, ``over_ratio``, ``max_examples_growth``) compares each claim with
         the others' and with the client's pinned one (:attr:`claims`), which only a round that
-        produces a global adapter updates.
+        produces a global adapter updates; a weight above ``trust_weight_above`` x the others'
+        median keeps it only if its update agrees with theirs (``trust_min_cosine``).
 
         Args:
             updates: The round's updates.
@@ -230,6 +231,8 @@ class RoundPolicy:
                 known_claims=self.claims,
                 verifier=self.verifier,
                 dense=f.hetero_ranks,
+                trust_weight_above=f.trust_weight_above,
+                trust_min_cosine=f.trust_min_cosine,
             )
             acc = None
         else:
