@@ -427,6 +427,9 @@ class PersonalizeConfig:
             validation rows keeps the last one).
         patience: Stop after this many checkpoints in a row without a better validation macro-F1
             (``null``: run every step).
+        min_gain: Validation macro-F1 gain over the global adapter a checkpoint needs before it
+            replaces it (a client's validation rows are few, so a smaller gain is mostly noise:
+            with 0, 5 of 10 intents clients kept a fine-tune and one lost 5.3 test points).
     """
 
     method: PersonalizeMethod = "none"
@@ -434,6 +437,7 @@ class PersonalizeConfig:
     learning_rate: float | None = None
     eval_every: int = 5
     patience: int | None = 2
+    min_gain: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -1042,4 +1046,5 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(pz.learning_rate is None or pz.learning_rate > 0, "personalize.learning_rate: must be > 0 or null")
     need(pz.eval_every >= 1, f"personalize.eval_every: must be >= 1, got {pz.eval_every}")
     need(pz.patience is None or pz.patience >= 1, f"personalize.patience: must be >= 1 or null, got {pz.patience}")
+    need(0 <= pz.min_gain <= 1, f"personalize.min_gain: must be in [0, 1], got {pz.min_gain}")
     return p

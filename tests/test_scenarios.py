@@ -231,3 +231,22 @@ def test_personalize_verb_writes_one_adapter_per_client(tiny_config, tmp_path, c
     files = sorted(p.name for p in (run / "personalized").glob("*.safetensors"))
     assert files == ["client0.safetensors", "client1.safetensors"]
     assert load_payload(run / "personalized" / "client0.safetensors").meta.kind == "personalized"
+
+
+def test_leaving_the_global_adapter_takes_min_gain(tiny_run, monkeypatch) -> None:
+    _, fed, run, _ = tiny_run
+    _, glob = final_global(fed, run)
+    # global 0.50; checkpoints of 2 steps score 0.51 and 0.515 (below 0.50 + 0.02), then 0.53, then 0.54.
+    script = iter([0.5, 0.51, 0.515, 0.53, 0.54])
+
+    def fake(*args, **kwargs):
+        return EvalResult(0.0, 0.0, next(script), {}, [], 1)
+
+    monkeypatch.setattr("lorafed.metrics.evaluate", fake)
+    cfg = PersonalizeConfig("finetune", 8, 0.01, 2, None, min_gain=0.02)
+    res = personalize_report(client_site(fed, 0), glob, cfg)
+    # 0.53 is the first checkpoint 0.02 above the global (step 6); once left, 0.54 (step 8) replaces it.
+    assert (res.best_step, res.val_best) == (8, 0.54)
+    script = iter([0.5, 0.51, 0.515, 0.519, 0.5])
+    res = personalize_report(client_site(fed, 0), glob, cfg)
+    assert res.best_step == 0 and all(torch.equal(glob[k], res.tensors[k]) for k in glob)

@@ -175,7 +175,9 @@ def personalize_report(
             best_state, best_step = state, done
             continue
         v = score(state)
-        if v > best:
+        # Leaving the global adapter takes a validation gain of min_gain (a client's few validation
+        # rows are noisy); after that, any better checkpoint replaces the kept one.
+        if v > best and (best_step > 0 or val_global is None or v >= val_global + p.min_gain):
             best, best_step, best_state, since = v, done, state, 0
         else:
             since += 1
