@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -49,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from lorafed.config import RunConfig, load_config  # noqa: E402
 from lorafed.engine.cohort import Cohort, prepare_cohort  # noqa: E402
 from lorafed.engine.inprocess import simulate  # noqa: E402
-from lorafed.measure import write_results  # noqa: E402
+from lorafed.measure import command_line, met_word, target, write_results  # noqa: E402
 from lorafed.plots import figure, save_figure  # noqa: E402
 from lorafed.wire.adapter import set_adapter_state  # noqa: E402
 from lorafed.wire.reader import load_payload  # noqa: E402
@@ -188,11 +189,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--time-budget-s", type=float, default=1500, help="start no new setting after this many seconds (0: none)"
     )
+    ap.add_argument("--render", action="store_true", help="rewrite the report from <out>.json (no training)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
     mode = "tiny" if args.tiny else "clothing"
-    result: dict[str, Any] = {"mode": mode, "rows": [], "skipped": []}
+    result: dict[str, Any] = {
+        "mode": mode,
+        "command": command_line("audit_privacy.py", sys.argv[1:] if argv is None else argv),
+        "rows": [],
+        "skipped": [],
+    }
+    if args.render:  # re-render the report of a finished run from its JSON (no training)
+        saved = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+        saved.setdefault("command", "flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/audit_privacy.py")
+        save(saved, out, None)
+        return saved
     with tempfile.TemporaryDirectory(prefix="audit-") as tmp:
         work = Path(tmp)
         if args.tiny:
@@ -222,10 +234,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def save(result: dict[str, Any], out: Path, t0: float) -> None:
-    """Write ``<out>.json``, ``.md`` and ``.png`` from the settings run so far."""
-    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+#: The issue's targets on the released (global) model: attack AUC at epsilon 8; the non-private AUC is reported.
+AUC_AT_8 = 0.55
+
+
+def audit_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``{target, met, value}`` for the attack AUC against the released model."""
+    out = []
+    for r in rows:
+        auc = r["global"]["auc"]
+        if r["target_epsilon"] == 8.0:
+            out.append(
+                target(
+                    f"membership-inference AUC against the released model <= {AUC_AT_8} at epsilon 8",
+                    auc,
+                    auc <= AUC_AT_8,
+                )
+            )
+        elif r["target_epsilon"] is None:
+            out.append(
+                {
+                    "target": "membership-inference AUC against the released model without DP (reported)",
+                    "met": None,
+                    "value": auc,
+                }
+            )
+    return out
+
+
+def save(result: dict[str, Any], out: Path, t0: float | None) -> None:
+    """Write ``<out>.json``, ``.md`` and ``.png`` from the settings run so far (``t0`` None: re-render only)."""
+    if t0 is not None:
+        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    result["targets"] = audit_targets(result["rows"])
     lines = report(result["rows"], result["mode"])
+    lines += [
+        "",
+        f"Config `{result['config']}` with `{' '.join(result['overrides'])}`; "
+        f"{len(result['rows'])} setting(s) in {result['wall_seconds'] / 60:.1f} min.",
+        "",
+        *(
+            f"- {t['target']}: {t['value']:.3f}" + ("" if t["met"] is None else f" ({met_word(t['met'])})")
+            for t in result["targets"]
+        ),
+        "",
+        f"Reproduce: `{result.get('command', 'python scripts/audit_privacy.py')}`",
+    ]
     if result["skipped"]:
         lines += ["", f"Skipped (time budget spent): {', '.join(result['skipped'])}."]
     write_results(out, result, lines)
