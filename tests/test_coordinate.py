@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_overrides
 
 from lorafed.engine.cohort import prepare_cohort, train_client
 from lorafed.engine.filedrop import coordinate, global_name
@@ -25,9 +25,14 @@ from lorafed.wire.reader import load_payload, payload_from_bytes
 
 
 def _over(csv: Path, model_dir: Path, tmp_path: Path) -> list[str]:
+    """The fixtures' tiny overrides (fp32, 1 thread, autocast none) and this federation's shape.
+
+    Built on ``tiny_overrides`` so the subprocesses get exactly the in-process simulation's
+    settings: a copy of them here lacked ``train.autocast=none`` once the default became
+    ``auto``, and the pollers trained in bf16 on an AVX512-BF16 CPU (0.03 from the simulation).
+    """
     return [
-        f"data.path={csv}", "data.text_column=review", "data.label_column=label", "data.max_rows=null",
-        f"model.name_or_path={model_dir}", "model.precision=fp32", "train.num_threads=1",
+        *tiny_overrides(csv, model_dir),
         "partition.num_clients=3", "federation.rounds=2", "train.max_steps=3", f"output_dir={tmp_path / 'res'}",
     ]  # fmt: skip
 
