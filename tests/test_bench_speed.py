@@ -58,10 +58,12 @@ def test_children_targets_and_report(bench, spec: dict, tmp_path: Path, monkeypa
 
     slower = {**other, "samples_per_s": other["samples_per_s"] / 4}
     res = bench.summarize(solo, [slower, slower], [other, slower])
-    speed, share = res["targets"]
+    speed, same, share = res["targets"]
     ratio = statistics.median(rates["auto"]) / statistics.median(rates["none"])
     assert speed["value"] == pytest.approx(ratio, abs=1e-3)
     assert speed["met"] == (speed["value"] >= 1.5)
+    delta = res["autocast"]["final"]["auto"]["macro_f1"] - res["autocast"]["final"]["none"]["macro_f1"]
+    assert same["value"] == pytest.approx(delta, abs=1e-3) and same["met"] == (abs(delta) <= 0.02)
     # each of two: the slower one decides
     assert share["value"] == pytest.approx(slower["samples_per_s"] / alone["samples_per_s"], abs=1e-3)
     assert share["old_behaviour_share"] == pytest.approx(share["value"], abs=1e-3)
