@@ -306,6 +306,11 @@ def markdown(result: dict[str, Any]) -> list[str]:
     lines += ["## Targets", ""]
     lines += [f"- {t['target']}: {t['value']:.4f} ({met_word(t['met'])})" for t in result["targets"]]
     for key, s in result["settings"].items():
+        # Each part's own command: a later --parts run replaces some parts and keeps the others.
+        tiny = ["--tiny"] if result["mode"] == "tiny" else []
+        s["commands"] = {
+            part: command_line("bench_scenarios.py", [*tiny, "--parts", part, "--settings", key]) for part in PARTS
+        }
         if "personalization" in s:
             lines += _personalization_md(key, s)
         if "cold_start" in s:
@@ -318,7 +323,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 
 def _personalization_md(key: str, s: dict[str, Any]) -> list[str]:
-    lines = ["", f"## ({key}) {s['title']}: personalization", "", f"Reproduce: `{s['command']}`", ""]
+    lines = ["", f"## ({key}) {s['title']}: personalization", "", f"Reproduce: `{s['commands']['personalize']}`", ""]
     lines += [
         "| method | global mean | personalized mean | local-only mean | worst personalized | "
         "clients gaining | largest drop |",
@@ -345,7 +350,7 @@ def _cold_md(key: str, s: dict[str, Any]) -> list[str]:
         "",
         f"## ({key}) {s['title']}: cold start of {cold['holdout']}",
         "",
-        f"Reproduce: `{s['command']}`. The federation ran without {cold['holdout']} "
+        f"Reproduce: `{s['commands']['cold']}`. The federation ran without {cold['holdout']} "
         f"({cold['train_rows']} train rows, {cold['test_rows']} test rows); global + "
         f"{cold['local_steps']} local steps vs {cold['alone_steps']} steps alone from the untrained adapter. "
         f"Plot: `{s['plot']}`.",
@@ -369,7 +374,7 @@ def _hetero_md(key: str, s: dict[str, Any]) -> list[str]:
         "",
         f"## ({key}) {s['title']}: heterogeneous LoRA ranks",
         "",
-        f"Reproduce: `{s['command']}`. Global rank {h['global_rank']}; mixed ranks {ranks} "
+        f"Reproduce: `{s['commands']['hetero']}`. Global rank {h['global_rank']}; mixed ranks {ranks} "
         f"(`federation.hetero_ranks=true`, `model.lora.client_ranks`). The last round's cut back to rank "
         f"{h['global_rank']} lost {mixed['truncation_mean']:.4f} of the mean change's Frobenius norm "
         f"(mean over modules; max {mixed['truncation_max']:.4f}).",
@@ -392,7 +397,8 @@ def _continued_md(key: str, s: dict[str, Any]) -> list[str]:
         "",
         f"## ({key}) {s['title']}: continued iteration",
         "",
-        f"Reproduce: `{s['command']}`. {first} rounds without {', '.join(c['new'])}, then the run folder resumed "
+        f"Reproduce: `{s['commands']['continue']}`. {first} rounds without {', '.join(c['new'])}, "
+        "then the run folder resumed "
         f"with every client for {more} more (lineage: {c['lineage_length']} global adapters back to round 0). "
         "Macro-F1 of each client on its own test slice.",
         "",
