@@ -476,7 +476,11 @@ def plot_setting(setting: dict[str, Any], path: Path) -> Path:
             mb = [p["bytes_up_cum"] / 1e6 for p in res["curve"]]
             ax2.plot(mb, f1, color=col[m], marker=".", label=m)
             ax2.plot([mb[b]], [f1[b]], "*", color=col[m], ms=12)
-    ax1.set(xlabel="round (centralized: checkpoint of clients x max_steps steps)", ylabel="test macro-F1", title=setting["title"])
+    ax1.set(
+        xlabel="round (centralized: checkpoint of clients x max_steps steps)",
+        ylabel="test macro-F1",
+        title=setting["title"],
+    )
     ax2.set(xlabel="cumulative MB uploaded (all clients)", ylabel="test macro-F1")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -516,8 +520,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "global test rows: the union of the clients' test slices, seeded sample of `max_test_rows`). "
         "Federated methods and centralized stop on the pooled validation rows of the federation "
         "(capped like the test rows); a local-only client stops on its own validation slice. A "
-        "centralized round is a federated round's samples (clients x `max_steps` steps) on the pooled rows, so the "
-        "pooled model gets at least the federation's compute; a local-only checkpoint is `max_steps` steps. The baselines, "
+        "centralized round is a federated round's samples (clients x `max_steps` steps) on the pooled rows, "
+        "so the pooled model gets at least the federation's compute; a local-only checkpoint is `max_steps` "
+        "steps. The baselines, "
         "fedavg and the best other federated method (chosen on seed 0's validation macro-F1) run "
         "every seed; the other methods seed 0 only. Rounds / MB to 95% and 99%: the first round "
         "whose test macro-F1 reaches that share of centralized's mean (mean over the seeds that "
