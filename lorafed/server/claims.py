@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -112,10 +112,9 @@ def check_claims(
     absent = [w for cid, w in known.items() if cid not in claims]
     weights = dict(pinned)
     for cid, claim in pinned.items():
-        others = [w for other, w in pinned.items() if other != cid] + absent
-        if len(others) < 2:
+        median, n_others = _median_of_others(pinned, cid, absent)
+        if n_others < 2:
             continue
-        median = float(np.median(others))
         bound = max_ratio * median
         if claim <= bound:
             continue
@@ -125,7 +124,7 @@ def check_claims(
         grown = f" (lowered from {claims[cid]:g} by max_examples_growth)" if cid in check.pinned else ""
         check.refused[cid] = (
             f"num_examples: expected at most {bound:g} (federation.max_examples_ratio {max_ratio:g} x {median:g}, "
-            f"the median claim of the {len(others)} other clients), received {claim:g}{grown}; "
+            f"the median claim of the {n_others} other clients), received {claim:g}{grown}; "
             "not averaged (federation.over_ratio: refuse)"
         )
         del weights[cid]
@@ -194,10 +193,16 @@ def above_typical(weights: Mapping[str, float], above: float) -> dict[str, float
     """
     out: dict[str, float] = {}
     for cid, w in weights.items():
-        others = [v for other, v in weights.items() if other != cid]
-        if others and w > above * (typical := float(np.median(others))):
+        typical, n_others = _median_of_others(weights, cid)
+        if n_others and w > above * typical:
             out[cid] = typical
     return out
+
+
+def _median_of_others(weights: Mapping[str, float], cid: str, extra: Sequence[float] = ()) -> tuple[float, int]:
+    """The median of every weight but ``cid``'s (plus ``extra``), and how many there are (0: nan)."""
+    others = [w for other, w in weights.items() if other != cid] + list(extra)
+    return (float(np.median(others)) if others else math.nan), len(others)
 
 
 def save_claims(path: str | Path, claims: Mapping[str, float]) -> Path:
