@@ -10,15 +10,25 @@ children get a private thread census and no ``OMP_NUM_THREADS``, which would ove
    interleaved (none, auto, none, auto...) from the same adapter with the same batches; then a
    short fixed training of ``--final-steps`` steps under each, scored on the same test rows, to
    show that the final metric is the same.
+3. **convergence** (``--convergence-seeds``, default 3): the same question at convergence, the
+   protocol of ``scripts/bench_quality.py`` (:func:`lorafed.engine.compare.run_federated`): the
+   clothing federation under ``none`` and under ``auto``, each early-stopped on validation
+   (patience 3, ``--convergence-rounds`` cap), scored on the test rows at its best-validation
+   round, for every seed; the target is judged on the median over seeds of the paired difference
+   (auto - none, same seed, same rows). The short run of part 1 stops in the middle of training,
+   where one seed's macro-F1 moves by several points from one step to the next.
 2. **threads**: samples/s of one training process alone (auto), then of two at once with the old
    behaviour (each ``train.num_threads`` = every core) and two at once under the policy (auto:
    each gets its share). The two processes prepare, meet at a barrier, then train for
    ``--window`` seconds each.
 
-Sized to stay under 8 minutes on 2 cores (``data.max_rows`` 6000, ``max_length`` 128 as in the
-clothing config, 400 test rows):
+Parts 1-2 are sized to stay under 8 minutes on 2 cores (``data.max_rows`` 6000, ``max_length`` 128
+as in the clothing config, 400 test rows); part 3 adds ``data.max_length=64`` (as the quality
+benchmark) and takes about 4 minutes per seed. ``--parts convergence`` runs part 3 alone and
+keeps the other parts' results of the existing ``speed.json``:
 
     flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/bench_speed.py
+    flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/bench_speed.py --parts convergence
     env PYTHONPATH=. python scripts/bench_speed.py --tiny --out /tmp/speed     # smoke run, seconds
 """
 
@@ -49,6 +59,10 @@ SPEEDUP_TARGET = 1.5
 SHARE_TARGET = 0.4
 #: Largest |macro-F1 difference| of the short fixed run that still counts as the same final metric.
 SAME_METRIC = 0.02
+#: Largest |median paired macro-F1 difference| at convergence that counts as the same final metric.
+SAME_METRIC_CONVERGED = 0.01
+#: The parts, in the order they run.
+PARTS = ("autocast", "threads", "convergence")
 
 
 # --- the child processes ---------------------------------------------------------------------
@@ -92,9 +106,34 @@ def _window(fed: Any, positions: Any, seconds: float, threads: int) -> dict[str,
     }
 
 
+def converge(spec: dict[str, Any]) -> dict[str, Any]:
+    """Part 3: per seed, the federation to convergence under each autocast mode (same rows, same seed)."""
+    from lorafed.config import load_config
+    from lorafed.engine.cohort import prepare_cohort
+    from lorafed.engine.compare import run_federated, val_positions
+
+    runs: dict[str, dict[str, Any]] = {}
+    for seed in range(spec["seeds"]):
+        cfg = load_config(spec["config"], [*spec["overrides"], *spec["convergence_overrides"], f"seed={seed}"])
+        fed = prepare_cohort(cfg)
+        val = val_positions(fed)
+        runs[str(seed)] = {}
+        for mode in AUTOCAST_VARIANTS:
+            cfg_m = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, autocast=mode))
+            with tempfile.TemporaryDirectory(prefix=f"lorafed-speed-s{seed}-{mode}-") as work:
+                r = run_federated(fed, cfg_m, Path(work), val, spec["rounds"], spec["patience"])
+            runs[str(seed)][mode] = {k: r[k] for k in ("macro_f1", "accuracy", "best_round", "rounds_run", "seconds")}
+            runs[str(seed)][mode]["curve"] = [round(c["macro_f1"], 4) for c in r["curve"]]
+            print(f"seed {seed} {mode}: {r['macro_f1']:.4f} at round {r['best_round']}", flush=True)
+    return {"convergence": runs}
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measuring process: ``solo`` (part 1, then a window alone) or ``window`` (one of a pair)."""
+    """One measuring process: ``solo`` (part 1, then a window alone), ``window`` (one of a pair) or ``converge``."""
     import numpy as np
+
+    if spec["kind"] == "converge":
+        return converge(spec)
 
     from lorafed.autocast import resolve_autocast
     from lorafed.engine.cohort import evaluate_state
@@ -182,105 +221,155 @@ def run_pair(base: dict[str, Any], threads: int, work: Path, env: dict[str, str]
     return [_finish(p, s, base["barrier_timeout"] + 20 * base["window"])["window"] for p, s in started]
 
 
-def summarize(solo: dict[str, Any], old: list[dict[str, Any]], policy: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians, ratios and the two targets from the children's raw numbers."""
+def summarize_autocast(solo: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Part 1: medians, the ratio, and its two targets."""
     rates = solo["autocast"]["rates"]
     stats = {m: lm.summarize(rates[m], runs=True) for m in AUTOCAST_VARIANTS}
     ratio = stats["auto"]["median"] / stats["none"]["median"]
     final = solo["autocast"]["final"]
     d_f1 = final["auto"]["macro_f1"] - final["none"]["macro_f1"]
+    summary = {"auto_is": solo["autocast"]["auto_is"], "samples_per_s": stats, "ratio": ratio, "final": final}
+    return summary, [
+        lm.target(
+            f"CPU samples/s on clothing >= {SPEEDUP_TARGET}x today's default (train.autocast none)",
+            round(ratio, 3),
+            ratio >= SPEEDUP_TARGET,
+            auto_is=solo["autocast"]["auto_is"],
+        ),
+        lm.target(
+            f"same final metric: macro-F1 after the short run within {SAME_METRIC} of autocast none (auto - none)",
+            round(d_f1, 4),
+            abs(d_f1) <= SAME_METRIC,
+            macro_f1_none=round(final["none"]["macro_f1"], 4),
+            macro_f1_auto=round(final["auto"]["macro_f1"], 4),
+        ),
+    ]
+
+
+def summarize_threads(
+    solo: dict[str, Any], old: list[dict[str, Any]], policy: list[dict[str, Any]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Part 2: each process's share of a lone one, and its target."""
     alone = solo["window"]["samples_per_s"]
     old_share = min(w["samples_per_s"] for w in old) / alone
     policy_share = min(w["samples_per_s"] for w in policy) / alone
-    return {
-        "autocast": {"auto_is": solo["autocast"]["auto_is"], "samples_per_s": stats, "ratio": ratio, "final": final},
-        "threads": {
-            "alone": solo["window"],
-            "old": old,
-            "policy": policy,
-            "old_share_min": old_share,
-            "policy_share_min": policy_share,
-        },
-        "targets": [
-            lm.target(
-                f"CPU samples/s on clothing >= {SPEEDUP_TARGET}x today's default (train.autocast none)",
-                round(ratio, 3),
-                ratio >= SPEEDUP_TARGET,
-                auto_is=solo["autocast"]["auto_is"],
-            ),
-            lm.target(
-                f"same final metric: macro-F1 after the short run within {SAME_METRIC} of autocast none (auto - none)",
-                round(d_f1, 4),
-                abs(d_f1) <= SAME_METRIC,
-                macro_f1_none=round(final["none"]["macro_f1"], 4),
-                macro_f1_auto=round(final["auto"]["macro_f1"], 4),
-            ),
-            lm.target(
-                f"two processes do not collapse: each >= {SHARE_TARGET}x of one process alone",
-                round(policy_share, 3),
-                policy_share >= SHARE_TARGET,
-                old_behaviour_share=round(old_share, 3),
-            ),
-        ],
+    summary = {
+        "alone": solo["window"],
+        "old": old,
+        "policy": policy,
+        "old_share_min": old_share,
+        "policy_share_min": policy_share,
     }
+    return summary, [
+        lm.target(
+            f"two processes do not collapse: each >= {SHARE_TARGET}x of one process alone",
+            round(policy_share, 3),
+            policy_share >= SHARE_TARGET,
+            old_behaviour_share=round(old_share, 3),
+        )
+    ]
+
+
+def summarize_convergence(runs: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Part 3: per-mode medians over seeds and the median paired difference, and its target."""
+    by_mode = {m: lm.summarize([runs[s][m]["macro_f1"] for s in runs], runs=True) for m in AUTOCAST_VARIANTS}
+    diffs = [runs[s]["auto"]["macro_f1"] - runs[s]["none"]["macro_f1"] for s in runs]
+    diff = lm.summarize(diffs, runs=True)
+    summary = {"runs": runs, "macro_f1": by_mode, "paired_difference": diff}
+    return summary, [
+        lm.target(
+            f"same final metric at convergence: median over {len(runs)} seeds of the paired macro-F1 difference "
+            f"(auto - none) within {SAME_METRIC_CONVERGED}",
+            round(diff["median"], 4),
+            abs(diff["median"]) <= SAME_METRIC_CONVERGED,
+            macro_f1_none_median=round(by_mode["none"]["median"], 4),
+            macro_f1_auto_median=round(by_mode["auto"]["median"], 4),
+        )
+    ]
 
 
 def markdown(res: dict[str, Any]) -> list[str]:
     """The report."""
-    s, a, t = res["setup"], res["autocast"], res["threads"]
+    s = res["setup"]
+    bf16 = ", ".join(s["bf16_features"]) or "none"
     lines = [
         "# CPU speed: bf16 autocast by default where native, and the thread policy",
         "",
-        f"{s['cores']} cores ({s['cpu']}; native bf16: {', '.join(s['bf16_features']) or 'none'}), torch "
-        f"{s['torch']}; config `{s['config']}` with `{' '.join(s['overrides']) or '-'}`. "
-        f"`train.autocast: auto` resolves to **{a['auto_is']}** here.",
+        f"{s['cores']} cores ({s['cpu']}; native bf16: {bf16}), torch {s['torch']}; config `{s['config']}` with "
+        f"`{' '.join(s['overrides']) or '-'}`. `train.autocast: auto` resolves to **{s['auto_is']}** here.",
         "",
         "## Targets",
         "",
         "| target | value | met |",
         "|---|---:|---|",
         *[f"| {g['target']} | {g['value']} | {lm.met_word(g['met'])} |" for g in res["targets"]],
-        "",
-        "## 1. Autocast: none (the old default) against auto",
-        "",
-        f"One process alone, every core; {s['repeats']} interleaved repeats of {s['steps']} steps from the same "
-        f"adapter with the same batches (after an untimed warm-up), then {s['final_steps']} steps under each, "
-        "scored on the same test rows.",
-        "",
-        "| train.autocast | samples/s, median (min-max) | ratio | final macro-F1 | final accuracy |",
-        "|---|---|---:|---:|---:|",
     ]
-    base = a["samples_per_s"]["none"]["median"]
-    for m in AUTOCAST_VARIANTS:
-        st, fin = a["samples_per_s"][m], a["final"][m]
-        ratio = st["median"] / base
-        lines.append(f"| `{m}` | {lm.fmt_range(st)} | {ratio:.2f} | {fin['macro_f1']:.4f} | {fin['accuracy']:.4f} |")
-    lines += [
-        "",
-        "## 2. Two training processes on one machine",
-        "",
-        "Each process prepares the same job, waits at a barrier, then trains one step at a time for "
-        f"{s['window']:.0f} s (each step rechooses its threads, as a client round does).",
-        "",
-        "| run | process | torch threads | samples/s | x one process alone |",
-        "|---|---|---:|---:|---:|",
-        f"| one process alone (auto) | 1 | {t['alone']['threads']} | {t['alone']['samples_per_s']:.2f} | 1.00 |",
-    ]
-    alone = t["alone"]["samples_per_s"]
-    for key, label in (("old", "two at once, each every core (old)"), ("policy", "two at once, auto (thread policy)")):
-        for i, w in enumerate(t[key], 1):
-            rate = w["samples_per_s"]
-            lines.append(f"| {label} | {i} | {w['threads']} | {rate:.2f} | {rate / alone:.2f} |")
-    lines += [
-        "",
-        f"What a process under the policy logged: `{t['policy'][0]['log']}`.",
-        "",
-        "Reproduce:",
-        "",
-        "```bash",
-        res["command"],
-        "```",
-    ]
+    if "autocast" in res:
+        a = res["autocast"]
+        lines += [
+            "",
+            "## 1. Autocast: none (the old default) against auto",
+            "",
+            f"One process alone, every core; {s['repeats']} interleaved repeats of {s['steps']} steps from the "
+            f"same adapter with the same batches (after an untimed warm-up), then {s['final_steps']} steps under "
+            "each, scored on the same test rows.",
+            "",
+            "| train.autocast | samples/s, median (min-max) | ratio | final macro-F1 | final accuracy |",
+            "|---|---|---:|---:|---:|",
+        ]
+        base = a["samples_per_s"]["none"]["median"]
+        for m in AUTOCAST_VARIANTS:
+            st, fin = a["samples_per_s"][m], a["final"][m]
+            lines.append(
+                f"| `{m}` | {lm.fmt_range(st)} | {st['median'] / base:.2f} | {fin['macro_f1']:.4f} "
+                f"| {fin['accuracy']:.4f} |"
+            )
+    if "threads" in res:
+        t = res["threads"]
+        alone = t["alone"]["samples_per_s"]
+        lines += [
+            "",
+            "## 2. Two training processes on one machine",
+            "",
+            "Each process prepares the same job, waits at a barrier, then trains one step at a time for "
+            f"{s['window']:.0f} s (each step rechooses its threads, as a client round does).",
+            "",
+            "| run | process | torch threads | samples/s | x one process alone |",
+            "|---|---|---:|---:|---:|",
+            f"| one process alone (auto) | 1 | {t['alone']['threads']} | {alone:.2f} | 1.00 |",
+        ]
+        labels = (("old", "two at once, each every core (old)"), ("policy", "two at once, auto (thread policy)"))
+        for key, label in labels:
+            for i, w in enumerate(t[key], 1):
+                rate = w["samples_per_s"]
+                lines.append(f"| {label} | {i} | {w['threads']} | {rate:.2f} | {rate / alone:.2f} |")
+        lines += ["", f"What a process under the policy logged: `{t['policy'][0]['log']}`."]
+    if "convergence" in res:
+        c, cs = res["convergence"], res["convergence_setup"]
+        lines += [
+            "",
+            "## 3. The final metric at convergence: none against auto",
+            "",
+            f"The federation (every client, FedAvg) with `{' '.join(cs['overrides']) or '-'}` on top of the above, "
+            f"early-stopped on the pooled validation rows (patience {cs['patience']}, cap {cs['rounds']} rounds), "
+            "test macro-F1 at the best-validation round; the same seed and rows under both modes. Reproduce: "
+            f"`{cs['command']}`.",
+            "",
+            "| seed | none: macro-F1 (best round) | auto: macro-F1 (best round) | auto - none | none s | auto s |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for seed, r in c["runs"].items():
+            n, u = r["none"], r["auto"]
+            lines.append(
+                f"| {seed} | {n['macro_f1']:.4f} ({n['best_round']}) | {u['macro_f1']:.4f} ({u['best_round']}) "
+                f"| {u['macro_f1'] - n['macro_f1']:+.4f} | {n['seconds']:.0f} | {u['seconds']:.0f} |"
+            )
+        d = c["paired_difference"]
+        lines.append(
+            f"| median | {c['macro_f1']['none']['median']:.4f} | {c['macro_f1']['auto']['median']:.4f} "
+            f"| {d['median']:+.4f} | | |"
+        )
+    lines += ["", "Reproduce:", "", "```bash", res["command"], "```"]
     return lines
 
 
@@ -288,10 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "clothing_recommend.yaml"))
     ap.add_argument("--set", action="append", default=[], help="a config override (repeatable)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--steps", type=int, default=8, help="steps per timed repeat in part 1")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--final-steps", type=int, default=48, help="steps of part 1's fixed training")
     ap.add_argument("--window", type=float, default=30.0, help="seconds each process trains in part 2")
+    ap.add_argument("--convergence-seeds", type=int, default=3, help="seeds of part 3")
+    ap.add_argument("--convergence-rounds", type=int, default=8, help="round cap of part 3")
     ap.add_argument("--max-rows", type=int, default=6000, help="data.max_rows")
     ap.add_argument("--test-rows", type=int, default=400, help="federation.max_test_rows")
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny random BERT and synthetic rows, seconds")
@@ -302,22 +394,35 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(Path(args.child).read_text())
         Path(spec["result"]).write_text(json.dumps(child(spec)))
         return 0
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
 
     import torch
 
-    from lorafed.autocast import cpu_bf16_features
+    from lorafed.autocast import cpu_bf16_features, resolve_autocast
 
+    argv_used = sys.argv[1:] if argv is None else argv
+    command = lm.command_line("bench_speed.py", argv_used)
+    json_path = Path(args.out) / "speed.json"
+    res: dict[str, Any] = {}
+    if set(parts) != set(PARTS) and json_path.exists():
+        res = json.loads(json_path.read_text(encoding="utf-8"))  # the parts not run now keep their results
     with tempfile.TemporaryDirectory(prefix="lorafed-speed-") as tmp:
         work = Path(tmp)
         config = args.config
         overrides = [f"data.max_rows={args.max_rows}", f"federation.max_test_rows={args.test_rows}"]
+        conv_overrides = ["data.max_length=64"]
         if args.tiny:
             from _tiny import make_tiny, tiny_overrides
 
             model_dir, csv = make_tiny(work)
             config = str(ROOT / "configs" / "tiny.yaml")
             overrides = [*tiny_overrides(model_dir, csv), "train.autocast=auto"]
+            conv_overrides = []
             args.steps, args.repeats, args.final_steps, args.window = 2, 2, 4, 1.0
+            args.convergence_seeds, args.convergence_rounds = min(args.convergence_seeds, 2), 2
         overrides += args.set
         base = {
             "config": config,
@@ -330,33 +435,73 @@ def main(argv: list[str] | None = None) -> int:
         }
         env = _env(work / "census")
         t0 = time.perf_counter()
-        proc, spec = _start({**base, "kind": "solo", "threads": 0}, work, "solo", env)
-        solo = _finish(proc, spec, 600)
-        old = run_pair(base, cores_available(), work, env, "old")
-        policy = run_pair(base, 0, work, env, "policy")
+        targets: dict[str, list[dict[str, Any]]] = {}
+        if "autocast" in parts or "threads" in parts:
+            proc, spec = _start({**base, "kind": "solo", "threads": 0}, work, "solo", env)
+            solo = _finish(proc, spec, 600)
+            res["autocast"], targets["autocast"] = summarize_autocast(solo)
+            if "threads" in parts:
+                old = run_pair(base, cores_available(), work, env, "old")
+                policy = run_pair(base, 0, work, env, "policy")
+                res["threads"], targets["threads"] = summarize_threads(solo, old, policy)
+        if "convergence" in parts:
+            conv = {
+                **base,
+                "kind": "converge",
+                "threads": 0,
+                "seeds": args.convergence_seeds,
+                "rounds": args.convergence_rounds,
+                "patience": 3,
+                "convergence_overrides": conv_overrides,
+            }
+            proc, spec = _start(conv, work, "converge", env)
+            runs = _finish(proc, spec, 3 * 3600)["convergence"]
+            res["convergence"], targets["convergence"] = summarize_convergence(runs)
+            res["convergence_setup"] = {
+                "overrides": conv_overrides,
+                "rounds": args.convergence_rounds,
+                "patience": 3,
+                "command": command,
+            }
         wall = time.perf_counter() - t0
-    res = {
-        "setup": {
+    # Targets of the parts run now replace theirs; the others' stay (kept in the part order).
+    kept = {k: [g for g in res.get("targets", []) if _part_of(g) == k] for k in PARTS}
+    res["targets"] = [g for k in PARTS for g in targets.get(k, kept[k])]
+    setup = res.get("setup", {})
+    setup.update(
+        {
             "config": os.path.relpath(config, ROOT) if not args.tiny else "configs/tiny.yaml (tiny model)",
             "overrides": overrides if not args.tiny else args.set,
             "cores": cores_available(),
             "cpu": platform.processor() or platform.machine(),
             "bf16_features": cpu_bf16_features(),
+            "auto_is": resolve_autocast("auto"),
             "torch": torch.__version__,
             "steps": args.steps,
             "repeats": args.repeats,
             "final_steps": args.final_steps,
             "window": args.window,
-            "wall_s": round(wall, 1),
-        },
-        **summarize(solo, old, policy),
-        "command": lm.command_line("bench_speed.py", sys.argv[1:] if argv is None else argv),
-    }
+            f"wall_s_{'_'.join(parts)}": round(wall, 1),
+        }
+    )
+    res["setup"] = setup
+    if set(parts) == set(PARTS) or "command" not in res:
+        res["command"] = command
     json_path, md_path = lm.write_results(Path(args.out) / "speed", res, markdown(res))
     for g in res["targets"]:
         print(f"{lm.met_word(g['met'])}: {g['target']}: {g['value']}")
     print(f"wrote {json_path} and {md_path} ({wall:.0f} s)")
     return 0
+
+
+def _part_of(target: dict[str, Any]) -> str:
+    """Which part a stored target belongs to (from its wording)."""
+    name = target["target"]
+    if "two processes" in name:
+        return "threads"
+    if "at convergence" in name:
+        return "convergence"
+    return "autocast"
 
 
 if __name__ == "__main__":

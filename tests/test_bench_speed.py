@@ -57,7 +57,10 @@ def test_children_targets_and_report(bench, spec: dict, tmp_path: Path, monkeypa
     assert alone["steps"] >= 1 and alone["threads"] == 1 and "train.num_threads=1" in alone["log"]
 
     slower = {**other, "samples_per_s": other["samples_per_s"] / 4}
-    res = bench.summarize(solo, [slower, slower], [other, slower])
+    res: dict = {}
+    res["autocast"], t_auto = bench.summarize_autocast(solo)
+    res["threads"], t_threads = bench.summarize_threads(solo, [slower, slower], [other, slower])
+    res["targets"] = [*t_auto, *t_threads]
     speed, same, share = res["targets"]
     ratio = statistics.median(rates["auto"]) / statistics.median(rates["none"])
     assert speed["value"] == pytest.approx(ratio, abs=1e-3)
@@ -80,6 +83,7 @@ def test_children_targets_and_report(bench, spec: dict, tmp_path: Path, monkeypa
         "repeats": 2,
         "final_steps": 2,
         "window": 0.05,
+        "auto_is": "none",
     }
     res["command"] = "python scripts/bench_speed.py --tiny"
     _, md = write_results(tmp_path / "speed", res, bench.markdown(res))
@@ -98,3 +102,32 @@ def test_a_pair_of_processes_shares_the_cores(bench, spec: dict, tmp_path: Path)
     line = f"torch threads: {share} of {cores_available()} cores (2 lorafed processes on this machine)"
     assert pair[0]["log"] == line
     assert list((tmp_path / "census").iterdir()) == []  # both left the census at exit
+
+
+def test_convergence_part_pairs_the_seeds(bench, spec: dict, tmp_path: Path, monkeypatch) -> None:
+    """Part 3 trains each seed under both modes to its best-validation round; the target is the median paired gap."""
+    monkeypatch.setenv(CENSUS_ENV, str(tmp_path / "census"))
+    before = torch.get_num_threads()
+    conv = {**spec, "kind": "converge", "seeds": 2, "rounds": 2, "patience": 3, "convergence_overrides": []}
+    runs = bench.child(conv)["convergence"]
+    torch.set_num_threads(before)
+    assert set(runs) == {"0", "1"}
+    for r in runs.values():
+        for mode in ("none", "auto"):
+            m = r[mode]
+            assert 0 <= m["macro_f1"] <= 1 and m["rounds_run"] == 2 and len(m["curve"]) == 3
+            assert 0 <= m["best_round"] <= 2
+
+    # the summary on hand-made numbers: paired differences -0.03, +0.01, +0.005 -> median +0.005
+    made = {
+        str(i): {"none": {"macro_f1": n}, "auto": {"macro_f1": a}}
+        for i, (n, a) in enumerate([(0.80, 0.77), (0.70, 0.71), (0.90, 0.905)])
+    }
+    summary, (tgt,) = bench.summarize_convergence(made)
+    assert tgt["value"] == pytest.approx(0.005, abs=1e-9) and tgt["met"]
+    assert summary["macro_f1"]["none"]["median"] == pytest.approx(0.80)
+    assert summary["macro_f1"]["auto"]["median"] == pytest.approx(0.77)
+    assert bench._part_of(tgt) == "convergence"
+    made["1"]["auto"]["macro_f1"] = 0.60  # differences -0.03, -0.10, +0.005 -> median -0.03: not met
+    _, (tgt,) = bench.summarize_convergence(made)
+    assert tgt["value"] == pytest.approx(-0.03, abs=1e-9) and not tgt["met"]
