@@ -1,17 +1,27 @@
 """The shopping-guide scenarios, measured: personalization, cold start, mixed LoRA ranks, continued iteration.
 
-Personalization (settings (a) clothing by department, (b) intents Dirichlet 0.1): one federation
-per setting, then every client personalizes the final global adapter two ways (``finetune``:
-LoRA and head; ``local_head``: the head only, FedRep-style), each kept at its best checkpoint on
-the client's validation rows; per client, on its own test slice: global vs personalized vs the
-client trained alone (best of ``local_rounds`` checkpoints on its validation rows). Targets on
-(b): personalized mean >= global + 2 points; no client more than 1 point below its global score.
+Both start from a converged federation (the convergence protocol of ``bench_quality.py``,
+:func:`lorafed.engine.scenarios.converged_global`: at most ``converge.rounds`` rounds, stopped
+after ``converge.patience`` rounds without a better macro-F1 on the pooled validation rows; the
+best-validation round's global adapter is the start).
+
+Personalization (settings (a) clothing by department, (b) intents Dirichlet 0.1): every client
+personalizes the global adapter two ways (``finetune``: LoRA and head; ``local_head``: the head
+only, FedRep-style), adopting a checkpoint only if it beats the global adapter on the client's
+validation rows by ``personalize.min_gain`` and by a one-sided 95% paired bootstrap
+(``personalize.confidence``, Bonferroni over the checkpoints); per client, on its own test slice:
+global vs personalized vs the client trained alone (best of ``local_rounds`` checkpoints on its
+validation rows). Targets on (b): personalized mean >= global + 2 points; no client more than 1
+point below its global score.
 
 Cold start: the federation runs without one client (clothing: ``Jackets``; intents: its largest
 Dirichlet client); that newcomer then holds 25, 50, 100 or 200 labelled rows, and its test rows
-score the global adapter (as is, and after ``local_steps`` steps on the rows) against an adapter
-trained from the untrained one on those rows alone. Target: with 50 rows, the global start
-(after its local steps) beats training alone by >= 10 points.
+score the global adapter as is, the global adapter after the ``personalize`` recipe on the rows
+(at most ``local_steps`` steps and ``personalize.max_epochs`` passes, kept only if 2-fold
+cross-fitting on the rows says it beats the global adapter), and an adapter trained from the
+untrained one on those rows alone; diagnostic recipes beside it (the earlier fixed-step
+fine-tune, the epoch cap alone, the head only, a tenth of the learning rate). Target: with 50
+rows, the global start (after its recipe) beats training alone by >= 10 points.
 
 Heterogeneous ranks (setting (a) only): the six departments train LoRA ranks 4, 8, 16 in turn
 (two of each) in one federation whose global adapter has rank 8 (``federation.hetero_ranks``:
@@ -72,6 +82,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "holdout": "Jackets",
         "personalize": {"steps": 12, "eval_every": 4, "patience": 2, "learning_rate": None},
         "local_rounds": 3,
+        # the round caps and patience of bench_quality.py's full profile for (a) and (b)
+        "converge": {"rounds": 10, "patience": 3},
         "cold": {"local_steps": 12, "alone_steps": 36},
         "hetero": {"ranks": (4, 8, 16), "overrides": ["federation.rounds=3", "train.max_steps=8"]},
         "continue": {"new": ("Jackets", "Intimate"), "rounds": (2, 2), "overrides": ["train.max_steps=8"]},
@@ -83,6 +95,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "holdout": None,
         "personalize": {"steps": 20, "eval_every": 5, "patience": 2, "learning_rate": None},
         "local_rounds": 3,
+        "converge": {"rounds": 20, "patience": 3},
         "cold": {"local_steps": 20, "alone_steps": 100},
     },
 }
@@ -95,6 +108,7 @@ TINY: dict[str, dict[str, Any]] = {
         "holdout": "north",
         "personalize": {"steps": 4, "eval_every": 2, "patience": 2, "learning_rate": None},
         "local_rounds": 2,
+        "converge": {"rounds": 2, "patience": 1},
         "cold": {"local_steps": 3, "alone_steps": 6},
         "hetero": {"ranks": (2, 4, 8), "overrides": ["federation.rounds=2"]},
         "continue": {"new": ("east",), "rounds": (2, 2), "overrides": []},
@@ -111,6 +125,7 @@ TINY: dict[str, dict[str, Any]] = {
         "holdout": None,
         "personalize": {"steps": 4, "eval_every": 2, "patience": 2, "learning_rate": None},
         "local_rounds": 2,
+        "converge": {"rounds": 2, "patience": 1},
         "cold": {"local_steps": 3, "alone_steps": 6},
     },
 }
@@ -131,21 +146,19 @@ def setting_config(
 def run_personalization(config: RunConfig, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     """One federation, then each personalization method and the local-only baseline, per client."""
     from lorafed.engine.cohort import prepare_cohort
-    from lorafed.engine.inprocess import simulate
-    from lorafed.engine.scenarios import final_global, measure_personalization, personalize_all
+    from lorafed.engine.scenarios import converged_global, measure_personalization, personalize_all
 
     t0 = time.perf_counter()
     fed = prepare_cohort(config)
     run = out / "federation"
-    simulate(config, run, progress=False, fed=fed)
-    _, glob = final_global(fed, run)
+    best_round, glob, fed_run = converged_global(fed, run, **spec["converge"])
     t_fed = time.perf_counter() - t0
     methods: dict[str, Any] = {}
     baseline: dict[str, Any] | None = None
     for m in METHODS:
         t = time.perf_counter()
         pcfg = PersonalizeConfig(method=m, **spec["personalize"])
-        done = personalize_all(config, run, fed=fed, pcfg=pcfg)
+        done = personalize_all(config, run, fed=fed, pcfg=pcfg, round_=best_round)
         local = baseline is None
         res = measure_personalization(
             fed, glob, {c: v.tensors for c, v in done.items()}, local_only=local, local_rounds=spec["local_rounds"]
@@ -161,25 +174,44 @@ def run_personalization(config: RunConfig, spec: dict[str, Any], out: Path) -> d
             res["mean"]["local_only"], res["worst"]["local_only"] = baseline_mean, baseline_worst
         res["steps"] = {c: v.steps for c, v in done.items()}
         res["best_step"] = {c: v.best_step for c, v in done.items()}
+        res["gain_bound"] = {c: v.gain_bound for c, v in done.items()}
+        res["adopted"] = sum(v.best_step > 0 for v in done.values())
         res["seconds"] = round(time.perf_counter() - t, 1)
         methods[m] = res
     return {
         "clients": dict(zip(fed.partition.client_ids, fed.partition.sizes(), strict=True)),
         "federation_seconds": round(t_fed, 1),
+        "federation": {
+            "best_round": best_round,
+            "rounds_run": fed_run["rounds_run"],
+            "macro_f1": fed_run["macro_f1"],
+            **spec["converge"],
+        },
+        "adoption": {"min_gain": pcfg.min_gain, "confidence": pcfg.confidence, "bootstrap": pcfg.bootstrap},
         "methods": methods,
         "fed": fed,
     }
 
 
 def run_cold(config: RunConfig, spec: dict[str, Any], out: Path, sizes: tuple[int, ...], fed: Any) -> dict[str, Any]:
-    """The cold-start curve of the setting's newcomer (its largest client when none is named)."""
+    """The cold-start curve of the setting's newcomer (its largest client when none is named), diagnostics beside."""
+    import dataclasses
+
     from lorafed.engine.cold_start import cold_start
 
     holdout = spec["holdout"]
     if holdout is None:
         sizes_ = fed.partition.sizes()
         holdout = fed.partition.client_ids[max(range(len(sizes_)), key=sizes_.__getitem__)]
-    return cold_start(config, holdout, out, sizes, fed=fed, **spec["cold"])
+    steps = spec["cold"]["local_steps"]
+    plain = PersonalizeConfig("finetune", steps, None, steps, None, max_epochs=None, cross_fit=0)
+    variants = {
+        "fixed steps": plain,
+        "epoch cap": dataclasses.replace(plain, max_epochs=config.personalize.max_epochs),
+        "head only": dataclasses.replace(plain, method="local_head"),
+        "lr / 10": dataclasses.replace(plain, learning_rate=config.train.learning_rate / 10),
+    }
+    return cold_start(config, holdout, out, sizes, fed=fed, **spec["cold"], **spec["converge"], variants=variants)
 
 
 def run_hetero(make: Any, spec: dict[str, Any], out: Path, fed: Any) -> dict[str, Any]:
@@ -324,16 +356,26 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 def _personalization_md(key: str, s: dict[str, Any]) -> list[str]:
     lines = ["", f"## ({key}) {s['title']}: personalization", "", f"Reproduce: `{s['commands']['personalize']}`", ""]
+    fed, rule = s["personalization"].get("federation"), s["personalization"].get("adoption")
+    if fed is not None and rule is not None:
+        lines += [
+            f"Global adapter: round {fed['best_round']} of {fed['rounds_run']} run (cap {fed['rounds']}, patience "
+            f"{fed['patience']} on the pooled validation rows; test macro-F1 {fed['macro_f1']:.4f}). A client adopts "
+            f"a checkpoint only if it beats the global adapter on its validation rows by {rule['min_gain']} and the "
+            f"lower {rule['confidence']} paired-bootstrap bound of the gain ({rule['bootstrap']} resamples, "
+            "Bonferroni over the checkpoints) is above 0.",
+            "",
+        ]
     lines += [
         "| method | global mean | personalized mean | local-only mean | worst personalized | "
-        "clients gaining | largest drop |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "clients adopting | clients gaining | largest drop |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m, r in s["personalization"]["methods"].items():
         lines.append(
             f"| {m} | {r['mean']['global']:.4f} | {r['mean']['personalized']:.4f} | "
             f"{r['mean']['local_only']:.4f} | {r['worst']['personalized']:.4f} | "
-            f"{r['gained']}/{r['num_clients']} | {r['max_drop']:.4f} |"
+            f"{r.get('adopted', '-')}/{r['num_clients']} | {r['gained']}/{r['num_clients']} | {r['max_drop']:.4f} |"
         )
     first = next(iter(s["personalization"]["methods"].values()))
     lines += ["", "| client | test rows | global | " + " | ".join(METHODS) + " | local-only |"]
@@ -351,19 +393,54 @@ def _cold_md(key: str, s: dict[str, Any]) -> list[str]:
         f"## ({key}) {s['title']}: cold start of {cold['holdout']}",
         "",
         f"Reproduce: `{s['commands']['cold']}`. The federation ran without {cold['holdout']} "
-        f"({cold['train_rows']} train rows, {cold['test_rows']} test rows); global + "
-        f"{cold['local_steps']} local steps vs {cold['alone_steps']} steps alone from the untrained adapter. "
-        f"Plot: `{s['plot']}`.",
+        f"({cold['train_rows']} train rows, {cold['test_rows']} test rows)"
+        + _cold_federation(cold)
+        + f"; global + local steps (the recipe: at most {cold['local_steps']} steps"
+        + _cold_recipe(cold)
+        + f") vs {cold['alone_steps']} steps alone from the untrained adapter. Plot: `{s['plot']}`.",
         "",
-        "| rows | global | global + local steps | alone | gain of the global start |",
-        "| --- | --- | --- | --- | --- |",
+    ]
+    names = list(cold["curve"][0].get("variants", {}))
+    lines += [
+        "| rows | global | global + local steps | tuned kept | alone | gain of the global start | "
+        + "".join(f"{n} | " for n in names).rstrip(),
+        "| --- " * (6 + len(names)) + "|",
     ]
     for p in cold["curve"]:
+        kept = f"{p['adopted']:.0%}" if "adopted" in p else "-"
         lines.append(
-            f"| {p['rows_used']} | {p['global']:.4f} | {p['global_tuned']:.4f} | {p['alone']:.4f} | "
-            f"{p['global_tuned'] - p['alone']:+.4f} |"
+            f"| {p['rows_used']} | {p['global']:.4f} | {p['global_tuned']:.4f} | {kept} | {p['alone']:.4f} | "
+            f"{p['global_tuned'] - p['alone']:+.4f} | " + "".join(f"{p['variants'][n]:.4f} | " for n in names).rstrip()
         )
+    if names:
+        lines += [
+            "",
+            f"Diagnostic recipes from the same global adapter, unguarded: fixed steps = {cold['local_steps']} steps "
+            "at the training learning rate whatever the rows (the earlier recipe); epoch cap = the same capped at "
+            "personalize.max_epochs passes; head only = the fixed steps on the head alone; lr / 10 = the fixed "
+            "steps at a tenth of the learning rate.",
+        ]
     return lines
+
+
+def _cold_federation(cold: dict[str, Any]) -> str:
+    f = cold["federation"]
+    if "round_cap" not in f:
+        return ""
+    return (
+        f", to convergence: round {f['best_round']} of {f['rounds_run']} run (cap {f['round_cap']}, patience "
+        f"{f['patience']}; test macro-F1 of the others {f['final']['macro_f1']:.4f})"
+    )
+
+
+def _cold_recipe(cold: dict[str, Any]) -> str:
+    r = cold.get("recipe")
+    if r is None:
+        return ""
+    return (
+        f" and {r['max_epochs']} passes over the rows, kept only if {r['cross_fit']}-fold cross-fitting on the rows "
+        f"says it beats the global adapter at confidence {r['confidence']}; tuned kept = share of draws that kept it"
+    )
 
 
 def _hetero_md(key: str, s: dict[str, Any]) -> list[str]:

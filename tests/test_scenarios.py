@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -20,7 +21,6 @@ from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
 from lorafed.engine.scenarios import client_site, final_global, measure_personalization, personalize_all
 from lorafed.errors import ConfigError
-from lorafed.metrics import EvalResult
 from lorafed.serve.export import export_adapter
 from lorafed.server.validate import validate_update
 from lorafed.wire.reader import load_payload
@@ -33,9 +33,19 @@ def test_personalize_config_section(tiny_config) -> None:
     assert cfg.personalize == PersonalizeConfig("local_head", 7, 0.01, 5, 2)
     assert tiny_config().personalize.method == "none"
     with pytest.raises(ConfigError) as exc:
-        tiny_config("personalize.method=fedrep", "personalize.steps=0", "personalize.eval_every=0")
+        tiny_config(
+            "personalize.method=fedrep",
+            "personalize.steps=0",
+            "personalize.eval_every=0",
+            "personalize.confidence=1",
+            "personalize.bootstrap=10",
+            "personalize.max_epochs=0",
+            "personalize.cross_fit=1",
+        )
     text = str(exc.value)
     assert "personalize.method" in text and "personalize.steps" in text and "personalize.eval_every" in text
+    for key in ("confidence", "bootstrap", "max_epochs", "cross_fit"):
+        assert f"personalize.{key}" in text
 
 
 @pytest.fixture(scope="module")
@@ -67,31 +77,110 @@ def test_local_head_trains_the_head_only(tiny_run) -> None:
     _, fed, run, _ = tiny_run
     _, glob = final_global(fed, run)
     site = client_site(fed, 0, Split(fed.splits[0].train, np.empty(0, np.int64), fed.splits[0].test))
-    res = personalize_report(site, glob, PersonalizeConfig("local_head", 4, 0.05, 2, None))
-    assert res.steps == 4 and res.best_step == 4  # no validation rows: the last checkpoint
+    unjudged = {"max_epochs": None, "cross_fit": 0}
+    res = personalize_report(site, glob, PersonalizeConfig("local_head", 4, 0.05, 2, None, **unjudged))
+    assert res.steps == 4 and res.best_step == 4 and res.selection == "last"  # nothing to judge on
     changed = {k for k in glob if not torch.equal(glob[k], res.tensors[k])}
     assert changed and all(tensor_role(k) == "head" for k in changed)
     assert all(torch.equal(glob[k], res.tensors[k]) for k in glob if tensor_role(k) != "head")
-    tuned = personalize(site, glob, PersonalizeConfig("finetune", 4, 0.05, 2, None))
+    tuned = personalize(site, glob, PersonalizeConfig("finetune", 4, 0.05, 2, None, **unjudged))
     assert {tensor_role(k) for k in glob if not torch.equal(glob[k], tuned[k])} == {"lora_A", "lora_B", "head"}
     assert all(torch.equal(glob[k], v) for k, v in personalize(site, glob, PersonalizeConfig()).items())
+
+
+def _scripted_predictions(monkeypatch, script: list[float]) -> list[int]:
+    """Each prediction call returns the truth on the first ``fraction`` of its rows, a wrong label on the rest."""
+    calls = iter(script)
+    sizes: list[int] = []
+
+    def fake(model, rows, positions, batch_size, autocast="none"):
+        y = rows.labels[np.asarray(positions)].numpy()
+        right = round(next(calls) * len(y))
+        pred = np.where(np.arange(len(y)) < right, y, (y + 1) % 3)  # the tiny data's 3 labels
+        sizes.append(len(y))
+        return np.eye(3)[pred]
+
+    monkeypatch.setattr("lorafed.metrics.predict_logits", fake)
+    return sizes
+
+
+def _f1(y: np.ndarray, fraction: float) -> float:
+    right = round(fraction * len(y))
+    return float(f1_score(y, np.where(np.arange(len(y)) < right, y, (y + 1) % 3), average="macro"))
 
 
 def test_checkpoint_choice_follows_validation(tiny_run, monkeypatch) -> None:
     _, fed, run, _ = tiny_run
     _, glob = final_global(fed, run)
-    script = iter([0.5, 0.4, 0.6, 0.55, 0.58, 0.9])  # global, then each checkpoint of 2 steps
-
-    def fake(*args, **kwargs):
-        return EvalResult(0.0, 0.0, next(script), {}, [], 1)
-
-    monkeypatch.setattr("lorafed.metrics.evaluate", fake)
-    res = personalize_report(client_site(fed, 0), glob, PersonalizeConfig("finetune", 20, 0.01, 2, 2))
-    # Best 0.6 at checkpoint 2 (4 steps); 0.55 and 0.58 are not better: patience 2 stops after 8 steps.
-    assert (res.best_step, res.steps, res.val_global, res.val_best) == (4, 8, 0.5, 0.6)
-    script = iter([0.7, 0.7, 0.6])  # a tie keeps the global adapter
-    res = personalize_report(client_site(fed, 0), glob, PersonalizeConfig("finetune", 4, 0.01, 2, None))
+    site = client_site(fed, 0)
+    y = fed.rows.labels[np.asarray(site.split.val)].numpy()
+    assert len(y) >= 8 and len(fed.identity.labels) == 3
+    # global half right; checkpoints of 2 steps: 0.4, all right, 0.9, 0.95 (patience 2 stops after 8 steps)
+    _scripted_predictions(monkeypatch, [0.5, 0.4, 1.0, 0.9, 0.95, 1.0])
+    res = personalize_report(site, glob, PersonalizeConfig("finetune", 20, 0.01, 2, 2, max_epochs=None))
+    assert (res.best_step, res.steps, res.selection) == (4, 8, "validation")
+    assert res.val_global == pytest.approx(_f1(y, 0.5)) and res.val_best == pytest.approx(1.0)
+    assert res.gain_bound is not None and res.gain_bound > 0
+    _scripted_predictions(monkeypatch, [0.7, 0.7, 0.6])  # a tie keeps the global adapter
+    res = personalize_report(site, glob, PersonalizeConfig("finetune", 4, 0.01, 2, None, max_epochs=None))
     assert res.best_step == 0 and all(torch.equal(glob[k], res.tensors[k]) for k in glob)
+
+
+def test_local_steps_are_capped_at_max_epochs() -> None:
+    p = PersonalizeConfig("finetune", 20, max_epochs=3.0)
+    # ceil(3 x rows / 16): 75/16 -> 5, 150/16 -> 10, 300/16 -> 19, 600/16 -> 38 capped at 20
+    assert [pmod.local_steps(p, n, 16) for n in (25, 50, 100, 200)] == [5, 10, 19, 20]
+    assert pmod.local_steps(PersonalizeConfig("finetune", 20, max_epochs=None), 25, 16) == 20
+    assert pmod.local_steps(p, 1, 16) == 1
+
+
+def test_bootstrap_gains_match_sklearn_on_each_resample() -> None:
+    rng = np.random.default_rng(5)
+    y, a, b = rng.integers(0, 4, 30), rng.integers(0, 4, 30), rng.integers(0, 4, 30)
+    gains = pmod.bootstrap_macro_f1_gains(y, a, b, 4, 50, seed=11)
+    idx = np.random.default_rng(11).integers(0, 30, size=(50, 30))  # the resamples, drawn as documented
+    want = [f1_score(y[i], b[i], average="macro") - f1_score(y[i], a[i], average="macro") for i in idx]
+    assert gains.shape == (50,) and np.allclose(gains, want)
+
+
+def test_adoption_needs_confidence_with_bonferroni() -> None:
+    # y = 0 0 1 1; the global predicts 0 everywhere (macro-F1 (2/3 + 0) / 2 = 1/3), the candidate is right.
+    # A resample of four class-0 rows (probability 1/16 = 0.0625) scores both 1: a gain of 0, else > 0.
+    y, old, new = np.array([0, 0, 1, 1]), np.zeros(4, np.int64), np.array([0, 0, 1, 1])
+    p = PersonalizeConfig("finetune", min_gain=0.0, bootstrap=20_000)
+    tight = pmod.choose_adapter(y, old, [new], 2, dataclasses.replace(p, confidence=0.95), seed=1)
+    assert tight.global_score == pytest.approx(1 / 3) and tight.scores == [1.0]
+    assert tight.index is None and tight.bound == 0.0  # the 5% quantile falls in the mass 0.0625 at 0
+    loose = pmod.choose_adapter(y, old, [new], 2, dataclasses.replace(p, confidence=0.9), seed=1)
+    assert loose.index == 0 and loose.bound > 0  # the 10% quantile is above it
+    # two candidates: each is tested at 0.1 / 2 = 0.05 (Bonferroni), so the same one is refused
+    two = pmod.choose_adapter(y, old, [old, new], 2, dataclasses.replace(p, confidence=0.9), seed=1)
+    assert two.index is None and two.scores == [pytest.approx(1 / 3), 1.0]
+    # without the test, min_gain alone decides: a gain of 2/3 passes 0.5, not 0.7; ties go to the earliest
+    free = dataclasses.replace(p, confidence=None)
+    assert pmod.choose_adapter(y, old, [new, new], 2, dataclasses.replace(free, min_gain=0.5), seed=1).index == 0
+    assert pmod.choose_adapter(y, old, [new], 2, dataclasses.replace(free, min_gain=0.7), seed=1).index is None
+
+
+def test_cross_fit_decides_without_validation_rows(tiny_run, monkeypatch) -> None:
+    _, fed, run, _ = tiny_run
+    _, glob = final_global(fed, run)
+    train = fed.splits[0].train
+    site = client_site(fed, 0, Split(train, np.empty(0, np.int64), fed.splits[0].test))
+    p = PersonalizeConfig("finetune", 4, 0.05, 4, None, min_gain=0.0, max_epochs=None, cross_fit=2)
+    # calls: fold 1 out-of-fold, fold 2 out-of-fold, then the global adapter on every train row
+    sizes = _scripted_predictions(monkeypatch, [1.0, 1.0, 0.0])
+    res = personalize_report(site, glob, p)
+    assert sorted(sizes[:2]) == [len(train) // 2, len(train) - len(train) // 2] and sizes[2] == len(train)
+    assert (res.selection, res.best_step, res.steps) == ("cross_fit", 4, 12)  # 2 folds x 4 steps, then 4 on all
+    assert res.val_global == 0.0 and res.val_best == 1.0
+    assert any(not torch.equal(glob[k], res.tensors[k]) for k in glob)
+    _scripted_predictions(monkeypatch, [0.0, 0.0, 1.0])  # the tuned adapters are wrong out of fold: keep the global
+    res = personalize_report(site, glob, p)
+    assert (res.best_step, res.steps) == (0, 8) and all(torch.equal(glob[k], res.tensors[k]) for k in glob)
+    few = Split(train[:3], np.empty(0, np.int64), fed.splits[0].test)  # 3 rows: too few for 2 folds of 2
+    res = personalize_report(client_site(fed, 0, few), glob, p)
+    assert (res.best_step, res.steps) == (0, 0) and all(torch.equal(glob[k], res.tensors[k]) for k in glob)
 
 
 def test_personalize_all_writes_payloads_that_export(tiny_run, tiny_model_dir, tmp_path) -> None:
@@ -231,22 +320,3 @@ def test_personalize_verb_writes_one_adapter_per_client(tiny_config, tmp_path, c
     files = sorted(p.name for p in (run / "personalized").glob("*.safetensors"))
     assert files == ["client0.safetensors", "client1.safetensors"]
     assert load_payload(run / "personalized" / "client0.safetensors").meta.kind == "personalized"
-
-
-def test_leaving_the_global_adapter_takes_min_gain(tiny_run, monkeypatch) -> None:
-    _, fed, run, _ = tiny_run
-    _, glob = final_global(fed, run)
-    # global 0.50; checkpoints of 2 steps score 0.51 and 0.515 (below 0.50 + 0.02), then 0.53, then 0.54.
-    script = iter([0.5, 0.51, 0.515, 0.53, 0.54])
-
-    def fake(*args, **kwargs):
-        return EvalResult(0.0, 0.0, next(script), {}, [], 1)
-
-    monkeypatch.setattr("lorafed.metrics.evaluate", fake)
-    cfg = PersonalizeConfig("finetune", 8, 0.01, 2, None, min_gain=0.02)
-    res = personalize_report(client_site(fed, 0), glob, cfg)
-    # 0.53 is the first checkpoint 0.02 above the global (step 6); once left, 0.54 (step 8) replaces it.
-    assert (res.best_step, res.val_best) == (8, 0.54)
-    script = iter([0.5, 0.51, 0.515, 0.519, 0.5])
-    res = personalize_report(client_site(fed, 0), glob, cfg)
-    assert res.best_step == 0 and all(torch.equal(glob[k], res.tensors[k]) for k in glob)

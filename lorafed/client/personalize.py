@@ -7,10 +7,16 @@ Two ways, both starting from the final global adapter and run on the client's ow
   representation); only the classifier head is retrained locally.
 
 Training runs in checkpoints of ``personalize.eval_every`` steps (each a fresh AdamW, as a
-federated round is) and each checkpoint is scored on the client's validation rows; the
-best-scoring one is kept, the global adapter itself being checkpoint 0, so a client whose local
-rows do not help keeps the global adapter. Nothing personalized leaves the client: the result
-is written as a payload of kind ``personalized`` that ``lorafed export`` accepts like any adapter.
+federated round is), at most ``personalize.max_epochs`` passes over the client's rows. A client
+leaves the global adapter only with evidence from its own rows (:func:`choose_adapter`): the
+checkpoint must beat the global adapter's validation macro-F1 by ``personalize.min_gain`` and,
+by a one-sided paired bootstrap over the validation rows at ``personalize.confidence``
+(Bonferroni over the checkpoints), by more than 0. Without validation rows (a newcomer with 25
+labelled rows keeps none back), ``personalize.cross_fit`` folds of its train rows give
+out-of-fold predictions that face the same rule. Otherwise the global adapter is kept, so a
+client whose rows do not clearly help keeps it. Nothing personalized leaves the client: the
+result is written as a payload of kind ``personalized`` that ``lorafed export`` accepts like any
+adapter.
 
 This module imports :mod:`lorafed.config` only lazily: the config imports
 :data:`PersonalizeMethod` from here.
@@ -79,11 +85,16 @@ class Personalized:
     Attributes:
         tensors: Every adapter tensor (fp32), global ones where the method trains none.
         method: The method used.
-        steps: Local optimizer steps run.
+        steps: Local optimizer steps run (cross-fitting's included).
         best_step: Steps of the kept checkpoint (0: the global adapter was kept).
-        val_global: Validation macro-F1 of the global adapter (``None`` without validation rows).
-        val_best: Validation macro-F1 of the kept checkpoint (``None`` without validation rows).
+        val_global: Macro-F1 of the global adapter on the rows that decided (the validation
+            rows, or the train rows under cross-fitting; ``None`` when nothing decided).
+        val_best: Macro-F1 of the kept adapter on those rows (out-of-fold under cross-fitting).
         num_examples: The client's training rows.
+        selection: What decided: ``validation``, ``cross_fit``, ``last`` (no rows to decide on:
+            the last checkpoint) or ``none`` (nothing trained).
+        gain_bound: Lower confidence bound of the best candidate's macro-F1 gain over the global
+            adapter (paired bootstrap; ``None`` without the test or without candidates).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -93,17 +104,184 @@ class Personalized:
     val_global: float | None
     val_best: float | None
     num_examples: int
+    selection: str = "validation"
+    gain_bound: float | None = None
 
     def header_metrics(self) -> dict[str, Any]:
         """What the payload header reports."""
-        out: dict[str, Any] = {"method": self.method, "steps": self.steps, "best_step": self.best_step}
+        out: dict[str, Any] = {
+            "method": self.method,
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "selection": self.selection,
+        }
         if self.val_global is not None:
             out.update(val_macro_f1_global=self.val_global, val_macro_f1=self.val_best)
+        if self.gain_bound is not None:
+            out["gain_bound"] = self.gain_bound
         return out
 
 
 def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
+
+
+def local_steps(p: PersonalizeConfig, n_rows: int, batch_size: int) -> int:
+    """``p.steps``, capped at ``p.max_epochs`` passes over ``n_rows`` rows in batches of ``batch_size``.
+
+    20 steps of 16 rows are 6.4 passes over a 50-row newcomer: the cap keeps a few rows from
+    being memorized (3 epochs: 5 steps on 25 rows, 10 on 50, 19 on 100).
+    """
+    if p.max_epochs is None or n_rows <= 0:
+        return p.steps
+    return max(1, min(p.steps, math.ceil(p.max_epochs * n_rows / batch_size)))
+
+
+def bootstrap_macro_f1_gains(
+    y: np.ndarray, pred_old: np.ndarray, pred_new: np.ndarray, num_labels: int, resamples: int, seed: int
+) -> np.ndarray:
+    """Paired bootstrap of macro-F1(``pred_new``) - macro-F1(``pred_old``) over the rows.
+
+    Each resample draws ``len(y)`` rows with replacement, the same rows for both predictions
+    (paired), and scores both as :func:`lorafed.metrics.classification_scores` does: the mean F1
+    over the labels present in the resample's truth or predictions.
+
+    Args:
+        y: True label ids.
+        pred_old: The reference's predicted label ids (the global adapter's).
+        pred_new: The candidate's predicted label ids.
+        num_labels: Number of labels (ids are ``0..num_labels-1``).
+        resamples: Bootstrap resamples.
+        seed: Seeds the draws.
+
+    Returns:
+        One gain per resample.
+    """
+    y, a, b = (np.asarray(v, dtype=np.int64) for v in (y, pred_old, pred_new))
+    n = len(y)
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    # Row counts per resample: resample j's weight of row i (a multinomial draw), without a B x n x n array.
+    flat = (idx + np.arange(resamples)[:, None] * n).ravel()
+    w = np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+    eye = np.eye(num_labels)
+    truth = eye[y]
+
+    def macro(pred: np.ndarray) -> np.ndarray:
+        hit = eye[pred]
+        tp, pc, tc = w @ (truth * hit), w @ hit, w @ truth
+        present = (pc + tc) > 0
+        f1 = np.divide(2 * tp, pc + tc, out=np.zeros_like(tp), where=present)
+        return f1.sum(axis=1) / present.sum(axis=1)
+
+    return macro(b) - macro(a)
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """The adoption rule's verdict on a list of candidates (see :func:`choose_adapter`).
+
+    Attributes:
+        index: The adopted candidate (``None``: keep the global adapter).
+        scores: Each candidate's macro-F1 on the deciding rows.
+        global_score: The global adapter's macro-F1 on them.
+        bound: Lower confidence bound of the best-scoring candidate's gain (``None`` without the test).
+    """
+
+    index: int | None
+    scores: list[float]
+    global_score: float
+    bound: float | None
+
+
+def choose_adapter(
+    y: np.ndarray,
+    global_pred: np.ndarray,
+    candidates: list[np.ndarray],
+    num_labels: int,
+    p: PersonalizeConfig,
+    seed: int,
+) -> Adoption:
+    """Which candidate adapter, if any, a client adopts over the global one, from predictions on its own rows.
+
+    A candidate qualifies when its macro-F1 beats the global adapter's by at least
+    ``p.min_gain`` and, with ``p.confidence`` set, the lower ``1 - (1 - confidence) / m``
+    quantile of its paired-bootstrap gain (:func:`bootstrap_macro_f1_gains`, ``p.bootstrap``
+    resamples) is above 0, ``m`` being the number of candidates (Bonferroni: the best of ``m``
+    noisy checkpoints looks better than it is). The best-scoring qualifier is adopted (the
+    earliest on ties); none qualifying keeps the global adapter.
+
+    Args:
+        y: True label ids of the deciding rows.
+        global_pred: The global adapter's predictions on them.
+        candidates: Each candidate's predictions on them.
+        num_labels: Number of labels.
+        p: The settings (``min_gain``, ``confidence``, ``bootstrap``).
+        seed: Seeds the bootstrap.
+    """
+    from lorafed.metrics import classification_scores
+
+    names = tuple(str(i) for i in range(num_labels))
+    g = classification_scores(y, global_pred, names)[1]
+    scores = [classification_scores(y, c, names)[1] for c in candidates]
+    if not candidates:
+        return Adoption(None, scores, g, None)
+    level = None if p.confidence is None else (1 - p.confidence) / len(candidates)
+    bounds: list[float | None] = []
+    for c in candidates:
+        if level is None:
+            bounds.append(None)
+            continue
+        gains = bootstrap_macro_f1_gains(y, global_pred, c, num_labels, p.bootstrap, seed)
+        bounds.append(float(np.quantile(gains, level)))
+    top = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    ok = [i for i, s in enumerate(scores) if s >= g + p.min_gain and (bounds[i] is None or bounds[i] > 0)]
+    pick = max(ok, key=lambda i: (scores[i], -i)) if ok else None
+    return Adoption(pick, scores, g, bounds[top])
+
+
+class _Trainer:
+    """Runs the method's local steps from a given state on given rows (a fresh AdamW each call)."""
+
+    def __init__(self, site: Site, p: PersonalizeConfig, progress: bool) -> None:
+        cfg = site.config
+        self.site, self.p, self.progress = site, p, progress
+        self.tcfg = dataclasses.replace(
+            cfg.train,
+            learning_rate=p.learning_rate if p.learning_rate is not None else cfg.train.learning_rate,
+            warmup_ratio=0.0,
+            prox_mu=0.0,
+        )
+
+    def train(self, state: dict[str, torch.Tensor], positions: np.ndarray, steps: int, tag: int) -> dict[str, Any]:
+        from lorafed.client.train import train_local
+        from lorafed.seeds import client_seed
+        from lorafed.wire.adapter import get_adapter_state, set_adapter_state
+        from lorafed.wire.roles import trainable_roles
+
+        site, model = self.site, self.site.model.model
+        set_adapter_state(model, state)
+        with trainable_roles(model, METHOD_ROLES[self.p.method]):
+            train_local(
+                model,
+                site.rows,
+                positions,
+                dataclasses.replace(self.tcfg, max_steps=steps),
+                client_seed(site.config.seed, 100_000 + tag, f"{site.client_id}.personal"),
+                desc=f"personalize {site.client_id}",
+                progress=self.progress,
+            )
+        return _clone(get_adapter_state(model))
+
+    def predict(self, state: dict[str, torch.Tensor], positions: np.ndarray) -> np.ndarray:
+        from lorafed import metrics
+        from lorafed.wire.adapter import set_adapter_state
+
+        cfg = self.site.config
+        set_adapter_state(self.site.model.model, state)
+        logits = metrics.predict_logits(
+            self.site.model.model, self.site.rows, positions, cfg.train.eval_batch_size, cfg.train.autocast
+        )
+        return np.asarray(logits).argmax(axis=1)
 
 
 def personalize_report(
@@ -115,6 +293,15 @@ def personalize_report(
 ) -> Personalized:
     """Personalize ``global_state`` on ``site``'s rows (see the module docstring).
 
+    With validation rows, training runs in checkpoints of ``eval_every`` steps (early-stopped by
+    ``patience``) and :func:`choose_adapter` picks among them or keeps the global adapter. Without
+    validation rows (a newcomer with 25 rows keeps none back), ``cross_fit`` folds of the train
+    rows decide: each fold is predicted by an adapter tuned on the other folds, and the tuned
+    adapter (trained on every row) is adopted only if those out-of-fold predictions pass
+    :func:`choose_adapter` against the global adapter's; with ``cross_fit`` 0 or fewer than
+    2 rows a fold, the last checkpoint is kept unjudged (``cross_fit`` 0) or the global adapter
+    is kept (too few rows).
+
     Args:
         site: The client (its model, rows, split, config and id).
         global_state: The final global adapter (every tensor).
@@ -124,74 +311,123 @@ def personalize_report(
     Returns:
         The personalized adapter with its figures.
     """
-    from lorafed.client.train import train_local
-    from lorafed.metrics import evaluate
-    from lorafed.seeds import client_seed
-    from lorafed.wire.adapter import get_adapter_state, set_adapter_state
-    from lorafed.wire.roles import trainable_roles
-
     cfg = site.config
     p = pcfg if pcfg is not None else cfg.personalize
     split = site.split
     n_train = len(split.train)
     state = _clone(global_state)
     if p.method == "none" or n_train == 0:
-        return Personalized(state, p.method, 0, 0, None, None, n_train)
-    model = site.model.model
-    roles = METHOD_ROLES[p.method]
-    tcfg = dataclasses.replace(
-        cfg.train,
-        learning_rate=p.learning_rate if p.learning_rate is not None else cfg.train.learning_rate,
-        warmup_ratio=0.0,
-        prox_mu=0.0,
+        return Personalized(state, p.method, 0, 0, None, None, n_train, "none")
+    trainer = _Trainer(site, p, progress)
+    steps = local_steps(p, n_train, cfg.train.batch_size)
+    if len(split.val) > 0:
+        result = _by_validation(trainer, state, steps, n_train)
+    elif p.cross_fit > 0:
+        result = _by_cross_fit(trainer, state, steps, n_train)
+    else:
+        last = trainer.train(state, split.train, steps, 1)
+        result = Personalized(last, p.method, steps, steps, None, None, n_train, "last")
+    logger.info(
+        "%s: personalized (%s) in %d step(s), kept step %d (%s)%s",
+        site.client_id,
+        p.method,
+        result.steps,
+        result.best_step,
+        result.selection,
+        ""
+        if result.val_global is None
+        else f", macro-F1 {result.val_global:.4f} -> {result.val_best:.4f}"
+        + ("" if result.gain_bound is None else f", gain bound {result.gain_bound:+.4f}"),
     )
-    labels = site.identity.labels
-    has_val = len(split.val) > 0
+    return result
 
-    def score(s: dict[str, torch.Tensor]) -> float:
-        set_adapter_state(model, s)
-        return evaluate(model, site.rows, split.val, cfg.train.eval_batch_size, labels, cfg.train.autocast).macro_f1
 
-    val_global = score(state) if has_val else None
-    best, best_step, best_state = (val_global if val_global is not None else -math.inf), 0, state
-    done, since, checkpoint = 0, 0, 0
-    while done < p.steps:
-        chunk = min(p.eval_every, p.steps - done)
+def _by_validation(trainer: _Trainer, state: dict[str, torch.Tensor], steps: int, n_train: int) -> Personalized:
+    """Checkpoints every ``eval_every`` steps on the train rows, the adapter chosen on the validation rows."""
+    from lorafed.metrics import classification_scores
+
+    site, p = trainer.site, trainer.p
+    split = site.split
+    y = site.rows.labels[torch.as_tensor(split.val)].numpy()
+    num_labels = len(site.identity.labels)
+    names = tuple(site.identity.labels)
+    global_pred = trainer.predict(state, split.val)
+    best = classification_scores(y, global_pred, names)[1]
+    states, preds, at = [], [], []
+    done, since, checkpoint, current = 0, 0, 0, state
+    while done < steps:
+        chunk = min(p.eval_every, steps - done)
         checkpoint += 1
-        set_adapter_state(model, state)
-        with trainable_roles(model, roles):
-            train_local(
-                model,
-                site.rows,
-                split.train,
-                dataclasses.replace(tcfg, max_steps=chunk),
-                client_seed(cfg.seed, 100_000 + checkpoint, f"{site.client_id}.personal"),
-                desc=f"personalize {site.client_id}",
-                progress=progress,
-            )
-        state = _clone(get_adapter_state(model))
+        current = trainer.train(current, split.train, chunk, checkpoint)
         done += chunk
-        if not has_val:
-            best_state, best_step = state, done
-            continue
-        v = score(state)
-        # Leaving the global adapter takes a validation gain of min_gain (a client's few validation
-        # rows are noisy); after that, any better checkpoint replaces the kept one.
-        if v > best and (best_step > 0 or val_global is None or v >= val_global + p.min_gain):
-            best, best_step, best_state, since = v, done, state, 0
+        pred = trainer.predict(current, split.val)
+        states.append(current)
+        preds.append(pred)
+        at.append(done)
+        v = classification_scores(y, pred, names)[1]
+        if v > best:
+            best, since = v, 0
         else:
             since += 1
             if p.patience is not None and since >= p.patience:
                 break
-    logger.info(
-        "%s: personalized (%s) in %d step(s), kept step %d%s",
-        site.client_id,
-        p.method,
-        done,
-        best_step,
-        f", validation macro-F1 {val_global:.4f} -> {best:.4f}" if has_val else "",
+    verdict = choose_adapter(y, global_pred, preds, num_labels, p, _bootstrap_seed(site))
+    if verdict.index is None:
+        return Personalized(
+            state, p.method, done, 0, verdict.global_score, verdict.global_score, n_train, "validation", verdict.bound
+        )
+    i = verdict.index
+    return Personalized(
+        states[i], p.method, done, at[i], verdict.global_score, verdict.scores[i], n_train, "validation", verdict.bound
     )
-    return Personalized(best_state, p.method, done, best_step, val_global, best if has_val else None, n_train)
+
+
+def _by_cross_fit(trainer: _Trainer, state: dict[str, torch.Tensor], steps: int, n_train: int) -> Personalized:
+    """Out-of-fold predictions on the train rows decide between the global adapter and the tuned one."""
+    from lorafed.seeds import client_seed
+
+    site, p = trainer.site, trainer.p
+    train = np.asarray(site.split.train)
+    k = p.cross_fit
+    if n_train < 2 * k:
+        logger.info("%s: %d row(s), too few for %d folds: the global adapter is kept", site.client_id, n_train, k)
+        return Personalized(state, p.method, 0, 0, None, None, n_train, "cross_fit")
+    perm = np.random.default_rng(client_seed(site.config.seed, 0, f"{site.client_id}.cross-fit")).permutation(n_train)
+    folds = np.array_split(perm, k)
+    oof = np.empty(n_train, dtype=np.int64)
+    run = 0
+    for f, held in enumerate(folds):
+        fit = np.sort(train[np.setdiff1d(perm, held)])
+        s = local_steps(p, len(fit), site.config.train.batch_size)
+        tuned = trainer.train(state, fit, s, 1_000 + f)
+        run += s
+        oof[held] = trainer.predict(tuned, train[held])
+    y = site.rows.labels[torch.as_tensor(train)].numpy()
+    verdict = choose_adapter(
+        y, trainer.predict(state, train), [oof], len(site.identity.labels), p, _bootstrap_seed(site)
+    )
+    if verdict.index is None:
+        return Personalized(
+            state, p.method, run, 0, verdict.global_score, verdict.global_score, n_train, "cross_fit", verdict.bound
+        )
+    final = trainer.train(state, train, steps, 1)
+    return Personalized(
+        final,
+        p.method,
+        run + steps,
+        steps,
+        verdict.global_score,
+        verdict.scores[0],
+        n_train,
+        "cross_fit",
+        verdict.bound,
+    )
+
+
+def _bootstrap_seed(site: Site) -> int:
+    from lorafed.seeds import client_seed
+
+    return client_seed(site.config.seed, 0, f"{site.client_id}.bootstrap")
 
 
 def personalize(

@@ -19,7 +19,7 @@ from lorafed.client.personalize import personalize_report, sample_rows
 from lorafed.config import PersonalizeConfig, RunConfig
 from lorafed.data.tokens import Split
 from lorafed.engine.cohort import Cohort, evaluate_state, prepare_cohort
-from lorafed.engine.scenarios import COLD_START_SIZES, client_site, final_global
+from lorafed.engine.scenarios import COLD_START_SIZES, client_site, converged_global, final_global
 from lorafed.errors import ConfigError
 from lorafed.partition import Partition
 from lorafed.seeds import client_seed
@@ -74,6 +74,9 @@ def cold_start(
     local_steps: int | None = None,
     alone_steps: int | None = None,
     repeats: int = 1,
+    rounds: int | None = None,
+    patience: int | None = None,
+    variants: Mapping[str, PersonalizeConfig] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """A newcomer with few labelled rows: the federation's global adapter vs training alone.
@@ -83,9 +86,16 @@ def cold_start(
     (nested draws, ``repeats`` seeds) and three adapters are scored on its test rows:
 
     * ``global``: the final global adapter as is (needs no rows; the same for every k);
-    * ``global_tuned``: the global adapter after ``local_steps`` steps of fine-tuning (LoRA and head)
-      on the k rows (no validation rows: a newcomer with 25 rows keeps none back);
-    * ``alone``: the untrained (round-0) adapter trained ``alone_steps`` steps on the k rows.
+    * ``global_tuned``: the global adapter fine-tuned (LoRA and head) on the k rows by the
+      ``personalize`` recipe: at most ``local_steps`` steps and ``personalize.max_epochs`` passes
+      over the rows, adopted only if ``personalize.cross_fit`` folds of the rows say it beats
+      the global adapter (no validation rows: a newcomer with 25 rows keeps none back);
+    * ``alone``: the untrained (round-0) adapter trained ``alone_steps`` steps on the k rows;
+    * each of ``variants`` (other recipes from the global adapter, for diagnosis).
+
+    With ``patience`` set, the federation runs to convergence
+    (:func:`~lorafed.engine.scenarios.converged_global`: at most ``rounds`` rounds, early-stopped
+    on its pooled validation rows) and its best round's global adapter is the start.
 
     Args:
         config: The federation config.
@@ -97,11 +107,15 @@ def cold_start(
         alone_steps: Steps of training alone (default ``rounds x train.max_steps``, what a client
             of the federation trains over the run, or ``personalize.steps``).
         repeats: Draws of the k rows per size (scores are averaged).
+        rounds: Round cap of a converged federation (default ``federation.rounds``).
+        patience: Early stopping of the federation (``None``: ``federation.rounds`` rounds, the last kept).
+        variants: Name -> other fine-tuning recipes from the global adapter, scored beside it.
         progress: Show progress bars.
 
     Returns:
         ``{"holdout", "test_rows", "train_rows", "federation": {...}, "curve": [{"rows", "global",
-        "global_tuned", "alone"}...], "seconds"}`` (macro-F1 values).
+        "global_tuned", "adopted", "alone", "variants"}...], "seconds"}`` (macro-F1 values;
+        ``adopted``: the share of draws whose tuned adapter was kept over the global one).
     """
     from lorafed.engine.inprocess import simulate
 
@@ -109,8 +123,20 @@ def cold_start(
     out = Path(out_dir)
     full = prepare_cohort(config) if fed is None else fed
     others, k = federation_without(full, holdout)
-    summary = simulate(config, out / "federation", progress=progress, fed=others)
-    _, glob = final_global(full, out / "federation")
+    if patience is None:
+        summary = simulate(config, out / "federation", progress=progress, fed=others)
+        best_round, glob = final_global(full, out / "federation")
+        fed_info: dict[str, Any] = {"final": summary["final"], "best_round": best_round, "rounds_run": best_round}
+    else:
+        cap = config.federation.rounds if rounds is None else rounds
+        best_round, glob, run = converged_global(others, out / "federation", cap, patience)
+        fed_info = {
+            "final": {"macro_f1": run["macro_f1"], "accuracy": run["accuracy"]},
+            "best_round": best_round,
+            "rounds_run": run["rounds_run"],
+            "round_cap": cap,
+            "patience": patience,
+        }
     split = full.splits[k]
     test = split.test
     if len(test) == 0:
@@ -118,26 +144,37 @@ def cold_start(
     steps_fed = config.federation.rounds * (config.train.max_steps or config.personalize.steps)
     local_steps = config.personalize.steps if local_steps is None else local_steps
     alone_steps = steps_fed if alone_steps is None else alone_steps
-    tune = PersonalizeConfig("finetune", local_steps, config.personalize.learning_rate, local_steps, None)
-    alone = PersonalizeConfig("finetune", alone_steps, None, alone_steps, None)
+    tune = dataclasses.replace(
+        config.personalize, method="finetune", steps=local_steps, eval_every=local_steps, patience=None
+    )
+    # Training alone runs its steps unjudged: there is no global adapter to fall back to.
+    alone = PersonalizeConfig("finetune", alone_steps, None, alone_steps, None, max_epochs=None, cross_fit=0)
+    recipes = dict(variants or {})
     g_score = evaluate_state(full, glob, test).macro_f1
     curve = []
     for n in sizes:
         n_eff = min(int(n), len(split.train))
-        tuned_scores, alone_scores = [], []
+        tuned_scores, alone_scores, adopted = [], [], []
+        variant_scores: dict[str, list[float]] = {name: [] for name in recipes}
         for rep in range(repeats):
             rows = sample_rows(split.train, n_eff, client_seed(config.seed, rep, f"cold-start.{holdout}"))
             site = client_site(full, k, Split(rows, np.empty(0, np.int64), test))
-            tuned = personalize_report(site, glob, tune, progress=progress).tensors
-            tuned_scores.append(evaluate_state(full, tuned, test).macro_f1)
+            tuned = personalize_report(site, glob, tune, progress=progress)
+            tuned_scores.append(evaluate_state(full, tuned.tensors, test).macro_f1)
+            adopted.append(tuned.best_step > 0)
             scratch = personalize_report(site, full.initial_state, alone, progress=progress).tensors
             alone_scores.append(evaluate_state(full, scratch, test).macro_f1)
+            for name, recipe in recipes.items():
+                v = personalize_report(site, glob, recipe, progress=progress).tensors
+                variant_scores[name].append(evaluate_state(full, v, test).macro_f1)
         point = {
             "rows": int(n),
             "rows_used": n_eff,
             "global": g_score,
             "global_tuned": float(np.mean(tuned_scores)),
+            "adopted": float(np.mean(adopted)),
             "alone": float(np.mean(alone_scores)),
+            "variants": {name: float(np.mean(v)) for name, v in variant_scores.items()},
         }
         curve.append(point)
         logger.info(
@@ -154,9 +191,10 @@ def cold_start(
         "test_rows": len(test),
         "train_rows": len(split.train),
         "local_steps": local_steps,
+        "recipe": {"max_epochs": tune.max_epochs, "cross_fit": tune.cross_fit, "confidence": tune.confidence},
         "alone_steps": alone_steps,
         "repeats": repeats,
-        "federation": {"clients": list(others.partition.client_ids), "final": summary["final"]},
+        "federation": {"clients": list(others.partition.client_ids), **fed_info},
         "curve": curve,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -172,7 +210,7 @@ def plot_cold_start(result: Mapping[str, Any], path: str | Path, title: str | No
     xs = [c["rows"] for c in result["curve"]]
     for key, label, style in (
         ("global", "global adapter", "--"),
-        ("global_tuned", f"global + {result['local_steps']} local steps", "-o"),
+        ("global_tuned", f"global + up to {result['local_steps']} local steps (guarded)", "-o"),
         ("alone", f"alone ({result['alone_steps']} steps from untrained)", "-s"),
     ):
         ax.plot(xs, [c[key] for c in result["curve"]], style, label=label)

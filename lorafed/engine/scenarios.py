@@ -63,19 +63,41 @@ def client_site(fed: Cohort, k: int, split: Split | None = None) -> FedSite:
     return FedSite(cid, fed.config, fed.client, fed.rows, fed.splits[k] if split is None else split, fed.identity)
 
 
-def final_global(fed: Cohort, run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """The last recorded round of ``run_dir`` and its global adapter (fp32), checked to fit ``fed``.
+def final_global(fed: Cohort, run_dir: str | Path, round_: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+    """The last recorded round of ``run_dir`` (or ``round_``) and its global adapter (fp32), checked to fit ``fed``.
 
     Raises:
         RecordError: No ``metrics.jsonl`` in the folder (see :func:`~lorafed.engine.record.read_metrics`).
         PayloadValidationError: The adapter was made for another base, LoRA config or labels.
     """
-    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
-    r = int(rows[-1]["round"])
+    if round_ is None:
+        rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+        r = int(rows[-1]["round"])
+    else:
+        r = int(round_)
     path = RunRecord(run_dir).global_path(r)
     payload = load_payload(path)
     validate_update(payload, fed.spec(None), str(path))
     return r, {k: v.to(torch.float32) for k, v in payload.decoded().items()}
+
+
+def converged_global(
+    fed: Cohort, run_dir: str | Path, rounds: int, patience: int | None
+) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """Run ``fed``'s federation to convergence and return its best round's global adapter.
+
+    The convergence protocol of :func:`~lorafed.engine.compare.run_federated`: at most ``rounds``
+    rounds, stopped after ``patience`` rounds without a better macro-F1 on the pooled validation
+    rows; the global adapter of the best-validation round is the one released.
+
+    Returns:
+        The best round, its global adapter (fp32) and ``run_federated``'s record of the run.
+    """
+    from lorafed.engine.compare import run_federated, val_positions
+
+    res = run_federated(fed, fed.config, Path(run_dir), val_positions(fed), rounds, patience)
+    r, state = final_global(fed, run_dir, res["best_round"])
+    return r, state, res
 
 
 def personalize_all(
@@ -84,6 +106,7 @@ def personalize_all(
     fed: Cohort | None = None,
     pcfg: PersonalizeConfig | None = None,
     progress: bool = False,
+    round_: int | None = None,
 ) -> dict[str, Personalized]:
     """Personalize ``run_dir``'s final global adapter for every client into ``personalized/<client>.safetensors``.
 
@@ -94,13 +117,15 @@ def personalize_all(
         pcfg: Personalization settings (default ``config.personalize``; method ``none`` writes
             the global adapter under each client's name).
         progress: Show progress bars.
+        round_: The round whose global adapter is personalized (default: the last recorded one;
+            an early-stopped run releases its best-validation round).
 
     Returns:
         Client id -> its personalized adapter and figures.
     """
     fed = prepare_cohort(config) if fed is None else fed
     p = pcfg if pcfg is not None else config.personalize
-    r, state = final_global(fed, run_dir)
+    r, state = final_global(fed, run_dir, round_)
     out = Path(run_dir) / "personalized"
     results: dict[str, Personalized] = {}
     for k, cid in enumerate(fed.partition.client_ids):
