@@ -118,9 +118,10 @@ class LoraSettings:
         layers: Transformer layer indices that get LoRA (peft's ``layers_to_transform``);
             ``null`` for all. With only the top layers adapted, backward stops at the lowest
             adapted layer (nothing below needs a gradient), which saves backward compute.
-        client_ranks: ``simulate`` only: client id -> its own LoRA rank, e.g. ``{Tops: 4,
-            Jackets: 16}`` (the others use ``r``, which is the global adapter's rank); needs
-            ``federation.hetero_ranks``. A cross-silo client sets its own ``r`` instead.
+        client_ranks: Clients of the config's partition (``simulate``, Flower nodes, file-drop
+            pollers): client id -> its own LoRA rank, e.g. ``{Tops: 4, Jackets: 16}`` (the others
+            use ``r``, which is the global adapter's rank); needs ``federation.hetero_ranks``. A
+            cross-silo client on its own file sets its own ``r`` instead.
     """
 
     r: int = 8

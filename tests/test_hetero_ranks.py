@@ -270,3 +270,53 @@ def test_cross_silo_clients_of_other_ranks(tiny_config, tmp_path: Path) -> None:
     )
     with pytest.raises(PayloadError, match=r"does not fit this client's config: .*lora config r"):
         plain.check_global(glob, str(g1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_mixed_ranks_over_flower_match_the_simulation_and_numpy(
+    tiny_config, synthetic_csv, tiny_model_dir, tmp_path: Path
+) -> None:
+    """Ranks 2, 4 (the global's) and 8 over a Flower deployment (3 SuperNodes on 127.0.0.1, warm executors).
+
+    Each node is client k of the partition and trains at its ``model.lora.client_ranks`` rank, as the
+    simulator's client k does; the globals equal the simulator's, and numpy's weighted mean of the
+    received updates' ``(alpha_i / r_i) B_i A_i`` cut back to rank 4 by SVD.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tiny_overrides
+
+    pytest.importorskip("flwr")
+    over = [
+        *tiny_overrides(synthetic_csv, tiny_model_dir),
+        "partition.num_clients=3",
+        "federation.rounds=2",
+        "federation.min_clients=3",
+        "train.max_steps=3",
+        "federation.hetero_ranks=true",
+        "model.lora.client_ranks={client0: 2, client2: 8}",
+    ]
+    out = tmp_path / "flower"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "lorafed", "flower", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--nodes", "3", "--out", str(out), "--timeout", "150", "federation.client_timeout_s=60",
+           "--isolation", "process", "--insecure", *over]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [len(r["clients"]) for r in rows] == [0, 3, 3] and not any(r["rejected"] for r in rows)
+    ranks = {p.stem: load_payload(p).meta.lora["r"] for p in (out / "rounds" / "r2").glob("*.safetensors")}
+    assert ranks == {"client0": 2, "client1": 4, "client2": 8}
+    for r in (1, 2):
+        _oracle_round(out, r, 4, 8.0)
+    sim = tmp_path / "sim"
+    simulate(tiny_config(*over), sim, progress=False)
+    for r in (1, 2):
+        a = load_payload(out / "rounds" / f"global_r{r}.safetensors")
+        b = load_payload(sim / "rounds" / f"global_r{r}.safetensors")
+        assert a.meta.lora["r"] == b.meta.lora["r"] == 4 and a.tensors.keys() == b.tensors.keys()
+        for k in a.tensors:
+            torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=0, atol=1e-6)

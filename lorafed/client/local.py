@@ -101,14 +101,25 @@ class LocalClient:
         )
         keep = np.sort(np.concatenate([split.train, split.val]))
         local = Split(np.searchsorted(keep, split.train), np.searchsorted(keep, split.val), np.empty(0, np.int64))
-        return cls._build(config, client_id or cid, data.subset(keep), local, data.label_names)
+        return cls._build(config, client_id or cid, data.subset(keep), local, data.label_names, own_rank(config, cid))
 
     @classmethod
-    def _build(cls, config: RunConfig, client_id: str, data: Any, split: Split, labels: tuple[str, ...]) -> LocalClient:
+    def _build(
+        cls,
+        config: RunConfig,
+        client_id: str,
+        data: Any,
+        split: Split,
+        labels: tuple[str, ...],
+        rank: int | None = None,
+    ) -> LocalClient:
+        """The client, its model with LoRA rank ``rank`` (default ``model.lora.r``; see :func:`own_rank`)."""
         set_threads(config.train.num_threads)
-        model = load_client_model(config.model, labels, config.seed)
+        lora = dataclasses.replace(config.model.lora, r=rank or config.model.lora.r)
+        own = dataclasses.replace(config, model=dataclasses.replace(config.model, lora=lora))
+        model = load_client_model(own.model, labels, config.seed)
         rows = TokenizedRows(data, model.tokenizer, config.data.max_length, config.data.pair_mode)
-        identity = identity_of(model, config, tuple(labels))
+        identity = identity_of(model, own, tuple(labels))
         signing = signing_from_config(config.federation.signing, client_id)
         return cls(client_id, config, model, rows, split, identity, get_adapter_state(model.model), signing)
 
@@ -180,6 +191,20 @@ class LocalClient:
             progress,
             validate=True,
         )
+
+
+def own_rank(config: RunConfig, client_id: str) -> int:
+    """The LoRA rank partition client ``client_id`` trains at: its ``model.lora.client_ranks`` entry
+    in a ``federation.hetero_ranks`` federation, else ``model.lora.r``.
+
+    The in-process engine's client of that id trains at the same rank
+    (:meth:`lorafed.engine.cohort.Cohort.client_identity`), so a Flower node or a file-drop poller
+    of the partition sends what the simulator's client sends.
+    """
+    lora = config.model.lora
+    if not config.federation.hetero_ranks:
+        return lora.r
+    return (lora.client_ranks or {}).get(client_id, lora.r)
 
 
 def write_client_files(config: RunConfig, out_dir: str | Path) -> dict[str, Path]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lorafed.client.local import own_rank
 from lorafed.client.round import ClientUpdate, client_step, identity_of, set_threads
 from lorafed.client.train import TrainResult
 from lorafed.config import RunConfig
@@ -98,8 +99,8 @@ class Cohort:
         """The identity in ``client_id``'s headers: the federation's, with its own LoRA rank
         (``model.lora.client_ranks``) in a ``federation.hetero_ranks`` federation."""
         lora = self.config.model.lora
-        r = (lora.client_ranks or {}).get(client_id, lora.r)
-        if not self.config.federation.hetero_ranks or r == lora.r:
+        r = own_rank(self.config, client_id)  # what a Flower node or a poller of this client trains at
+        if r == lora.r:
             return self.identity
         return dataclasses.replace(self.identity, lora=lora_config_dict(dataclasses.replace(lora, r=r)))
 
