@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from lorafed.autocast import AutocastMode
+from lorafed.client.label_skew import LabelSkew
 from lorafed.client.personalize import PersonalizeMethod
 from lorafed.errors import ConfigError
 from lorafed.model.int8 import Int8Backend, Precision
@@ -167,7 +168,7 @@ class RecordDPConfig:
     ``round x steps per round`` steps (as if the client took part in every round so far).
     The other ``train`` settings apply (``optimizer``, warm-up, FedProx; ``max_grad_norm`` clips
     the noisy gradient), except three that are refused with it: ``length_bucketing``,
-    ``class_weighting: balanced`` and ``gradient_checkpointing``.
+    ``class_weighting: balanced``, ``label_skew`` other than ``none`` and ``gradient_checkpointing``.
 
     Attributes:
         enabled: Train every client with DP-SGD.
@@ -214,7 +215,14 @@ class TrainConfig:
             :mod:`lorafed.threads`).
         class_weighting: ``none``, or ``balanced``: each client weights its loss by
             n / (k * n_c) from its own training labels (for imbalanced labels; no label counts
-            leave the client).
+            leave the client). Refused under ``record_dp``: use ``class_weights``.
+        class_weights: Fixed per-label weights, label name -> weight (> 0; labels not named
+            weigh 1), e.g. ``{"0": 2.8, "1": 0.6}``; ``null``: none. Being public constants (from
+            a published prior or a decision, not from the clients' rows) they cost no privacy,
+            so they work under ``record_dp`` too, where each row's *clipped* gradient is scaled
+            by w_y / max(w) (weights in the loss would be undone by the clipping; see
+            :mod:`lorafed.client.dp`). Without DP they weight the loss as ``balanced`` does.
+            Not with ``class_weighting: balanced``.
         prox_mu: FedProx proximal weight: adds mu/2 * ||w - w_global||^2 over the trainable
             tensors to the loss (0 disables it; Li et al. 2020 use 0.001-1).
         gradient_checkpointing: Keep only each layer's input during the forward and recompute
@@ -244,6 +252,15 @@ class TrainConfig:
             row, so this cuts the pad tokens run through the backbone: on the clothing reviews
             the mean padded width of a batch of 16 drops from 127 to about 85 tokens. Refused
             under ``record_dp`` (its Poisson sampling draws each step's rows independently).
+        label_skew: A head fix for label skew in the client's loss (:mod:`lorafed.client.label_skew`;
+            prediction is unchanged): ``none``; ``fedrs`` (restricted softmax: the logits of labels
+            absent from the client's training rows are scaled by ``fedrs_alpha``); ``fedlc``
+            (logit calibration: logit_y - ``fedlc_tau`` * n_y^(-1/4) from the client's own label
+            counts, absent labels leave its softmax). Refused under ``record_dp`` (the counts
+            depend on every row). Measured on the label-disjoint intents in
+            ``results/quality_c_ablation.md``.
+        fedrs_alpha: FedRS's scale of absent labels' logits, in [0, 1] (1: no effect).
+        fedlc_tau: FedLC's calibration strength, >= 0 (0: no effect on present labels).
     """
 
     batch_size: int = 16
@@ -256,6 +273,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     num_threads: int = 0
     class_weighting: Literal["none", "balanced"] = "none"
+    class_weights: dict[str, float] | None = None
     prox_mu: float = 0.0
     gradient_checkpointing: bool = False
     autocast: AutocastMode = "auto"
@@ -264,6 +282,9 @@ class TrainConfig:
     momentum: float = 0.9
     backbone_dropout: bool = False
     length_bucketing: bool = False
+    label_skew: LabelSkew = "none"
+    fedrs_alpha: float = 0.5
+    fedlc_tau: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -320,7 +341,9 @@ class FederationConfig:
         aggregation: Which tensors are trained, sent and averaged each round: ``fedavg`` (all;
             A and B averaged separately, so the result is not the mean of the B_i A_i),
             ``ffa`` (FFA-LoRA: A frozen at the shared seeded init, B and head trained and sent;
-            exact), ``rolora`` (RoLoRA: odd rounds B and head, even rounds A and head; exact).
+            exact), ``rolora`` (RoLoRA: odd rounds B and head, even rounds A and head; exact),
+            ``head`` (only the classifier head; LoRA stays at its init: a linear probe with the
+            fewest coordinates, for record-level DP).
         weighting: ``samples`` weights client i by n_i / n; ``uniform`` by 1 / K.
         max_test_rows: Evaluate the global model on at most this many test rows (seeded sample).
         max_num_examples: An update claiming more training examples than this is refused.
@@ -927,7 +950,22 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(t.eval_batch_size >= 1, f"train.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
     need(t.num_threads >= 0, f"train.num_threads: must be >= 0, got {t.num_threads}")
     need(t.prox_mu >= 0, f"train.prox_mu: must be >= 0, got {t.prox_mu}")
+    weights = t.class_weights or {}
+    need(
+        all(w > 0 for w in weights.values()),
+        f"train.class_weights: every weight must be > 0, got {_short(weights)}",
+    )
+    need(
+        not weights or t.class_weighting == "none",
+        "train.class_weights: give either class_weights or class_weighting=balanced, not both",
+    )
+    need(
+        d.labels is None or set(weights) <= set(d.labels),
+        f"train.class_weights: labels {sorted(set(weights) - set(d.labels or ()))} are not in data.labels",
+    )
     need(0 <= t.momentum < 1, f"train.momentum: must be in [0, 1), got {t.momentum}")
+    need(0 <= t.fedrs_alpha <= 1, f"train.fedrs_alpha: must be in [0, 1], got {t.fedrs_alpha}")
+    need(t.fedlc_tau >= 0, f"train.fedlc_tau: must be >= 0, got {t.fedlc_tau}")
     need(f.rounds >= 0, f"federation.rounds: must be >= 0, got {f.rounds}")
     need(0 < f.fraction <= 1, f"federation.fraction: must be in (0, 1], got {f.fraction}")
     need(f.min_clients >= 1, f"federation.min_clients: must be >= 1, got {f.min_clients}")
@@ -1005,7 +1043,13 @@ def _check_ranges(c: RunConfig) -> list[str]:
             t.class_weighting == "none",
             "train.class_weighting: must be none with train.record_dp.enabled (balanced weights depend on every "
             f"row's label, so one row would change every other row's gradient), got {t.class_weighting}; set "
-            "train.class_weighting=none",
+            "train.class_weighting=none (fixed public train.class_weights are allowed)",
+        )
+        need(
+            t.label_skew == "none",
+            "train.label_skew: must be none with train.record_dp.enabled (the client's label counts depend on "
+            "every row's label, so one row would change every other row's loss and the counts would escape "
+            f"DP-SGD's per-row bound), got {t.label_skew}; set train.label_skew=none",
         )
         need(
             not t.gradient_checkpointing,

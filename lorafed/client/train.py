@@ -12,7 +12,9 @@ Two options change what a client step computes and how fast (``results/quality_f
 ``backbone_dropout: false`` switches off the frozen network's own dropout during training (on
 intents, IID 5 clients x 10 steps x 6 rounds, macro-F1 0.670 -> 0.792), and
 ``length_bucketing`` batches rows of similar length so fewer pad tokens run through the
-backbone. ``optimizer: sgd`` replaces AdamW by SGD with momentum.
+backbone. ``optimizer: sgd`` replaces AdamW by SGD with momentum. ``label_skew`` (``fedrs`` or
+``fedlc``, :mod:`lorafed.client.label_skew`) adjusts the logits the loss sees from the client's
+own label counts, so each engine's clients get it; prediction is unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +30,10 @@ import numpy as np
 import torch
 
 from lorafed.autocast import autocast_context
+from lorafed.client.label_skew import LogitAdjustment, label_skew_adjustment
 from lorafed.config import TrainConfig
 from lorafed.data.tokens import TokenizedRows
+from lorafed.errors import ConfigError
 from lorafed.model.backbone import enable_gradient_checkpointing
 from lorafed.progress import progress_bar
 
@@ -80,9 +84,57 @@ def balanced_class_weights(labels: torch.Tensor, model: Any) -> torch.Tensor:
     return weights
 
 
-def client_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy in fp32; with class weights, sum_i w_yi * ce_i / sum_i w_yi."""
-    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=class_weights)
+def fixed_class_weights(weights: Mapping[str, float], model: Any) -> torch.Tensor:
+    """``train.class_weights`` (label name -> weight) as a vector over the model's label ids.
+
+    Labels not named weigh 1.
+
+    Raises:
+        ConfigError: A name that is not one of the model's labels.
+    """
+    label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
+    unknown = sorted(set(weights) - set(label2id))
+    if unknown:
+        raise ConfigError(
+            [f"train.class_weights: {unknown} are not labels of this model; labels: {sorted(label2id)}"], "train"
+        )
+    vec = torch.ones(int(model.config.num_labels))
+    for name, w in weights.items():
+        vec[label2id[name]] = float(w)
+    return vec
+
+
+def loss_class_weights(cfg: TrainConfig, labels: torch.Tensor, model: Any) -> torch.Tensor | None:
+    """The loss's class weights: ``balanced`` from the client's ``labels``, the fixed ``class_weights``, or none."""
+    if cfg.class_weighting == "balanced":
+        return balanced_class_weights(labels, model)
+    if cfg.class_weights:
+        return fixed_class_weights(cfg.class_weights, model)
+    return None
+
+
+def client_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    adjustment: LogitAdjustment | None = None,
+) -> torch.Tensor:
+    """Cross-entropy in fp32; with class weights, sum_i w_yi * ce_i / sum_i w_yi.
+
+    Args:
+        logits: The model's logits, ``[batch, num_labels]``.
+        labels: The batch's labels.
+        class_weights: Per-label loss weights (``train.class_weighting``), or ``None``.
+        adjustment: The label-skew fix (``train.label_skew``): the cross-entropy is taken on
+            ``adjustment.apply(logits)`` instead of the logits.
+    """
+    logits = logits.float() if adjustment is None else adjustment.apply(logits)
+    return torch.nn.functional.cross_entropy(logits, labels, weight=class_weights)
+
+
+def client_adjustment(labels: torch.Tensor, model: Any, cfg: TrainConfig) -> LogitAdjustment | None:
+    """The ``train.label_skew`` fix from the labels of all of a client's training rows (``None``: off)."""
+    return label_skew_adjustment(cfg.label_skew, labels, int(model.config.num_labels), cfg.fedrs_alpha, cfg.fedlc_tau)
 
 
 def autocast(model: Any, mode: str) -> torch.autocast:
@@ -184,11 +236,9 @@ def train_local(
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    class_weights = (
-        balanced_class_weights(rows.labels[torch.as_tensor(positions)], model)
-        if cfg.class_weighting == "balanced"
-        else None
-    )
+    client_labels = rows.labels[torch.as_tensor(positions)]
+    class_weights = loss_class_weights(cfg, client_labels, model)
+    adjustment = client_adjustment(client_labels, model, cfg)
     anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
     opt = make_optimizer(params, cfg)
     total = planned_steps(len(positions), cfg)
@@ -208,7 +258,7 @@ def train_local(
                 labels = batch.pop("labels")
                 with autocast(model, cfg.autocast):
                     logits = model(**batch).logits
-                task_loss = client_loss(logits, labels, class_weights)
+                task_loss = client_loss(logits, labels, class_weights, adjustment)
                 loss = task_loss + proximal_term(params, anchors, cfg.prox_mu) if anchors else task_loss
                 loss.backward()
                 if cfg.max_grad_norm is not None:
