@@ -18,11 +18,15 @@ intents Dirichlet 0.1, (c) intents label-disjoint by category, (d) an IID split 
 many clients, (e) clothing ``Rating`` (5 classes) by department.
 
 ``--full`` (< 2 h on 2 idle cores with every seed): clothing at max_length 64 with 500 test rows,
-round cap 10; intents with 800 test rows, round cap 20 (Dirichlet) and 16 (label-disjoint);
-patience 3; on (a) and (b) the baselines, fedavg and fedadam (FFA, RoLoRA and FedProx are
-ablations, ``--methods``); (c) and (e) run the baselines, fedavg and the best other method of
-(b) and (a); (d) centralized and fedavg. Seed 0 of every setting runs first; seeds 1 and 2 of
-the baselines, fedavg and the best other method follow while the time budget (6,600 s) lasts.
+round cap 10; intents with 800 test rows, round cap 20 (Dirichlet and label-disjoint); patience 3;
+on (b) and (c) centralized tries lr 1e-2 and 2e-3 and keeps the better on validation (a client's
+lr can be too large for the pooled model's 200-step checkpoints); on (a) and (b) the baselines,
+fedavg and fedadam (FFA, RoLoRA and FedProx are ablations, ``--methods``); (c) and (e) run the
+baselines, fedavg and the best other method of (b) and (a); (d) centralized and fedavg. Seed 0
+of every setting runs first; seeds 1 and 2 of the baselines, fedavg and the best other method
+follow while the time budget (6,600 s) lasts. The second centralized lr (about 2.5 min each on
+(b) and (c)) and (c)'s cap of 20 (about 1 min) add about 6 min a seed, which the budget absorbs
+by skipping the last seeds' runs first.
 
 Writes results/quality.json (with ``targets``), results/quality.md and results/quality_<setting>.png.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -84,18 +89,37 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
 }
 BASELINES = ("centralized", "local-only")
+#: (b)'s recipe: client lr 1e-2 and server momentum 0.5 (FedAvgM), no label-skew head fix.
+_FEDAVGM = [
+    "train.learning_rate=1e-2",
+    "federation.server_optimizer=fedavgm",
+    "federation.server_lr=1.0",
+    "federation.server_beta1=0.5",
+    "train.label_skew=none",
+]
 #: Federated methods: config overrides on top of the setting's. A new winner is one more line.
 FEDERATED: dict[str, list[str]] = {
     "fedavg": [],
     "ffa": ["federation.aggregation=ffa"],
     "rolora": ["federation.aggregation=rolora"],
-    "fedadam": ["federation.server_optimizer=fedadam"],
+    # Its own server step size and momentum (the library's defaults): inheriting (b)'s FedAvgM
+    # server_lr 1.0 moved every coordinate by about 1.0 * 0.5 / 0.1 = 5 in round 1 (validation loss
+    # 14.8, macro-F1 0.009); with these 0.078 after round 1 (loss 3.27).
+    "fedadam": ["federation.server_optimizer=fedadam", "federation.server_lr=1e-2", "federation.server_beta1=0.9"],
     "fedprox": ["train.prox_mu=0.01"],
+    # Setting (c)'s ablation (results/quality_c_ablation.md). Absolute overrides, so they mean the
+    # same whatever the setting's config says: the old (c) recipe, (b)'s recipe, and (b)'s recipe
+    # with a label-skew head fix in the client's loss.
+    "fedavg-lr2e-3": ["train.learning_rate=2e-3", "federation.server_optimizer=none", "train.label_skew=none"],
+    "fedavgm": _FEDAVGM,
+    "fedavgm-fedrs": [*_FEDAVGM, "train.label_skew=fedrs"],
+    "fedavgm-fedlc": [*_FEDAVGM, "train.label_skew=fedlc"],
 }
 ALL_METHODS = [*BASELINES, *FEDERATED]
 _CLOTHING = ["data.max_length=64", "federation.max_test_rows=500"]
 _INTENTS = ["federation.max_test_rows=800"]
 _SAME_DATA = ["centralized", "local-only", "fedavg"]
+_CENTRAL_LRS = (1e-2, 2e-3)
 #: Per profile: seeds of the multi-seed methods (the baselines, fedavg and the best other federated
 #: method; every other method runs seed 0 only), rows of a client's own validation slice, the
 #: time budget, and per setting the overrides, round cap, patience, and optionally the methods and
@@ -111,8 +135,24 @@ PROFILES: dict[str, dict[str, Any]] = {
             # server-optimizer alternative that runs here, the winner on validation joins (c) and (e).
             "a": {"overrides": _CLOTHING, "rounds": 10, "patience": 3, "methods": [*BASELINES, "fedavg", "fedadam"]},
             # Intents under label skew climb for ~20 rounds (a cap of 8 stopped FedAvgM at 0.86, still rising).
-            "b": {"overrides": _INTENTS, "rounds": 20, "patience": 3, "methods": [*BASELINES, "fedavg", "fedadam"]},
-            "c": {"overrides": _INTENTS, "rounds": 16, "patience": 3, "methods": _SAME_DATA, "winner_from": "b"},
+            # Centralized tries lr 1e-2 (the config's) and 2e-3 and keeps the better on validation: at
+            # 1e-2 the pooled model diverged after 200 steps (0.966, 0.799, 0.003; no NaN, loss rising).
+            "b": {
+                "overrides": _INTENTS,
+                "rounds": 20,
+                "patience": 3,
+                "methods": [*BASELINES, "fedavg", "fedadam"],
+                "central_lrs": _CENTRAL_LRS,
+            },
+            # (c) FedAvgM lr 1e-2 peaked at round 16 (results/quality_c_ablation.md): cap 20 = 16 + patience 3 + 1.
+            "c": {
+                "overrides": _INTENTS,
+                "rounds": 20,
+                "patience": 3,
+                "methods": _SAME_DATA,
+                "winner_from": "b",
+                "central_lrs": _CENTRAL_LRS,
+            },
             "d": {"overrides": _CLOTHING, "rounds": 10, "patience": 3},
             "e": {
                 "overrides": _CLOTHING,
@@ -174,6 +214,7 @@ class Plan:
         seeds: Seeds of the multi-seed methods.
         methods: The methods to run.
         winner_from: An earlier setting whose best other federated method joins ``methods``.
+        central_lrs: Learning rates centralized tries, keeping the best on validation (empty: the config's).
     """
 
     key: str
@@ -184,18 +225,41 @@ class Plan:
     seeds: int
     methods: list[str]
     winner_from: str | None = None
+    central_lrs: tuple[float, ...] = ()
 
     def load(self, seed: int, extra: Sequence[str] = ()) -> RunConfig:
         """The setting's config for ``seed`` with ``extra`` overrides (a method's)."""
         return load_config(self.config, [*self.overrides, f"seed={seed}", *extra])
 
 
-def run_centralized(fed: Cohort, val: np.ndarray, rounds: int, patience: int | None) -> dict[str, Any]:
-    """All clients' training rows pooled, ``max_steps`` steps per checkpoint, early-stopped on ``val``."""
+def run_centralized(
+    fed: Cohort, val: np.ndarray, rounds: int, patience: int | None, lrs: Sequence[float] = ()
+) -> dict[str, Any]:
+    """All clients' training rows pooled, ``max_steps`` steps per checkpoint, early-stopped on ``val``.
+
+    With ``lrs``, one run per learning rate; the run with the best validation macro-F1 (at its
+    best checkpoint; the first on ties) is reported, every candidate under ``lr_search``. A
+    checkpoint is clients x ``max_steps`` steps with a fresh optimizer, so a client learning
+    rate can be too large for the pooled model (on (b), lr 1e-2 scored 0.966 after one
+    checkpoint and then diverged); choosing it on validation is what the federation's tuning got.
+    """
     t0 = time.perf_counter()
     pooled = np.sort(np.concatenate([s.train for s in fed.splits]))
     steps = len(fed.partition.client_ids) * (fed.config.train.max_steps or 1)
-    res = train_alone(fed, pooled, "centralized", val, rounds=rounds, patience=patience, steps=steps)
+    tried = {}
+    for lr in lrs or [fed.config.train.learning_rate]:
+        cfg = dataclasses.replace(fed.config, train=dataclasses.replace(fed.config.train, learning_rate=lr))
+        tried[lr] = train_alone(
+            dataclasses.replace(fed, config=cfg),
+            pooled,
+            "centralized",
+            val,
+            rounds=rounds,
+            patience=patience,
+            steps=steps,
+        )
+    lr = max(tried, key=lambda k: tried[k]["val_macro_f1"])
+    res = tried[lr]
     curve = [
         {"round": c["checkpoint"], "val_macro_f1": c["val_macro_f1"], "macro_f1": c["macro_f1"], "bytes_up_cum": 0}
         for c in res["curve"]
@@ -207,8 +271,24 @@ def run_centralized(fed: Cohort, val: np.ndarray, rounds: int, patience: int | N
         "rounds_run": res["checkpoints_run"],
         "final_macro_f1": curve[-1]["macro_f1"],
         "curve": curve,
+        "learning_rate": lr,
         "seconds": time.perf_counter() - t0,
-    }
+    } | (
+        {
+            "lr_search": [
+                {
+                    "learning_rate": k,
+                    "val_macro_f1": r["val_macro_f1"],
+                    "macro_f1": r["macro_f1"],
+                    "best_round": r["best_checkpoint"],
+                    "rounds_run": r["checkpoints_run"],
+                }
+                for k, r in tried.items()
+            ]
+        }
+        if len(tried) > 1
+        else {}
+    )
 
 
 def run_local(fed: Cohort, rounds: int, patience: int | None, own_val_rows: int) -> dict[str, Any]:
@@ -315,7 +395,7 @@ def run_seed(
                 setting["skipped"].append(f"{plan.key}/seed{seed}/{m}")
                 continue
             if m == "centralized":
-                res[m] = run_centralized(fed, val, plan.rounds, plan.patience)
+                res[m] = run_centralized(fed, val, plan.rounds, plan.patience, plan.central_lrs)
             elif m == "local-only":
                 res[m] = run_local(fed, plan.rounds, plan.patience, own_val_rows)
             else:
@@ -447,7 +527,7 @@ def colours() -> dict[str, Any]:
     """One colour per method, the same in every panel and every setting."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10"]
+    cmap = matplotlib.colormaps["tab20" if len(ALL_METHODS) > 10 else "tab10"]
     return {m: cmap(i) for i, m in enumerate(ALL_METHODS)}
 
 
@@ -510,7 +590,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Quality benchmark: convergence (scripts/bench_quality.py)",
         "",
-        f"Profile **{report['profile']}**. Reproduce: `{report['command']}`",
+        f"Profile **{report['profile']}**. Reproduce: "
+        + "; then ".join(
+            f"`{c}`" for c in ([report["command"]] if isinstance(report["command"], str) else report["command"])
+        ),
         "",
         f"Taken on {report['machine']['where']}; wall time {report['wall_seconds'] / 60:.1f} min"
         + (f" (time budget {report['time_budget_s']:.0f} s)." if report["time_budget_s"] else "."),
@@ -567,12 +650,30 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_pm(v['rounds_run'], 1, 1)} | {r95[0]} | {r95[1]} | {r99[0]} | {r99[1]} | {kb} | {secs} |"
             )
         if s["seeds"]:
-            r0 = next(iter(s["seeds"].values()))["round0"]
+            first = next(iter(s["seeds"].values()))
+            r0 = first["round0"]
             lines.append("")
             lines.append(f"Untrained adapter (round 0, seed 0): test macro-F1 {100 * r0['macro_f1']:.2f}.")
+            if "lr_search" in first.get("centralized", {}):
+                tried = ", ".join(
+                    f"{c['learning_rate']:g}: validation {100 * c['val_macro_f1']:.2f}, test {100 * c['macro_f1']:.2f} "
+                    f"(best checkpoint {c['best_round']} of {c['rounds_run']})"
+                    for c in first["centralized"]["lr_search"]
+                )
+                lines.append(
+                    f"Centralized learning rate chosen on validation (seed 0): "
+                    f"{first['centralized']['learning_rate']:g}; tried {tried}."
+                )
+        if overridden := [m for m in sm if FEDERATED.get(m)]:
+            lines.append(
+                "Methods' overrides (on the setting's config): "
+                + "; ".join(f"{m} `{' '.join(FEDERATED[m])}`" for m in overridden)
+                + "."
+            )
         if s["skipped"]:
             lines.append(f"Skipped (time budget spent): {', '.join(s['skipped'])}.")
-        lines += ["", f"![test macro-F1 per round and per MB uploaded](quality_{key}.png)", ""]
+        plot = f"{report.get('name', 'quality')}_{key}.png"
+        lines += ["", f"![test macro-F1 per round and per MB uploaded]({plot})", ""]
     lines += ["## Targets", ""]
     for t in report["targets"]:
         lines.append(f"- {t['target']}: **{measure.met_word(t['met'])}** — {t['text']}")
@@ -580,6 +681,59 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("- not evaluated (settings or methods missing from this run)")
     lines += ["", "## Profile choices", "", report["choices"], ""]
     return "\n".join(lines)
+
+
+def merge_reports(
+    paths: list[Path],
+    out: Path,
+    name: str,
+    keys: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """One report from several runs of the same settings and seeds that ran different methods.
+
+    Each seed's methods are the union over the reports (a method in two reports: the later one
+    wins), limited to ``keys`` (settings) and ``methods`` when given; the setting's facts are the
+    first report's; the summaries, targets and plots are recomputed; the report's ``command``
+    lists every run's command, then ``command`` (the merge's own). Writes ``<out>/<name>.json``,
+    ``.md`` and ``<name>_<setting>.png``, and returns the report.
+    """
+    reports = [json.loads(p.read_text()) for p in paths]
+    commands = [c for r in reports for c in ([r["command"]] if isinstance(r["command"], str) else r["command"])]
+    merged = {**reports[0], "name": name, "command": [*commands, *([command] if command else [])]}
+    merged["settings"] = {}
+    for r in reports:
+        for key, s in r["settings"].items():
+            if keys is not None and key not in keys:
+                continue
+            into = merged["settings"].setdefault(key, {**s, "seeds": {}, "methods": [], "multi_seed": []})
+            into["methods"] += [m for m in s["methods"] if m not in into["methods"]]
+            into["multi_seed"] += [m for m in s["multi_seed"] if m not in into["multi_seed"]]
+            for seed, res in s["seeds"].items():
+                kept = {m: v for m, v in res.items() if methods is None or m == "round0" or m in methods}
+                into["seeds"].setdefault(seed, {}).update(kept)
+    for s in merged["settings"].values():
+        present = {m for res in s["seeds"].values() for m in res}
+        s["methods"] = [m for m in s["methods"] if m in present]
+        s["multi_seed"] = [m for m in s["multi_seed"] if m in present]
+    for s in merged["settings"].values():
+        s["summary"] = summarize(s["seeds"])
+    # The runs kept, not the wall time of every report merged (one may hold other settings).
+    merged["wall_seconds"] = sum(
+        v["seconds"]
+        for s in merged["settings"].values()
+        for res in s["seeds"].values()
+        for v in res.values()
+        if "seconds" in v
+    )
+    merged["choices"] += " Merged (--merge) from the runs of the commands above, keeping the methods shown."
+    merged["targets"] = check_targets(merged["settings"])
+    merged["skipped"] = [x for r in reports for x in r["skipped"]]
+    measure.write_results(out / name, merged, render_markdown(merged))
+    for key, s in merged["settings"].items():
+        plot_setting(s, out / f"{name}_{key}.png")
+    return merged
 
 
 def describe_profile(name: str, profile: dict[str, Any], plans: list[Plan]) -> str:
@@ -622,6 +776,7 @@ def make_plans(
                 seeds or prof.get("seeds", profile["seeds"]),
                 [m for m in ALL_METHODS if m in chosen],
                 winner,
+                tuple(prof.get("central_lrs", ())),
             )
         )
     for p in plans:
@@ -656,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: the profile's for each setting)",
     )
     ap.add_argument("--seeds", type=int, default=None, help="seeds of the multi-seed methods (default: the profile's)")
+    ap.add_argument("--rounds", type=int, default=None, help="round cap of every setting (default: the profile's)")
     ap.add_argument(
         "--time-budget-s",
         type=float,
@@ -663,6 +819,16 @@ def main(argv: list[str] | None = None) -> int:
         help="start no new run after this many seconds (default: the profile's; 0: none)",
     )
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument(
+        "--name", default="quality", help="stem of the result files: <out>/<name>.json, .md, _<setting>.png"
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: merge these reports of the same settings and seeds (other methods) into <out>/<name>.*",
+    )
     args = ap.parse_args(argv)
     name = "quick" if args.quick else "tiny" if args.tiny else "full"
     profile = PROFILES[name]
@@ -672,8 +838,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown settings {unknown}")
     if unknown := [m for m in methods or [] if m not in ALL_METHODS]:
         ap.error(f"unknown methods {unknown}")
+    if args.merge:
+        line = measure.command_line("bench_quality.py", sys.argv[1:] if argv is None else argv)
+        merge_reports([Path(p) for p in args.merge], Path(args.out), args.name, keys, methods, line)
+        return 0
     if args.seeds is not None and args.seeds < 1:
         ap.error("--seeds must be >= 1")
+    if args.rounds is not None and args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     budget = profile["time_budget_s"] if args.time_budget_s is None else (args.time_budget_s or None)
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -686,7 +858,10 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, csv = make_tiny(Path(tiny_dir))
             tiny = tiny_overrides(model_dir, csv)
         plans = make_plans(profile, keys, methods, args.seeds, tiny)
+        for p in plans:
+            p.rounds = args.rounds or p.rounds
         report: dict[str, Any] = {
+            "name": args.name,
             "profile": name,
             "command": measure.command_line("bench_quality.py", sys.argv[1:] if argv is None else argv),
             "machine": {
@@ -725,9 +900,9 @@ def main(argv: list[str] | None = None) -> int:
                 report["targets"] = check_targets({k: s for k, s in settings.items() if s["seeds"]})
                 report["wall_seconds"] = time.perf_counter() - t0
                 # After every run of a setting and seed, so a partial run keeps its results.
-                measure.write_results(out / "quality", report, render_markdown(report))
+                measure.write_results(out / args.name, report, render_markdown(report))
                 if settings[plan.key]["seeds"]:
-                    plot_setting(settings[plan.key], out / f"quality_{plan.key}.png")
+                    plot_setting(settings[plan.key], out / f"{args.name}_{plan.key}.png")
     for t in report["targets"]:
         log(f"target {t['target']}: {measure.met_word(t['met'])}: {t['text']}")
     if report["skipped"]:

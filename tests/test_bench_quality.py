@@ -67,6 +67,23 @@ def test_baselines_stop_on_validation_and_score_the_global_test_rows(bench, tiny
     assert loc["worst_macro_f1"] <= loc["macro_f1"]
 
 
+def test_centralized_keeps_the_learning_rate_best_on_validation(bench, tiny_config) -> None:
+    """Each candidate lr is its own run (the same as running it alone); the best validation score is reported."""
+    fed = prepare_cohort(tiny_config("partition.num_clients=3"))
+    val = val_positions(fed)
+    lrs = (3.0, 3e-2)  # lr 3 wrecks the tiny model; 3e-2 is the tiny config's
+    cen = bench.run_centralized(fed, val, rounds=2, patience=None, lrs=lrs)
+    alone = {lr: bench.run_centralized(fed, val, rounds=2, patience=None, lrs=(lr,)) for lr in lrs}
+    assert "lr_search" not in alone[3.0] and alone[3.0]["learning_rate"] == 3.0
+    assert [c["learning_rate"] for c in cen["lr_search"]] == list(lrs)
+    for c in cen["lr_search"]:
+        assert c["macro_f1"] == alone[c["learning_rate"]]["macro_f1"]
+        assert c["val_macro_f1"] == alone[c["learning_rate"]]["curve"][c["best_round"]]["val_macro_f1"]
+    chosen = max(cen["lr_search"], key=lambda c: c["val_macro_f1"])
+    assert cen["learning_rate"] == chosen["learning_rate"] and cen["macro_f1"] == chosen["macro_f1"]
+    assert cen["curve"] == alone[chosen["learning_rate"]]["curve"]
+
+
 def test_targets_are_judged_from_the_numbers(bench) -> None:
     def s(f1: float, n: int = 3, final: float | None = None) -> dict:
         return {"macro_f1": {"mean": f1, "std": 0.0, "n": n}}
@@ -151,7 +168,37 @@ def test_full_profile_takes_the_winner_of_an_earlier_setting_on_the_same_data(be
     # (b) runs the baselines, fedavg and fedadam; FFA, RoLoRA and FedProx are ablations (--methods).
     assert b.methods == ["centralized", "local-only", "fedavg", "fedadam"] and b.winner_from is None
     assert (c.methods, c.winner_from) == (["centralized", "local-only", "fedavg"], "b")
+    # (c) FedAvgM peaked at round 16 of 30 (results/quality_c_ablation.md); centralized picks its lr on validation.
+    assert (c.rounds, c.central_lrs, b.central_lrs) == (20, (1e-2, 2e-3), (1e-2, 2e-3))
     (alone,) = bench.make_plans(full, ["c"], None, None, None)  # (b) not run: every method
     assert alone.methods == bench.ALL_METHODS and alone.winner_from is None
     (chosen,) = bench.make_plans(full, ["c"], ["fedavg", "centralized"], 2, None)
     assert (chosen.methods, chosen.seeds) == (["centralized", "fedavg"], 2)
+
+
+def test_merge_joins_runs_of_other_methods_into_one_report(bench, tmp_path) -> None:
+    """Two runs of (c) with other methods (and a round cap from --rounds) become one report, numbers kept."""
+    common = ["--tiny", "--settings", "c", "--seeds", "1", "--rounds", "1"]
+    assert bench.main([*common, "--methods", "centralized,fedavg", "--out", str(tmp_path / "x")]) == 0
+    assert bench.main([*common, "--methods", "fedavgm-fedrs", "--out", str(tmp_path / "y"), "--name", "y"]) == 0
+    parts = [json.loads(p.read_text()) for p in (tmp_path / "x" / "quality.json", tmp_path / "y" / "y.json")]
+    assert parts[0]["settings"]["c"]["rounds_cap"] == 1 and parts[1]["name"] == "y"
+    argv = ["--merge", str(tmp_path / "x" / "quality.json"), str(tmp_path / "y" / "y.json")]
+    assert bench.main([*argv, "--out", str(tmp_path), "--name", "both"]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    seed0 = both["settings"]["c"]["seeds"]["0"]
+    assert set(seed0) == {"round0", "centralized", "fedavg", "fedavgm-fedrs"}
+    assert seed0["fedavgm-fedrs"] == parts[1]["settings"]["c"]["seeds"]["0"]["fedavgm-fedrs"]
+    assert seed0["fedavg"] == parts[0]["settings"]["c"]["seeds"]["0"]["fedavg"]
+    assert both["command"][:2] == [parts[0]["command"], parts[1]["command"]] and "--merge" in both["command"][2]
+    cen = seed0["centralized"]["macro_f1"]
+    best = max(("fedavg", "fedavgm-fedrs"), key=lambda m: seed0[m]["macro_f1"])
+    (target,) = both["targets"]
+    assert target["best"] == best and target["value"] == pytest.approx(100 * (cen - seed0[best]["macro_f1"]))
+    md = (tmp_path / "both.md").read_text()
+    assert "| fedavgm-fedrs |" in md and "| fedavg |" in md and "(both_c.png)" in md
+    assert (tmp_path / "both_c.png").read_bytes().startswith(b"\x89PNG")
+    only = ["--merge", str(tmp_path / "both.json"), "--settings", "c", "--methods", "fedavg", "--name", "only"]
+    assert bench.main([*only, "--out", str(tmp_path)]) == 0
+    kept = json.loads((tmp_path / "only.json").read_text())["settings"]["c"]
+    assert set(kept["seeds"]["0"]) == {"round0", "fedavg"} and kept["methods"] == ["fedavg"]
