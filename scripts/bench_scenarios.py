@@ -26,8 +26,12 @@ rows, the global start (after its recipe) beats training alone by >= 10 points.
 Heterogeneous ranks (setting (a) only): the six departments train LoRA ranks 4, 8, 16 in turn
 (two of each) in one federation whose global adapter has rank 8 (``federation.hetero_ranks``:
 the server averages the dense changes (alpha_i / r_i) B_i A_i and cuts the mean back to rank 8
-by SVD), against the same federation with every client at r=8. Target: the mixed federation's
-macro-F1 within 2 points of the all-r=8 one.
+by SVD), against the same federation with every client at r=8, each to convergence (the protocol
+of ``bench_quality.py``: at most 10 rounds of 12 steps, stopped after 3 rounds without a better
+macro-F1 on the pooled validation rows; the best-validation round's test scores), for 2 seeds.
+If mixed ranks lose more than 2 points, seed 0 runs again with no client below rank 8 and with
+none above it, to locate the loss; the SVD cuts' errors are reported per round. Target: the mixed
+federation's macro-F1 within 2 points of the all-r=8 one (mean over seeds).
 
 Continued iteration (setting (a) only): federate four departments (Jackets and Intimate kept
 out), then resume the same run folder with all six for more rounds (``simulate(resume=True)``
@@ -37,8 +41,9 @@ new department gains.
 
 Real mode budget (not yet measured; estimated from ~100 samples/s on intents at max_length 64 and
 ~35 samples/s on clothing at max_length 64 with the int8 MiniLM on 2 idle cores): personalization
-and cold start about 20-25 minutes; hetero ranks 2 x 6 clients x 3 rounds x 8 steps x 16 rows =
-4,608 samples (~2.5 min with evaluation); continued iteration 4 x 2 x 8 x 16 + 6 x 2 x 8 x 16 =
+and cold start about 20-25 minutes; hetero ranks 2 seeds x 2 federations of at most 10 rounds x
+5-6 clients x 12 steps x 16 rows (~2.5 min per federation), plus 2 ablations when triggered (12
+minutes measured); continued iteration 4 x 2 x 8 x 16 + 6 x 2 x 8 x 16 =
 2,560 samples plus the per-department scoring (~2 min). The whole real run: about 25-30 minutes.
 ``--parts`` runs a subset (e.g. ``--parts hetero,continue --settings a``: ~5 minutes).
 ``--tiny`` runs the tests' tiny random BERT on synthetic reviews in well under a minute.
@@ -85,7 +90,17 @@ SETTINGS: dict[str, dict[str, Any]] = {
         # the round caps and patience of bench_quality.py's full profile for (a) and (b)
         "converge": {"rounds": 10, "patience": 3},
         "cold": {"local_steps": 12, "alone_steps": 36},
-        "hetero": {"ranks": (4, 8, 16), "overrides": ["federation.rounds=3", "train.max_steps=8"]},
+        # to convergence (bench_quality.py's (a): cap 10, patience 3, 12 steps a round; ~3 min per
+        # federation), 2 seeds; the ablations run on seed 0 only if mixed ranks lose more than 2 points
+        "hetero": {
+            "ranks": (4, 8, 16),
+            "overrides": ["train.max_steps=12"],
+            "rounds": 10,
+            "patience": 3,
+            "seeds": 2,
+            "ablations": {"ranks 4 and 8 only": (4, 8, 8), "ranks 8 and 16 only": (8, 8, 16)},
+            "ablate_below": -0.02,
+        },
         "continue": {"new": ("Jackets", "Intimate"), "rounds": (2, 2), "overrides": ["train.max_steps=8"]},
     },
     "b": {
@@ -110,7 +125,15 @@ TINY: dict[str, dict[str, Any]] = {
         "local_rounds": 2,
         "converge": {"rounds": 2, "patience": 1},
         "cold": {"local_steps": 3, "alone_steps": 6},
-        "hetero": {"ranks": (2, 4, 8), "overrides": ["federation.rounds=2"]},
+        "hetero": {
+            "ranks": (2, 4, 8),
+            "overrides": [],
+            "rounds": 2,
+            "patience": 2,
+            "seeds": 1,
+            "ablations": {"ranks 2 and 4 only": (2, 4, 4)},
+            "ablate_below": 1.0,  # always, so the tests cover them
+        },
         "continue": {"new": ("east",), "rounds": (2, 2), "overrides": []},
     },
     "b": {
@@ -215,60 +238,119 @@ def run_cold(config: RunConfig, spec: dict[str, Any], out: Path, sizes: tuple[in
 
 
 def run_hetero(make: Any, spec: dict[str, Any], out: Path, fed: Any) -> dict[str, Any]:
-    """One federation with every client at the global rank, one with ranks cycling over ``spec["hetero"]["ranks"]``.
+    """Every client at the global rank vs ranks cycling over ``spec["hetero"]["ranks"]``, each to convergence.
+
+    Every federation follows the convergence protocol of ``bench_quality.py``
+    (:func:`lorafed.engine.compare.run_federated`): at most ``rounds`` rounds, stopped after
+    ``patience`` rounds without a better macro-F1 on the pooled validation rows; the test scores
+    are the best-validation round's. The pair runs for each of ``seeds`` seeds (seed 0 on ``fed``,
+    the others on their own prepared federation: the seed draws the splits, the fresh adapters and
+    the batches); the gap is the mean over seeds. When that gap is below ``ablate_below``, each
+    ``ablations`` entry (name -> ranks) runs one more mixed federation on seed 0, to tell a loss
+    from clients below the global rank (they start each round from the global cut to their rank)
+    from one of clients above it (their update is cut back to the global rank).
 
     Args:
         make: ``extra overrides -> RunConfig`` of the setting.
         spec: The setting.
-        out: Folder of the two run folders.
-        fed: The setting's prepared federation (its config is replaced by each run's).
+        out: Folder of the run folders.
+        fed: The setting's prepared federation, seed 0 (its config is replaced by each run's).
     """
-    import dataclasses
     import json
 
-    from lorafed.engine.inprocess import simulate
-    from lorafed.engine.record import read_metrics
-    from lorafed.server.hetero import aggregate_hetero_rank_report
-    from lorafed.wire.reader import load_payload
+    from lorafed.engine.cohort import prepare_cohort
+    from lorafed.engine.compare import val_positions
 
     h = spec["hetero"]
     ids = list(fed.partition.client_ids)
-    ranks = {cid: h["ranks"][i % len(h["ranks"])] for i, cid in enumerate(ids)}
-    configs = {
-        "same": make(h["overrides"]),
-        "mixed": make(
-            [*h["overrides"], "federation.hetero_ranks=true", f"model.lora.client_ranks={json.dumps(ranks)}"]
-        ),
-    }
-    global_rank, global_alpha = configs["same"].model.lora.r, configs["same"].model.lora.alpha
-    runs: dict[str, Any] = {}
-    for name, cfg in configs.items():
-        t = time.perf_counter()
-        summary = simulate(cfg, out / name, progress=False, fed=dataclasses.replace(fed, config=cfg))
-        rows = read_metrics(out / name / "metrics.jsonl")
-        runs[name] = {
-            "macro_f1": summary["final"]["macro_f1"],
-            "accuracy": summary["final"]["accuracy"],
-            "curve": [r["macro_f1"] for r in rows],
-            "kb_up": round(sum(r["bytes_up"] for r in rows) / 1024, 1),
-            "seconds": round(time.perf_counter() - t, 1),
+
+    def ranks_of(cycle: tuple[int, ...]) -> dict[str, int]:
+        return {cid: cycle[i % len(cycle)] for i, cid in enumerate(ids)}
+
+    def mixed(cycle: tuple[int, ...], seed: int) -> list[str]:
+        ranks = json.dumps(ranks_of(cycle))
+        return [*h["overrides"], f"seed={seed}", "federation.hetero_ranks=true", f"model.lora.client_ranks={ranks}"]
+
+    global_rank = make(h["overrides"]).model.lora.r
+    seeds = []
+    for seed in range(h["seeds"]):
+        sfed = fed if seed == 0 else prepare_cohort(make([*h["overrides"], f"seed={seed}"]))
+        val = val_positions(sfed)
+        configs = {"same": make([*h["overrides"], f"seed={seed}"]), "mixed": make(mixed(h["ranks"], seed))}
+        runs = {
+            name: _hetero_run(sfed, cfg, out / f"seed{seed}" / name, val, h["rounds"], h["patience"])
+            for name, cfg in configs.items()
         }
-    # How much the last round's cut to the global rank lost, recomputed from the updates as received.
-    last = out / "mixed" / "rounds" / f"r{len(runs['mixed']['curve']) - 1}"
-    ups = [load_payload(p) for p in sorted(last.glob("*.safetensors"))]
-    cut = aggregate_hetero_rank_report(
-        [(u.decoded(), u.meta.num_examples, u.meta.lora["r"], u.meta.lora["alpha"]) for u in ups],
-        global_rank,
-        global_alpha,
-    ).truncation
-    runs["mixed"]["truncation_mean"] = float(sum(cut.values()) / len(cut))
-    runs["mixed"]["truncation_max"] = float(max(cut.values()))
+        seeds.append({"seed": seed, "runs": runs, "gap": runs["mixed"]["macro_f1"] - runs["same"]["macro_f1"]})
+    gaps = [s["gap"] for s in seeds]
+    ablations = h.get("ablations", {}) if sum(gaps) / len(gaps) < h.get("ablate_below", -1.0) else {}
+    ablation_runs = {  # seed 0's federation again, with other ranks
+        name: _hetero_run(fed, make(mixed(c, 0)), out / "seed0" / name, val_positions(fed), h["rounds"], h["patience"])
+        for name, c in ablations.items()
+    }
     return {
         "global_rank": global_rank,
-        "ranks": ranks,
-        "runs": runs,
-        "gap": runs["mixed"]["macro_f1"] - runs["same"]["macro_f1"],
+        "ranks": ranks_of(h["ranks"]),
+        "ablations": {name: ranks_of(cycle) for name, cycle in ablations.items()},
+        "rounds": h["rounds"],
+        "patience": h["patience"],
+        "overrides": h["overrides"],
+        "runs": seeds[0]["runs"],
+        "ablation_runs": ablation_runs,
+        "seeds": seeds,
+        "gap": sum(gaps) / len(gaps),
     }
+
+
+def _hetero_run(fed: Any, cfg: RunConfig, run: Path, val: Any, rounds: int, patience: int) -> dict[str, Any]:
+    """One federation to convergence, with what each round's SVD cuts lost (hetero ranks only).
+
+    ``truncation``: per round, the mean over modules of the relative Frobenius error of cutting
+    the weighted mean change back to the global rank, recomputed from the updates as received.
+    ``start_cut``: per round and per client rank below the global one, the mean error of cutting
+    the global adapter the clients started that round from down to that rank.
+    """
+    from lorafed.engine.compare import run_federated
+    from lorafed.server.hetero import aggregate_hetero_rank_report, dense_deltas, truncate_for_client
+    from lorafed.wire.reader import load_payload
+
+    res = run_federated(fed, cfg, run, val, rounds, patience)
+    out = {
+        "macro_f1": res["macro_f1"],
+        "accuracy": res["accuracy"],
+        "best_round": res["best_round"],
+        "rounds_run": res["rounds_run"],
+        "final_macro_f1": res["final_macro_f1"],
+        "curve": [c["macro_f1"] for c in res["curve"]],
+        "val_curve": [c["val_macro_f1"] for c in res["curve"]],
+        "kb_up": round(res["curve"][-1]["bytes_up_cum"] / 1024, 1),
+        "seconds": round(res["seconds"], 1),
+    }
+    if not cfg.federation.hetero_ranks:
+        return out
+    lora = cfg.model.lora
+    below = sorted({r for r in (lora.client_ranks or {}).values() if r < lora.r})
+    cuts: list[dict[str, float]] = []
+    out["start_cut"] = {str(k): [] for k in below}
+    for r in range(1, res["rounds_run"] + 1):
+        ups = [load_payload(p) for p in sorted((run / "rounds" / f"r{r}").glob("*.safetensors"))]
+        cut = aggregate_hetero_rank_report(
+            [(u.decoded(), u.meta.num_examples, u.meta.lora["r"], u.meta.lora["alpha"]) for u in ups],
+            lora.r,
+            lora.alpha,
+        )
+        cuts.append(cut.truncation)
+        glob = load_payload(run / "rounds" / f"global_r{r - 1}.safetensors").decoded()
+        whole = dense_deltas(glob, lora.r, lora.alpha)
+        for k in below:
+            part = dense_deltas(truncate_for_client(glob, lora.r, lora.alpha, k, lora.alpha), k, lora.alpha)
+            errs = [float((whole[m] - part[m]).norm()) / max(float(whole[m].norm()), 1e-30) for m in whole]
+            out["start_cut"][str(k)].append(sum(errs) / len(errs))
+    out["truncation"] = [sum(c.values()) / len(c) for c in cuts]
+    at_best = cuts[max(out["best_round"], 1) - 1]  # the cut that made the global adapter reported
+    out["truncation_mean"] = sum(at_best.values()) / len(at_best)
+    out["truncation_max"] = max(at_best.values())
+    return out
 
 
 def run_continue(make: Any, spec: dict[str, Any], out: Path, fed: Any) -> dict[str, Any]:
@@ -445,25 +527,59 @@ def _cold_recipe(cold: dict[str, Any]) -> str:
 
 def _hetero_md(key: str, s: dict[str, Any]) -> list[str]:
     h = s["hetero"]
-    ranks = ", ".join(f"{c}: {r}" for c, r in h["ranks"].items())
-    same, mixed = h["runs"]["same"], h["runs"]["mixed"]
+    g = h["global_rank"]
+
+    def ranks_text(ranks: dict[str, int]) -> str:
+        return ", ".join(f"{c}: {r}" for c, r in ranks.items())
+
+    names = {"same": f"all at rank {g}", "mixed": "mixed ranks", **{n: n for n in h.get("ablations", {})}}
+    per_seed = ", ".join(f"seed {x['seed']} {x['gap']:+.4f}" for x in h.get("seeds", []))
+    overrides = f"; `{' '.join(h['overrides'])}`" if h.get("overrides") else ""
     lines = [
         "",
         f"## ({key}) {s['title']}: heterogeneous LoRA ranks",
         "",
-        f"Reproduce: `{s['commands']['hetero']}`. Global rank {h['global_rank']}; mixed ranks {ranks} "
-        f"(`federation.hetero_ranks=true`, `model.lora.client_ranks`). The last round's cut back to rank "
-        f"{h['global_rank']} lost {mixed['truncation_mean']:.4f} of the mean change's Frobenius norm "
-        f"(mean over modules; max {mixed['truncation_max']:.4f}).",
+        f"Reproduce: `{s['commands']['hetero']}`. Global rank {g}; mixed ranks {ranks_text(h['ranks'])} "
+        f"(`federation.hetero_ranks=true`, `model.lora.client_ranks`{overrides}). "
+        f"Each federation runs to convergence: at most {h.get('rounds', '?')} rounds, stopped after "
+        f"{h.get('patience', '?')} rounds without a better macro-F1 on the pooled validation rows; the test scores "
+        f"are the best-validation round's. Mixed minus all at rank {g}: **{h['gap']:+.4f}** macro-F1, the mean over "
+        f"{len(h.get('seeds', [])) or 1} seed(s) ({per_seed}).",
         "",
-        "| clients | macro-F1 | accuracy | macro-F1 by round | KB up (all rounds) | seconds |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| seed | clients | macro-F1 | accuracy | best round / rounds run | test macro-F1 by round | KB up | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, r in (("all at the global rank", same), ("mixed ranks", mixed)):
-        curve = " ".join(f"{v:.3f}" for v in r["curve"] if v is not None)
-        lines.append(
-            f"| {name} | {r['macro_f1']:.4f} | {r['accuracy']:.4f} | {curve} | {r['kb_up']:.0f} | {r['seconds']:.0f} |"
-        )
+    for x in h.get("seeds", [{"seed": 0, "runs": h["runs"]}]):
+        runs = {**x["runs"], **(h.get("ablation_runs", {}) if x["seed"] == 0 else {})}
+        for name, r in runs.items():
+            curve = " ".join(f"{v:.3f}" for v in r["curve"] if v is not None)
+            lines.append(
+                f"| {x['seed']} | {names.get(name, name)} | {r['macro_f1']:.4f} | {r['accuracy']:.4f} | "
+                f"{r.get('best_round', '-')} / {r.get('rounds_run', '-')} | {curve} | {r['kb_up']:.0f} | "
+                f"{r['seconds']:.0f} |"
+            )
+    cut = {n: r for n, r in {**h["runs"], **h.get("ablation_runs", {})}.items() if "truncation" in r}
+    if cut:
+        lines += [
+            "",
+            f"What the SVD cuts lost (seed 0): the mean change cut back to rank {g} by the server (relative "
+            "Frobenius error, mean over modules, per round), and the global adapter cut down to a lower rank for "
+            "the clients of that rank to start each round from.",
+            "",
+            "| clients | ranks | server cut at the best round (mean / max) | server cut by round | start cuts by round "
+            "|",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        ranks = {"mixed": h["ranks"], **h.get("ablations", {})}
+        for name, r in cut.items():
+            starts = "; ".join(
+                f"to {k}: " + " ".join(f"{v:.3f}" for v in vals) for k, vals in r.get("start_cut", {}).items()
+            )
+            lines.append(
+                f"| {names.get(name, name)} | {ranks_text(ranks.get(name, {}))} | {r['truncation_mean']:.4f} / "
+                f"{r['truncation_max']:.4f} | {' '.join(f'{v:.3f}' for v in r.get('truncation', []))} | "
+                f"{starts or '-'} |"
+            )
     return lines
 
 

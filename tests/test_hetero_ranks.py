@@ -272,6 +272,19 @@ def test_cross_silo_clients_of_other_ranks(tiny_config, tmp_path: Path) -> None:
         plain.check_global(glob, str(g1))
 
 
+def test_a_partition_client_outside_the_simulator_trains_at_its_own_rank(tiny_config) -> None:
+    """What a Flower node or a file-drop poller of the partition builds (it used to be model.lora.r for all)."""
+    from lorafed.client.local import LocalClient
+
+    ranks = "model.lora.client_ranks={client0: 2, client2: 8}"
+    cfg = tiny_config("partition.num_clients=3", "federation.hetero_ranks=true", ranks)
+    for k, r in enumerate((2, 4, 8)):
+        local = LocalClient.from_partition(cfg, k)
+        assert local.identity.lora["r"] == r and local.identity.lora["alpha"] == 8
+        assert {v.shape[0] for key, v in local.fresh.items() if ".lora_A." in key} == {r}
+        assert local.config is cfg  # training settings stay the federation's
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_mixed_ranks_over_flower_match_the_simulation_and_numpy(

@@ -288,6 +288,11 @@ def test_bench_scenarios_tiny(tmp_path) -> None:
     hetero = result["settings"]["a"]["hetero"]
     assert sorted(hetero["ranks"].values()) == [2, 4, 8] and hetero["global_rank"] == 4
     assert set(hetero["runs"]) == {"same", "mixed"} and 0 <= hetero["runs"]["mixed"]["truncation_max"] < 1
+    mixed = hetero["runs"]["mixed"]  # one server cut and one start cut to rank 2 per round run
+    assert len(mixed["truncation"]) == len(mixed["start_cut"]["2"]) == mixed["rounds_run"] >= 1
+    assert mixed["start_cut"]["2"][0] == 0  # round 1 starts from the untrained global: B = 0, no change to cut
+    assert hetero["gap"] == mixed["macro_f1"] - hetero["runs"]["same"]["macro_f1"]  # one seed in --tiny
+    assert set(hetero["ablation_runs"]) == {"ranks 2 and 4 only"} and "ranks 2 and 4 only" in md
     cont = result["settings"]["a"]["continued"]
     assert cont["new"] == ["east"] and cont["clients"]["east"]["new"] and not cont["clients"]["north"]["new"]
     assert cont["lineage_length"] == 5  # rounds 0-2 with two shops, 3-4 with three: one chain
