@@ -238,6 +238,8 @@ def test_personalize_local_on_a_companys_own_file(tiny_run, tmp_path) -> None:
     p = load_payload(out)
     assert p.meta.kind == "personalized" and p.meta.client_id == "shop-z" and p.meta.num_examples == res.num_examples
     assert res.val_global is not None  # its validation slice picked the checkpoint
+    assert res.selection == "validation" and p.meta.metrics["selection"] == "validation"
+    assert p.meta.metrics["best_step"] == res.best_step
     validate_update(p, fed.spec(None))
 
 

@@ -117,10 +117,11 @@ def cmd_client_personalize(args: argparse.Namespace) -> int:
     if config.personalize.method == "none":
         raise LorafedError("personalize.method is none; pass personalize.method=finetune or local_head")
     result = personalize_local(config, args.client_id, args.global_path, args.out, progress=not args.no_progress)
+    rows = "validation" if result.selection == "validation" else "out-of-fold (cross-fit)"
     val = (
-        f"validation macro-F1 {result.val_global:.4f} (global) -> {result.val_best:.4f}"
+        f"{rows} macro-F1 {result.val_global:.4f} (global) -> {result.val_best:.4f}"
         if result.val_global is not None and result.val_best is not None
-        else "no validation rows"
+        else "no rows to judge on"
     )
     print(
         f"{args.client_id}: {result.method}, kept the checkpoint after {result.best_step} of {result.steps} "
