@@ -202,3 +202,15 @@ def test_merge_joins_runs_of_other_methods_into_one_report(bench, tmp_path) -> N
     assert bench.main([*only, "--out", str(tmp_path)]) == 0
     kept = json.loads((tmp_path / "only.json").read_text())["settings"]["c"]
     assert set(kept["seeds"]["0"]) == {"round0", "fedavg"} and kept["methods"] == ["fedavg"]
+
+
+def test_the_label_disjoint_config_is_the_ablations_winner(bench) -> None:
+    """The label-disjoint config is (b)'s recipe, the measured winner: the fedavgm overrides change nothing."""
+    from lorafed.config import load_config
+
+    path = ROOT / "configs" / "retail_intents_by_category.yaml"
+    assert load_config(path) == load_config(path, bench.FEDERATED["fedavgm"])
+    assert load_config(path) != load_config(path, bench.FEDERATED["fedavg-lr2e-3"])
+    # fedadam brings its own server step, whatever FedAvgM settings the config has
+    adam = load_config(path, bench.FEDERATED["fedadam"]).federation
+    assert (adam.server_optimizer, adam.server_lr, adam.server_beta1) == ("fedadam", 1e-2, 0.9)
