@@ -13,7 +13,8 @@ epsilon the client reported in its header, in ``<out>.json``, ``<out>.md`` and `
 
 Real mode: women's clothing reviews, ``configs/clothing_recommend.yaml`` (the main job's
 federation: 6 departments, 5 rounds x 12 steps x 16 rows per client), with, in every setting,
-what record-level DP requires (``train.class_weighting=none``, ``train.length_bucketing=false``)
+what record-level DP requires (``train.class_weighting=none``, ``train.length_bucketing=false``),
+fixed class weights from the public prior (``scripts/_dp_recipe.py``; not yet run with them here)
 and two size cuts, as in ``scripts/bench_quality.py --full``: ``data.max_length=64`` and
 ``federation.max_test_rows=500`` (so 500 members and 500 non-members per attack)::
 
@@ -55,12 +56,18 @@ from lorafed.plots import figure, save_figure  # noqa: E402
 from lorafed.wire.adapter import set_adapter_state  # noqa: E402
 from lorafed.wire.reader import load_payload  # noqa: E402
 
-#: Real mode, every setting: what record-level DP requires (the baseline too), and the size cuts.
+sys.path.insert(0, str(ROOT / "scripts"))
+from _dp_recipe import CLOTHING_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
+
+#: Real mode, every setting: what record-level DP requires (the baseline too), the size cuts, and
+#: the DP recipe (scripts/_dp_recipe.py: fixed class weights from the public prior), so the no-DP
+#: row is the same protocol as the DP rows.
 REAL_OVERRIDES = [
     "train.class_weighting=none",
     "train.length_bucketing=false",
     "data.max_length=64",
     "federation.max_test_rows=500",
+    *CLOTHING_DP_RECIPE,
 ]
 #: (name, target epsilon or None for no DP).
 SETTINGS: tuple[tuple[str, float | None], ...] = (
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             model_dir, csv = make_tiny(work, rows=240)
             path = ROOT / "configs" / "tiny.yaml"
-            base = [*tiny_overrides(model_dir, csv), "federation.rounds=2", "train.max_steps=4"]
+            base = [*tiny_overrides(model_dir, csv), "federation.rounds=2", *TINY_DP_RECIPE, "train.max_steps=4"]
         else:
             path = ROOT / "configs" / "clothing_recommend.yaml"
             base = list(REAL_OVERRIDES)

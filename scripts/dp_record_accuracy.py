@@ -13,7 +13,10 @@ the clients' update headers (``metrics.jsonl``'s ``record_epsilon``). Delta is e
 default, 1 / (10 n); the row sampling and noise are seeded by the run seed
 (``record_dp.noise_seed``), so a rerun reproduces the numbers.
 
-Same settings for the baseline: record-level DP refuses balanced class weights (a row's weight
+Same settings for the baseline, and one addition on clothing (``scripts/_dp_recipe.py``, applied
+to every level, no DP included): fixed class weights from the public prior, which DP-SGD applies
+to each row's clipped gradient (without them clipped DP-SGD stays on the majority class). Record-level
+DP refuses balanced class weights (a row's weight
 would depend on every other row's label) and length bucketing (Poisson sampling draws each
 step's rows independently), so every run, the no-DP baseline included, has
 ``train.class_weighting=none`` and ``train.length_bucketing=false``: the only difference between
@@ -68,6 +71,8 @@ from lorafed.plots import figure, save_figure
 from lorafed.wire.reader import load_payload
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from _dp_recipe import CLOTHING_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
 
 #: Per setting: title, config, overrides, round cap, patience (bench_quality's full profile).
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -75,6 +80,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "title": "(a) clothing reviews, Recommended IND, one client per department",
         "config": "clothing_recommend.yaml",
         "overrides": ["data.max_length=64", "federation.max_test_rows=500"],
+        "recipe": CLOTHING_DP_RECIPE,
         "rounds": 6,
         "patience": 2,
     },
@@ -82,13 +88,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "title": "(b) retail intents, Dirichlet alpha=0.1 over 10 clients",
         "config": "retail_intents_dirichlet.yaml",
         "overrides": ["federation.max_test_rows=800"],
+        "recipe": [],
         "rounds": 8,
         "patience": 2,
     },
 }
 #: ``--tiny``: every setting is configs/tiny.yaml on the tiny BERT, with these overrides.
 TINY: dict[str, dict[str, Any]] = {
-    "a": {"overrides": ["partition.scheme=natural", "partition.column=shop"], "rounds": 2, "patience": 1},
+    "a": {
+        "overrides": ["partition.scheme=natural", "partition.column=shop"],
+        "recipe": TINY_DP_RECIPE,
+        "rounds": 2,
+        "patience": 1,
+    },
     "b": {"overrides": ["partition.scheme=dirichlet", "partition.num_clients=2"], "rounds": 2, "patience": 1},
 }
 #: Every run, the baseline included: what record-level DP requires (see the module docstring).
@@ -200,7 +212,9 @@ def render(report: dict[str, Any]) -> list[str]:
         "client; epsilon spent = the most any client spent by its last round (from its update headers). "
         "**Every run, the no-DP baseline included, has `train.class_weighting=none` and "
         "`train.length_bucketing=false`** (record-level DP refuses both), so DP-SGD is the only difference. "
-        "Cost = no-DP macro-F1 minus DP macro-F1 on the same seed, in points, mean ± std over seeds.",
+        "Cost = no-DP macro-F1 minus DP macro-F1 on the same seed, in points, mean ± std over seeds. "
+        "A setting's **DP recipe** (`scripts/_dp_recipe.py`: on clothing, fixed class weights from the public "
+        "prior) is applied to every level of it, the no-DP baseline included (same protocol).",
         "",
         f"`{report['command']}`",
         "",
@@ -212,7 +226,8 @@ def render(report: dict[str, Any]) -> list[str]:
             f"`{s['config']}` with `{' '.join(s['overrides'])}`; round cap {s['rounds_cap']}, "
             f"patience {s['patience']}; "
             f"{s.get('clients', '?')} clients, {s.get('test_rows', '?')} test rows, {s.get('val_rows', '?')} "
-            "validation rows.",
+            "validation rows. DP recipe (every level, no DP included): "
+            f"`{' '.join(s.get('recipe', [])) or 'none'}`.",
             "",
             "| setting | seeds | test macro-F1 | cost vs no DP (points) | epsilon spent (max client) | noise z "
             "(clients) | rounds run | wall s |",
@@ -299,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             report["settings"][k] = {
                 "title": f"tiny BERT, synthetic rows, as {p['title']}" if args.tiny else p["title"],
                 "config": str(p["path"].relative_to(ROOT)),
-                "overrides": [*p["overrides"], *SAME_FOR_ALL],
+                "overrides": [*p["overrides"], *SAME_FOR_ALL, *p["recipe"]],
+                "recipe": list(p["recipe"]),
                 "rounds_cap": p["rounds"],
                 "patience": p["patience"],
                 "seeds": {},
@@ -311,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 s = report["settings"][k]
 
                 def load(extra: list[str], p: dict[str, Any] = p, seed: int = seed) -> RunConfig:
-                    over = [*base, *p["overrides"], f"seed={seed}", f"federation.rounds={p['rounds']}", *extra]
+                    over = [*base, *p["overrides"], *p["recipe"], f"seed={seed}", f"federation.rounds={p['rounds']}"]
+                    over += extra
                     return load_config(p["path"], [*over, f"output_dir={work}"])
 
                 if budget is not None and time.perf_counter() - t0 > budget:

@@ -42,6 +42,9 @@ def test_roles_of_keys_and_parameter_names() -> None:
         ("rolora", 3, KEYS[1:]),
         ("ffa", None, KEYS),
         ("rolora", None, KEYS),
+        ("head", 1, KEYS[2:]),
+        ("head", 2, KEYS[2:]),
+        ("head", None, KEYS),
     ],
 )
 def test_round_keys(aggregation: str, round_: int | None, expected: list[str]) -> None:
@@ -96,7 +99,7 @@ def test_trainable_roles_freezes_and_restores(tiny_config) -> None:
     assert {n for n, p in model.named_parameters() if p.requires_grad} == before
 
 
-@pytest.mark.parametrize("aggregation", ["ffa", "rolora"])
+@pytest.mark.parametrize("aggregation", ["ffa", "rolora", "head"])
 def test_clients_send_exactly_the_round_tensors(tiny_config, aggregation: str, tmp_path) -> None:
     fed = prepare_cohort(tiny_config(f"federation.aggregation={aggregation}"))
     start = fed.initial_state
@@ -109,7 +112,9 @@ def test_clients_send_exactly_the_round_tensors(tiny_config, aggregation: str, t
         for k in start:  # the tensors not sent were not trained either
             if tensor_role(k) not in roles:
                 torch.testing.assert_close(after[k], start[k], rtol=0, atol=0)
-        assert any(not torch.equal(sent[k], start[k]) for k in sent if tensor_role(k) != "head")
+        assert any(
+            not torch.equal(sent[k], start[k]) for k in sent if tensor_role(k) != "head" or aggregation == "head"
+        )
         start = apply_round(start, sent)
 
 

@@ -6,12 +6,14 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from lorafed.client.dp import epsilon_spent, make_private, plan_record_dp
+from lorafed.client.dp import clip_and_weight_rows, epsilon_spent, make_private, plan_record_dp
+from lorafed.client.train import fixed_class_weights
 from lorafed.config import load_config
 from lorafed.errors import ConfigError, PrivacyBudgetError
 
@@ -85,6 +87,56 @@ def test_per_sample_clipping_matches_a_hand_computed_linear_model() -> None:
     assert clipped.max() <= clip + 1e-6
     gsm.cleanup()
     assert not hasattr(lin.weight, "grad_sample")
+
+
+def test_class_weights_scale_each_clipped_row_by_hand() -> None:
+    """sum_i (w_yi / max w) clip_C(g_i) / expected batch, g_i by hand: the weight survives the clip.
+
+    Every row here is clipped (C = 0.05), so a weight inside the loss would be undone; the
+    weights 4 and 1 keep their ratio only if applied after the clip.
+    """
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(2, 2)
+    x = torch.tensor([[1.0, 2.0], [-3.0, 0.5], [0.5, -1.0]])
+    y = torch.tensor([1, 0, 1])
+    clip, expected_batch = 0.05, 3.0
+    gsm, dp_opt = make_private(lin, torch.optim.SGD(lin.parameters(), lr=0.1), 0.0, clip, expected_batch)
+    lin.train()
+    torch.nn.functional.cross_entropy(gsm(x), y).backward()
+    weights = torch.tensor([4.0, 1.0])  # label 0 weighs 4: scaled to 1, label 1 to 0.25
+    clip_and_weight_rows(dp_opt.params, clip, (weights / weights.max())[y])
+    assert dp_opt.pre_step()
+
+    w, b = lin.weight.detach().numpy().astype(np.float64), lin.bias.detach().numpy().astype(np.float64)
+    xs = x.numpy().astype(np.float64)
+    logits = xs @ w.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    err = p - np.eye(2)[y.numpy()]
+    g_w, g_b = err[:, :, None] * xs[:, None, :], err
+    norms = np.sqrt((g_w**2).sum((1, 2)) + (g_b**2).sum(1))
+    assert (norms > clip).all()
+    factor = clip / norms * np.array([0.25, 1.0, 0.25])
+    # rtol 1e-3: the two bias rows of a 2-class head cancel to a small sum (float32 vs float64)
+    np.testing.assert_allclose(
+        lin.weight.grad.numpy(), (factor[:, None, None] * g_w).sum(0) / expected_batch, rtol=1e-3
+    )
+    np.testing.assert_allclose(lin.bias.grad.numpy(), (factor[:, None] * g_b).sum(0) / expected_batch, rtol=1e-3)
+    gsm.cleanup()
+
+
+def test_class_weights_config_and_vector(tiny_config) -> None:
+    """Fixed weights pass under DP (balanced is refused), resolve by label name, and are checked."""
+    cfg = tiny_config(*DP, "train.record_dp.noise_multiplier=1.0", 'train.class_weights={"a": 2.0}')
+    assert cfg.train.class_weights == {"a": 2.0}
+    model = SimpleNamespace(config=SimpleNamespace(num_labels=3, label2id={"a": 0, "b": 1, "c": 2}))
+    assert fixed_class_weights({"c": 0.5, "a": 2.0}, model).tolist() == [2.0, 1.0, 0.5]
+    with pytest.raises(ConfigError, match=r"\['z'\] are not labels of this model"):
+        fixed_class_weights({"z": 1.0}, model)
+    with pytest.raises(ConfigError, match="every weight must be > 0"):
+        tiny_config('train.class_weights={"a": 0}')
+    with pytest.raises(ConfigError, match="not both"):
+        tiny_config('train.class_weights={"a": 2}', "train.class_weighting=balanced")
 
 
 def test_config_checks(tiny_config) -> None:
@@ -192,7 +244,7 @@ def test_client_refuses_round_past_budget_before_training(tiny_config) -> None:
 
 @pytest.mark.parametrize(
     ("aggregation", "precision", "round_"),
-    [("fedavg", "fp32", 1), ("ffa", "int8", 1), ("rolora", "int8", 2)],
+    [("fedavg", "fp32", 1), ("ffa", "int8", 1), ("rolora", "int8", 2), ("head", "int8", 1)],
 )
 def test_dp_client_step_reports_epsilon_and_differs(tiny_config, aggregation: str, precision: str, round_: int) -> None:
     """A DP round through client_step on the tiny model (int8 backbone too, every aggregation mode)."""

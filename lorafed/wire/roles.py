@@ -10,6 +10,12 @@ identical on every client, so the average of the products is the product with th
 - ``rolora`` (RoLoRA, Chen et al. 2024): rounds alternate. Odd rounds train and send B and the
   head with A shared, even rounds A and the head with B shared; each round's average is exact.
   B goes first because peft initialises B to zero, where the gradient of A is zero.
+- ``head``: only the classifier head is trained and sent; A and B stay at their seeded
+  initialisation (B = 0, so the backbone computes what it did before LoRA): a linear probe.
+  The fewest coordinates (770 for MiniLM and 2 labels, against 74k with LoRA r=8 on query and
+  value), which is what record-level DP needs: its noise norm grows with the square root of
+  the trainable coordinates (:mod:`lorafed.client.dp`). Exact, like every mode that trains
+  only the head.
 
 The head is a plain linear layer and is trained and averaged in every mode. The server keeps
 every tensor; a round's average replaces only the tensors that were sent (:func:`apply_round`).
@@ -26,7 +32,7 @@ import torch
 from lorafed.errors import AggregationError
 
 #: Aggregation modes, the one place their names are defined.
-Aggregation = Literal["fedavg", "ffa", "rolora"]
+Aggregation = Literal["fedavg", "ffa", "rolora", "head"]
 
 Role = Literal["lora_A", "lora_B", "head"]
 ALL_ROLES: frozenset[Role] = frozenset({"lora_A", "lora_B", "head"})
@@ -50,6 +56,8 @@ def round_roles(aggregation: Aggregation, round_: int | None) -> frozenset[Role]
         return ALL_ROLES
     if aggregation == "ffa":
         return frozenset({"lora_B", "head"})
+    if aggregation == "head":
+        return frozenset({"head"})
     if aggregation == "rolora":
         return frozenset({"lora_B" if round_ % 2 == 1 else "lora_A", "head"})
     raise ValueError(f"unknown aggregation {aggregation!r}")  # unreachable: the config checks the Literal
