@@ -227,7 +227,8 @@ def run_cold(config: RunConfig, spec: dict[str, Any], out: Path, sizes: tuple[in
         sizes_ = fed.partition.sizes()
         holdout = fed.partition.client_ids[max(range(len(sizes_)), key=sizes_.__getitem__)]
     steps = spec["cold"]["local_steps"]
-    plain = PersonalizeConfig("finetune", steps, None, steps, None, max_epochs=None, cross_fit=0)
+    # The diagnostics at the training learning rate (the recipe's own default is a tenth of it).
+    plain = PersonalizeConfig("finetune", steps, config.train.learning_rate, steps, None, max_epochs=None, cross_fit=0)
     variants = {
         "fixed steps": plain,
         "epoch cap": dataclasses.replace(plain, max_epochs=config.personalize.max_epochs),

@@ -239,6 +239,13 @@ def choose_adapter(
     return Adoption(pick, scores, g, bounds[top])
 
 
+def personal_learning_rate(p: PersonalizeConfig, train_lr: float) -> float:
+    """The local learning rate of personalization and cold start: the setting, else a tenth of ``train_lr``."""
+    from lorafed.config import PERSONALIZE_LR_SCALE
+
+    return p.learning_rate if p.learning_rate is not None else train_lr * PERSONALIZE_LR_SCALE
+
+
 class _Trainer:
     """Runs the method's local steps from a given state on given rows (a fresh AdamW each call)."""
 
@@ -247,7 +254,7 @@ class _Trainer:
         self.site, self.p, self.progress = site, p, progress
         self.tcfg = dataclasses.replace(
             cfg.train,
-            learning_rate=p.learning_rate if p.learning_rate is not None else cfg.train.learning_rate,
+            learning_rate=personal_learning_rate(p, cfg.train.learning_rate),
             warmup_ratio=0.0,
             prox_mu=0.0,
         )
