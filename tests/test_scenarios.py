@@ -327,3 +327,10 @@ def test_personalize_verb_writes_one_adapter_per_client(tiny_config, tmp_path, c
     files = sorted(p.name for p in (run / "personalized").glob("*.safetensors"))
     assert files == ["client0.safetensors", "client1.safetensors"]
     assert load_payload(run / "personalized" / "client0.safetensors").meta.kind == "personalized"
+
+
+def test_local_learning_rate_defaults_to_a_tenth_of_training() -> None:
+    """``personalize.learning_rate: null`` takes a tenth of ``train.learning_rate``; a set value wins."""
+    assert pmod.personal_learning_rate(PersonalizeConfig("finetune"), 1e-2) == pytest.approx(1e-3)
+    assert pmod.personal_learning_rate(PersonalizeConfig("finetune"), 3e-3) == pytest.approx(3e-4)
+    assert pmod.personal_learning_rate(PersonalizeConfig("finetune", learning_rate=5e-4), 1e-2) == 5e-4
