@@ -32,6 +32,7 @@ from lorafed.model.int8 import Int8Backend, Precision
 from lorafed.partition import Scheme
 from lorafed.server.aggregate import Weighting
 from lorafed.server.claims import OverRatio
+from lorafed.server.hetero import HeteroMode
 from lorafed.server.robust import Robust
 from lorafed.server.server_opt import ServerOptimizer
 from lorafed.wire.compress import Transport
@@ -396,9 +397,15 @@ class FederationConfig:
         signing: Signed updates and global adapters (off unless a registry is set).
         hetero_ranks: Clients may use other LoRA ranks (and alphas) than ``model.lora.r``, the
             global adapter's: the server averages each client's dense change (alpha_i / r_i)
-            B_i A_i and cuts the mean back to rank ``r`` by SVD, and each client starts from the
+            B_i A_i (by default relative to its start, see ``hetero_mode``) and cuts the mean
+            back to rank ``r`` by SVD, and each client starts from the
             global truncated to its own rank (:mod:`lorafed.server.hetero`). Off: an update of
             another rank is refused. Needs ``aggregation: fedavg`` and no ``dp``.
+        hetero_mode: With ``hetero_ranks``, what the server averages: ``residual`` (each
+            client's change from the adapter it started from, added to the global one, so what a
+            client below the global rank cannot represent is kept) or ``products`` (the clients'
+            final dense changes, FlexLoRA; a low-rank client's cut of the global is averaged in).
+            The same when every client has the global rank.
     """
 
     rounds: int = 3
@@ -432,6 +439,7 @@ class FederationConfig:
     transport_block_size: int = 64
     signing: SigningConfig = field(default_factory=SigningConfig)
     hetero_ranks: bool = False
+    hetero_mode: HeteroMode = "residual"
 
 
 #: ``personalize.learning_rate: null`` is this share of ``train.learning_rate``.

@@ -291,6 +291,7 @@ def run_hetero(make: Any, spec: dict[str, Any], out: Path, fed: Any) -> dict[str
     }
     return {
         "global_rank": global_rank,
+        "mode": make(mixed(h["ranks"], 0)).federation.hetero_mode,
         "ranks": ranks_of(h["ranks"]),
         "ablations": {name: ranks_of(cycle) for name, cycle in ablations.items()},
         "rounds": h["rounds"],
@@ -307,12 +308,14 @@ def _hetero_run(fed: Any, cfg: RunConfig, run: Path, val: Any, rounds: int, pati
     """One federation to convergence, with what each round's SVD cuts lost (hetero ranks only).
 
     ``truncation``: per round, the mean over modules of the relative Frobenius error of cutting
-    the weighted mean change back to the global rank, recomputed from the updates as received.
+    the weighted mean change back to the global rank, recomputed from the updates as received and
+    the global adapter they started from (:func:`lorafed.server.hetero.aggregate_dense`, the
+    run's ``federation.hetero_mode``).
     ``start_cut``: per round and per client rank below the global one, the mean error of cutting
     the global adapter the clients started that round from down to that rank.
     """
     from lorafed.engine.compare import run_federated
-    from lorafed.server.hetero import aggregate_hetero_rank_report, dense_deltas, truncate_for_client
+    from lorafed.server.hetero import aggregate_dense, dense_deltas, truncate_for_client
     from lorafed.wire.reader import load_payload
 
     res = run_federated(fed, cfg, run, val, rounds, patience)
@@ -335,13 +338,14 @@ def _hetero_run(fed: Any, cfg: RunConfig, run: Path, val: Any, rounds: int, pati
     out["start_cut"] = {str(k): [] for k in below}
     for r in range(1, res["rounds_run"] + 1):
         ups = [load_payload(p) for p in sorted((run / "rounds" / f"r{r}").glob("*.safetensors"))]
-        cut = aggregate_hetero_rank_report(
-            [(u.decoded(), u.meta.num_examples, u.meta.lora["r"], u.meta.lora["alpha"]) for u in ups],
-            lora.r,
-            lora.alpha,
+        glob = load_payload(run / "rounds" / f"global_r{r - 1}.safetensors").decoded()
+        cut = aggregate_dense(
+            [(u.decoded(), u.meta.num_examples, u.meta.lora) for u in ups],
+            glob,
+            {"r": lora.r, "alpha": lora.alpha},
+            cfg.federation.hetero_mode,
         )
         cuts.append(cut.truncation)
-        glob = load_payload(run / "rounds" / f"global_r{r - 1}.safetensors").decoded()
         whole = dense_deltas(glob, lora.r, lora.alpha)
         for k in below:
             part = dense_deltas(truncate_for_client(glob, lora.r, lora.alpha, k, lora.alpha), k, lora.alpha)
@@ -526,6 +530,14 @@ def _cold_recipe(cold: dict[str, Any]) -> str:
     )
 
 
+#: ``federation.hetero_mode`` in words (results before the setting existed were ``products``).
+MODES = {
+    "residual": "the global change plus each client's change from its own start (the global cut to its "
+    "rank below it; `hetero_mode: residual`)",
+    "products": "the clients' final dense changes (`hetero_mode: products`)",
+}
+
+
 def _hetero_md(key: str, s: dict[str, Any]) -> list[str]:
     h = s["hetero"]
     g = h["global_rank"]
@@ -541,7 +553,8 @@ def _hetero_md(key: str, s: dict[str, Any]) -> list[str]:
         f"## ({key}) {s['title']}: heterogeneous LoRA ranks",
         "",
         f"Reproduce: `{s['commands']['hetero']}`. Global rank {g}; mixed ranks {ranks_text(h['ranks'])} "
-        f"(`federation.hetero_ranks=true`, `model.lora.client_ranks`{overrides}). "
+        f"(`federation.hetero_ranks=true`, `model.lora.client_ranks`{overrides}; the server averages "
+        f"{MODES.get(h.get('mode', 'products'), h.get('mode'))}). "
         f"Each federation runs to convergence: at most {h.get('rounds', '?')} rounds, stopped after "
         f"{h.get('patience', '?')} rounds without a better macro-F1 on the pooled validation rows; the test scores "
         f"are the best-validation round's. Mixed minus all at rank {g}: **{h['gap']:+.4f}** macro-F1, the mean over "

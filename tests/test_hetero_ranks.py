@@ -1,7 +1,10 @@
 """Heterogeneous LoRA ranks in a federation: validation, the server step, the simulator and cross-silo clients.
 
-Every expected global is computed with numpy: the weighted mean of each client's
-``(alpha_i / r_i) B_i A_i``, truncated to the global rank by ``np.linalg.svd``.
+Every expected global is computed with numpy: ``residual`` (the default), the global change plus
+the weighted mean of each client's ``(alpha_i / r_i) B_i A_i`` minus the change it started from
+(the global's, cut to the client's rank by ``np.linalg.svd`` when that is below the global's);
+``products``, the weighted mean of the ``(alpha_i / r_i) B_i A_i``; either truncated to the
+global rank by ``np.linalg.svd``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from lorafed.engine.inprocess import simulate
 from lorafed.engine.record import read_metrics
 from lorafed.errors import ConfigError, PayloadError, PayloadValidationError
 from lorafed.server.fold import Incoming
-from lorafed.server.hetero import densify, factorize, revive, start_for_client
+from lorafed.server.hetero import densify, factorize, revive, start_dense, start_for_client
 from lorafed.server.specs import spec_for
 from lorafed.server.step import RoundPolicy
 from lorafed.server.validate import validate_update
@@ -104,11 +107,12 @@ def test_validation_accepts_another_rank_only_in_a_hetero_federation() -> None:
 
 
 def test_server_step_is_the_svd_cut_weighted_mean_of_dense_changes() -> None:
+    """``products``: numpy's weighted mean of (alpha_i / r_i) B_i A_i, cut to the global rank."""
     rng = np.random.default_rng(2)
     clients = [("a", 4, 8.0, 120), ("b", 8, 16.0, 30), ("c", 16, 16.0, 50)]
     made = [_update(rng, cid, r, alpha, n) for cid, r, alpha, n in clients]
     spec, glob = _spec(True)
-    fcfg = FederationConfig(hetero_ranks=True, max_update_ratio=None, max_examples_ratio=None)
+    fcfg = FederationConfig(hetero_ranks=True, hetero_mode="products", max_update_ratio=None, max_examples_ratio=None)
     result = RoundPolicy(fcfg, 3, 0).try_aggregate([u for u, _ in made], spec, glob, 1)
     assert result.state is not None and set(result.state) == set(glob)
     w = np.array([n for *_, n in clients], float) / sum(n for *_, n in clients)
@@ -127,6 +131,93 @@ def test_server_step_is_the_svd_cut_weighted_mean_of_dense_changes() -> None:
     )
     assert [m.client_id for _, m in strict.outcome.accepted] == ["b"]
     assert all("lora config" in reason for _, reason in strict.outcome.rejected)
+
+
+def _np(t: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.double().numpy() for k, v in t.items()}
+
+
+def test_residual_step_adds_each_clients_change_from_its_own_start() -> None:
+    """``residual``: delta_g + sum_i w_i (delta_i - start_i), start_i the global cut to r_i (r_i < 8) or the global."""
+    rng = np.random.default_rng(7)
+    clients = [("a", 4, 8.0, 120), ("b", 8, 16.0, 30), ("c", 16, 16.0, 50), ("d", 8, 8.0, 40)]
+    made = [_update(rng, cid, r, alpha, n) for cid, r, alpha, n in clients]
+    spec, glob = _spec(True)
+    fcfg = FederationConfig(hetero_ranks=True, max_update_ratio=None, max_examples_ratio=None)
+    assert fcfg.hetero_mode == "residual"  # the default
+    result = RoundPolicy(fcfg, 4, 0).try_aggregate([u for u, _ in made], spec, glob, 1)
+    assert result.state is not None and not result.outcome.rejected
+    w = np.array([n for *_, n in clients], float) / sum(n for *_, n in clients)
+    g = _np(glob)
+    for prefix in MODULES:
+        dg = _delta(g, prefix, 8, 16)
+        starts = {
+            4: _svd_cut(dg, 4),  # rank 4 < 8: the global change cut to 4 by numpy's SVD
+            8: _svd_cut(dg, 8),  # rank 8, alpha 8 != 16: the rank-8 cut of a rank-8 change is itself
+            16: dg,  # above the global rank: nothing is lost
+        }
+        np.testing.assert_allclose(starts[8], dg, rtol=0, atol=1e-9 * np.abs(dg).max())
+        want = dg + sum(
+            wi * (_delta(t, prefix, r, a) - (dg if (r, a) == (8, 16.0) else starts[r]))
+            for wi, (_, t), (_, r, a, _) in zip(w, made, clients, strict=True)
+        )
+        got = _delta(_np(result.state), prefix, 8, 16)
+        np.testing.assert_allclose(got, _svd_cut(want, 8), rtol=0, atol=1e-5 * np.abs(want).max())
+        s = np.linalg.svd(want, compute_uv=False)
+        assert result.truncation[prefix] == pytest.approx(np.linalg.norm(s[8:]) / np.linalg.norm(s), abs=1e-6)
+        # the products mean differs: client a's cut of the global is not what it started from there
+        products = sum(wi * _delta(t, prefix, r, a) for wi, (_, t), (_, r, a, _) in zip(w, made, clients, strict=True))
+        assert np.abs(_svd_cut(products, 8) - got).max() > 1e-2 * np.abs(want).max()
+    head = sum(wi * t[HEAD] for wi, (_, t) in zip(w, made, strict=True))
+    np.testing.assert_allclose(result.state[HEAD].numpy(), head, rtol=0, atol=1e-5)
+    # the norm bound sees client a's own change: ||delta_a - start_a|| (+ its head's change)
+    want_a = np.sqrt(
+        sum(np.sum((_delta(made[0][1], p, 4, 8.0) - _svd_cut(_delta(g, p, 8, 16), 4)) ** 2) for p in MODULES)
+        + np.sum((made[0][1][HEAD] - g[HEAD]) ** 2)
+    )
+    assert result.outcome.norms["a"] == pytest.approx(want_a, rel=1e-5)
+
+
+def test_residual_and_products_are_plain_fedavg_when_every_client_has_the_global_rank() -> None:
+    rng = np.random.default_rng(8)
+    clients = [("a", 8, 16.0, 70), ("b", 8, 16.0, 20), ("c", 8, 16.0, 10)]
+    made = [_update(rng, cid, r, alpha, n) for cid, r, alpha, n in clients]
+    spec, glob = _spec(True)
+    w = np.array([0.7, 0.2, 0.1])
+    states = {}
+    for mode in ("residual", "products"):
+        fcfg = FederationConfig(hetero_ranks=True, hetero_mode=mode, max_update_ratio=None, max_examples_ratio=None)
+        states[mode] = RoundPolicy(fcfg, 3, 0).try_aggregate([u for u, _ in made], spec, glob, 1).state
+        assert states[mode] is not None
+        for prefix in MODULES:  # FedAvg of the dense products, cut to rank 8 (numpy)
+            mean = sum(wi * _delta(t, prefix, 8, 16.0) for wi, (_, t) in zip(w, made, strict=True))
+            got = _delta(_np(states[mode]), prefix, 8, 16)
+            np.testing.assert_allclose(got, _svd_cut(mean, 8), rtol=0, atol=1e-5 * np.abs(mean).max())
+    assert all(torch.equal(states["residual"][k], states["products"][k]) for k in glob)
+
+
+def test_start_dense_is_what_the_client_starts_from() -> None:
+    rng = np.random.default_rng(9)
+    glob = _torch(_adapter(rng, 8))
+    fresh = _torch(_adapter(rng, 4))
+    g = _np(glob)
+    for lora in ({"r": 4, "alpha": 8}, {"r": 8, "alpha": 16}):
+        r, alpha = lora["r"], lora["alpha"]
+        start = start_for_client(glob, {"r": 8, "alpha": 16}, lora, fresh if r == 4 else glob)
+        dense = start_dense(glob, {"r": 8, "alpha": 16}, lora)
+        for prefix in MODULES:
+            key = f"{prefix}.lora_delta.default.weight"
+            np.testing.assert_allclose(dense[key].numpy(), _delta(_np(start), prefix, r, alpha), rtol=0, atol=1e-12)
+            want = _svd_cut(_delta(g, prefix, 8, 16), r)
+            np.testing.assert_allclose(dense[key].numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_config_hetero_mode(tiny_config) -> None:
+    assert tiny_config("federation.hetero_ranks=true").federation.hetero_mode == "residual"
+    cfg = tiny_config("federation.hetero_ranks=true", "federation.hetero_mode=products")
+    assert cfg.federation.hetero_mode == "products"
+    with pytest.raises(ConfigError, match=r"federation.hetero_mode: 'sum' is not one of 'residual', 'products'"):
+        tiny_config("federation.hetero_mode=sum")
 
 
 def test_client_start_is_the_truncated_global_with_dead_components_revived() -> None:
@@ -171,30 +262,38 @@ def test_config_needs_hetero_ranks_for_client_ranks(tiny_config) -> None:
         simulate(cfg, cfg.output_dir, progress=False)
 
 
-def _oracle_round(run: Path, r: int, global_rank: int, global_alpha: float) -> None:
-    """The run's global after round ``r`` against numpy on the updates it recorded as received."""
+def _oracle_round(run: Path, r: int, global_rank: int, global_alpha: float) -> float:
+    """The run's global after round ``r`` against numpy on the updates it recorded as received (``residual``).
+
+    A client below the global rank started from numpy's SVD cut of the previous global's change
+    (``rounds/global_r{r-1}``) to its rank, any other from that change itself.
+    """
     updates = [load_payload(p) for p in sorted((run / "rounds" / f"r{r}").glob("*.safetensors"))]
     glob = load_payload(run / "rounds" / f"global_r{r}.safetensors").decoded()
+    prev = load_payload(run / "rounds" / f"global_r{r - 1}.safetensors").decoded()
     n = np.array([u.meta.num_examples for u in updates], float)
     w = n / n.sum()
     prefixes = sorted({k.partition(".lora_A.")[0] for k in glob if ".lora_A." in k})
     assert prefixes
+    lowered = 0.0  # how far the low-rank clients' starts were from the global change (0 in round 1)
     for prefix in prefixes:
         a_key = next(k for k in glob if k.startswith(prefix + ".lora_A."))
         b_key = a_key.replace(".lora_A.", ".lora_B.")
-        mean = sum(
-            wi
-            * u.meta.lora["alpha"]
-            / u.meta.lora["r"]
-            * u.decoded()[b_key].double().numpy()
-            @ u.decoded()[a_key].double().numpy()
-            for wi, u in zip(w, updates, strict=True)
-        )
+        dg = global_alpha / global_rank * prev[b_key].double().numpy() @ prev[a_key].double().numpy()
+
+        mean = dg.copy()
+        for wi, u in zip(w, updates, strict=True):
+            t, ri = u.decoded(), u.meta.lora["r"]
+            final = u.meta.lora["alpha"] / ri * t[b_key].double().numpy() @ t[a_key].double().numpy()
+            begin = _svd_cut(dg, ri) if ri < global_rank else dg
+            mean += wi * (final - begin)
+            lowered = max(lowered, float(np.abs(begin - dg).max()))
         got = global_alpha / global_rank * glob[b_key].double().numpy() @ glob[a_key].double().numpy()
         np.testing.assert_allclose(got, _svd_cut(mean, global_rank), rtol=0, atol=2e-5 * np.abs(mean).max() + 1e-9)
     for key in (k for k in glob if ".lora_" not in k):
         head = sum(wi * u.decoded()[key].double().numpy() for wi, u in zip(w, updates, strict=True))
         np.testing.assert_allclose(glob[key].double().numpy(), head, rtol=0, atol=1e-6)
+    return lowered
 
 
 def test_mixed_rank_simulation_matches_the_numpy_oracle(tiny_config, tmp_path: Path) -> None:
@@ -220,8 +319,9 @@ def test_mixed_rank_simulation_matches_the_numpy_oracle(tiny_config, tmp_path: P
     )
     g2 = load_payload(run / "rounds" / "global_r2.safetensors")
     assert g2.meta.lora["r"] == 4 and g2.meta.metrics["parent_round"] == 1
-    for r in (1, 2):
-        _oracle_round(run, r, 4, 8.0)
+    assert _oracle_round(run, 1, 4, 8.0) == 0  # round 1: the global change is zero, every start too
+    # round 2: client0 (rank 2) started from a cut that lost part of the global change
+    assert _oracle_round(run, 2, 4, 8.0) > 1e-4
     assert 0 <= summary["final"]["macro_f1"] <= 1
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,6 @@ import torch
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError, SignatureError
 from lorafed.server.aggregate import WeightedMean, Weighting, require_finite
 from lorafed.server.claims import Lowered, OverRatio, above_typical, check_claims, unearned_weights
-from lorafed.server.hetero import densify, lora_rank
 from lorafed.server.privacy import DPSum
 from lorafed.server.robust import Robust, clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.server.validate import UpdateSpec, validate_update
@@ -39,6 +38,10 @@ from lorafed.wire.sign import read_signature, verify_payload
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+
+#: ``(tensors, lora config) ->`` an update's dense changes (clients of other LoRA ranks).
+Densify = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Mapping[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def fold_updates(
     over_ratio: OverRatio = "refuse",
     max_examples_growth: float | None = None,
     known_claims: Mapping[str, float] | None = None,
-    dense: bool = False,
+    dense: Densify | None = None,
     trust_weight_above: float | None = None,
     trust_min_cosine: float = 0.0,
 ) -> RoundOutcome:
@@ -215,10 +218,10 @@ def fold_updates(
             client's pinned claim in ``known_claims`` is capped to it (recorded in ``weight_clipped``).
         known_claims: Client id -> the claim pinned when the server first accepted one of its
             updates in this run (earlier rounds).
-        dense: Clients of different LoRA ranks (``federation.hetero_ranks``): each update's LoRA
-            pairs become their dense changes ``(alpha_i / r_i) B_i A_i`` as it is folded in
-            (:func:`lorafed.server.hetero.densify`), so the mean, the norms, clipping and the robust
-            rules work on those; ``reference`` must be dense too.
+        dense: Clients of different LoRA ranks (``federation.hetero_ranks``): ``(tensors, lora) ->``
+            the dense changes the server averages (:class:`lorafed.server.hetero.DenseUpdates`),
+            applied to each update as it is folded in, so the mean, the norms, clipping and the
+            robust rules work on those; ``reference`` must be dense too.
         trust_weight_above: With ``samples`` weighting and a ``reference``, a weight (the claim
             accepted above) over this multiple of the median weight of the round's other valid
             updates must be earned by agreement: if the update's delta has a cosine below
@@ -498,12 +501,12 @@ def _fold_one(
     reference: Mapping[str, torch.Tensor] | None,
     clip_update_norm: float | None,
     out: RoundOutcome,
-    dense: bool = False,
+    dense: Densify | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """One valid update's fp32 tensors (``dense``: its dense changes), its delta norm recorded and clipped if asked."""
     tensors: Mapping[str, torch.Tensor] = payload.decoded()
-    if dense:
-        tensors = densify(tensors, *lora_rank(payload.meta.lora))
+    if dense is not None:
+        tensors = dense(tensors, payload.meta.lora)
     cid = payload.meta.client_id
     if reference is not None:
         out.norms[cid] = delta_norm(tensors, reference)

@@ -14,14 +14,31 @@ scaling ``global_alpha / global_rank``. The head is a full weight: its weighted 
 A client of rank r_i starts its next round from the global delta truncated to its own rank
 (:func:`truncate_for_client`, :func:`start_for_client`).
 
-In a federation (``federation.hetero_ranks``) the server step works on dense changes: each
-valid update is :func:`densify`-ed as it is folded in, so the streamed weighted mean, the norm
-bounds, clipping and the robust rules all apply to ``delta_i``; the mean is then
+In a federation (``federation.hetero_ranks``) the server step works on dense changes
+(:class:`DenseUpdates`), in one of two modes (``federation.hetero_mode``):
+
+* ``residual`` (the default): each client's *change from its own start*,
+
+      delta = delta_global + sum_i w_i (delta_i - start_i),
+
+  where ``start_i`` is the dense change of the adapter client i started from
+  (:func:`start_dense`: ``delta_global`` itself at the global rank and alpha, else its rank-r_i
+  cut, which the server recomputes with the client's own function). What a rank-4 client
+  cannot represent of the global change is then kept, not averaged towards zero: its cut of a
+  round-2 clothing global dropped 42% of the change's norm, and the products mode pulled the
+  mean back into that subspace every round (``results/scenarios.md``).
+* ``products``: the weighted mean of the clients' final dense changes, ``sum_i w_i delta_i``
+  (FlexLoRA as published).
+
+Both equal plain FedAvg of the dense products when every client has the global rank and alpha
+(then ``start_i = delta_global`` and the weights sum to one). Each valid update is rebased
+(``delta_global + delta_i - start_i``) or :func:`densify`-ed as it is folded in, so the streamed
+weighted mean, the norm bounds, clipping and the robust rules all apply to it; the mean is then
 :func:`factorize`-d back to the global rank. A module's dense change travels inside the server
 under ``<module>.lora_delta.<suffix>`` in place of its A/B pair. ``max_update_ratio`` still
 scales with the norm of the global adapter's factors; the update norm it bounds is the dense
-one, ``sqrt(sum ||delta_i - delta_global||^2 + ||head_i - head_global||^2)``. A server optimizer
-steps on the dense changes too.
+one, ``sqrt(sum ||delta_i - delta_global||^2 + ||head_i - head_global||^2)`` (``residual``: the
+client's own change, ``delta_i - start_i``). A server optimizer steps on the dense changes too.
 
 A truncated component whose singular value is (numerically) zero has a zero row of A and a
 zero column of B, and LoRA's gradients of both are then zero forever: the component is dead.
@@ -36,7 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -47,6 +64,9 @@ DELTA = ".lora_delta."
 #: Singular values below this share of a module's largest are dropped when a client's start is
 #: truncated (a rank-8 delta cut to 16 has 8 values at ~1e-16 of the largest: dead components).
 DEAD_RTOL = 1e-6
+
+#: How the server combines clients of other ranks (``federation.hetero_mode``; see the module docstring).
+HeteroMode = Literal["residual", "products"]
 
 
 @dataclass(frozen=True)
@@ -204,14 +224,114 @@ def start_for_client(
     Raises:
         MergeError: The client's rank is larger than a weight allows, or its modules differ.
     """
-    gr, ga = lora_rank(global_lora)
-    r, alpha = lora_rank(lora)
-    if (gr, ga) == (r, alpha):
-        tensors = {k: v.float() for k, v in global_tensors.items()}
-    else:
-        tensors = factorize(densify(global_tensors, gr, ga), r, alpha, DEAD_RTOL).tensors
+    tensors = _start_factors(global_tensors, global_lora, lora)
     if set(fresh) != set(tensors):
         diff = sorted(set(fresh) ^ set(tensors))
         raise MergeError(f"the global adapter's tensors differ from this client's ({len(diff)} keys, e.g. {diff[0]})")
     revived = revive(tensors, fresh)
     return {k: revived[k] for k in fresh}
+
+
+def _start_factors(
+    global_tensors: Mapping[str, torch.Tensor], global_lora: Mapping[str, Any], lora: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The factors a client of LoRA config ``lora`` starts from, before reviving (fp32)."""
+    gr, ga = lora_rank(global_lora)
+    r, alpha = lora_rank(lora)
+    if (gr, ga) == (r, alpha):
+        return {k: v.float() for k, v in global_tensors.items()}
+    return factorize(densify(global_tensors, gr, ga), r, alpha, DEAD_RTOL).tensors
+
+
+def start_dense(
+    global_tensors: Mapping[str, torch.Tensor], global_lora: Mapping[str, Any], lora: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The dense changes (:func:`densify`, float64) of the adapter a client of ``lora`` starts from.
+
+    The same factors :func:`start_for_client` gives the client (reviving a dead component leaves
+    ``B @ A`` unchanged), so the server can recompute every client's start exactly.
+
+    Raises:
+        MergeError: The client's rank is larger than a weight allows.
+    """
+    return densify(_start_factors(global_tensors, global_lora, lora), *lora_rank(lora))
+
+
+class DenseUpdates:
+    """What the server averages for an update of any rank: its dense changes, rebased on its start.
+
+    Args:
+        global_tensors: The global adapter the clients started the round from.
+        global_lora: Its LoRA config (``r``, ``alpha``).
+        mode: ``residual``: ``delta_global + delta_i - start_i`` (the client's change from its
+            own start, :func:`start_dense`); ``products``: ``delta_i`` (see the module docstring).
+
+    Attributes:
+        reference: The global adapter's dense changes (:func:`densify`): the mean's reference.
+    """
+
+    def __init__(
+        self, global_tensors: Mapping[str, torch.Tensor], global_lora: Mapping[str, Any], mode: HeteroMode
+    ) -> None:
+        self.global_tensors = global_tensors
+        self.global_lora = lora_rank(global_lora)
+        self.mode = mode
+        self.reference = densify(global_tensors, *self.global_lora)
+        self._offsets: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
+
+    def offset(self, lora: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``delta_global - start`` per dense key for a client of ``lora`` (empty: nothing to add).
+
+        Raises:
+            MergeError: The client's rank is larger than a weight allows.
+        """
+        key = lora_rank(lora)
+        if self.mode == "products" or key == self.global_lora:  # start = global: nothing to add
+            return {}
+        if key not in self._offsets:
+            start = start_dense(self.global_tensors, {"r": self.global_lora[0], "alpha": self.global_lora[1]}, lora)
+            self._offsets[key] = {k: v - start[k] for k, v in self.reference.items() if DELTA in k}
+        return self._offsets[key]
+
+    def __call__(self, tensors: Mapping[str, torch.Tensor], lora: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The update's dense changes as the server averages them.
+
+        Raises:
+            MergeError: A factor without its partner, or a rank larger than a weight allows.
+        """
+        dense = densify(tensors, *lora_rank(lora))
+        offset = self.offset(lora)
+        return {k: v + offset[k] if k in offset else v for k, v in dense.items()}
+
+
+def aggregate_dense(
+    updates: Sequence[tuple[Mapping[str, torch.Tensor], float, Mapping[str, Any]]],
+    global_tensors: Mapping[str, torch.Tensor],
+    global_lora: Mapping[str, Any],
+    mode: HeteroMode = "residual",
+) -> HeteroResult:
+    """The server step's mean without its checks: the weighted mean of :class:`DenseUpdates`, cut to the global rank.
+
+    For reports that recompute a round from its recorded updates; a federation runs
+    :meth:`lorafed.server.step.RoundPolicy.try_aggregate`, which validates each update first.
+
+    Args:
+        updates: ``(tensors, weight, lora)`` per client (weights normalised here).
+        global_tensors: The global adapter the clients started from.
+        global_lora: Its LoRA config (the result's rank and alpha).
+        mode: See :class:`DenseUpdates`.
+
+    Raises:
+        MergeError: No updates, a weight that is not finite and >= 0 (or all zero), or a rank
+            larger than a weight allows.
+    """
+    weights = [float(w) for _, w, _ in updates]
+    if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise MergeError(f"weights must be finite, >= 0 and not all zero, got {weights}")
+    rebase = DenseUpdates(global_tensors, global_lora, mode)
+    total = sum(weights)
+    mean: dict[str, torch.Tensor] = {}
+    for (tensors, _, lora), w in zip(updates, weights, strict=True):
+        for k, v in rebase(tensors, lora).items():
+            mean[k] = mean.get(k, 0) + (w / total) * v.double()
+    return factorize(mean, *lora_rank(global_lora))

@@ -28,7 +28,7 @@ import torch
 
 from lorafed.server.aggregate import require_finite
 from lorafed.server.fold import Incoming, RoundOutcome, fold_updates, require_enough
-from lorafed.server.hetero import densify, factorize, lora_rank
+from lorafed.server.hetero import DenseUpdates, factorize, lora_rank
 from lorafed.server.privacy import DPSum, calibrate_noise, compute_epsilon, poisson_sample
 from lorafed.server.server_opt import ServerOptSettings, ServerOptState, server_step
 from lorafed.server.validate import UpdateSpec
@@ -209,8 +209,10 @@ class RoundPolicy:
         need = self.min_valid(len(updates) if asked is None else asked)
         bound = self.update_bound(reference)  # the global factors' norm, whatever the clients' ranks
         start = reference
+        to_dense = None
         if f.hetero_ranks:  # clients of other ranks: the step works on dense changes (server.hetero)
-            start = densify(reference, *lora_rank(spec.lora))
+            to_dense = DenseUpdates(reference, spec.lora, f.hetero_mode)
+            start = to_dense.reference
         if self.dp is None:
             outcome = fold_updates(
                 updates,
@@ -230,7 +232,7 @@ class RoundPolicy:
                 max_examples_growth=f.max_examples_growth,
                 known_claims=self.claims,
                 verifier=self.verifier,
-                dense=f.hetero_ranks,
+                dense=to_dense,
                 trust_weight_above=f.trust_weight_above,
                 trust_min_cosine=f.trust_min_cosine,
             )
