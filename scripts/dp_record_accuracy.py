@@ -15,7 +15,8 @@ default, 1 / (10 n); the row sampling and noise are seeded by the run seed
 
 Same settings for the baseline, and one addition on clothing (``scripts/_dp_recipe.py``, applied
 to every level, no DP included): fixed class weights from the public prior, which DP-SGD applies
-to each row's clipped gradient (without them clipped DP-SGD stays on the majority class). Record-level
+to each row's clipped gradient (without them clipped DP-SGD stays on the majority class), and
+FFA-LoRA at batch 64 x 6 steps per round (less noise per coordinate). Record-level
 DP refuses balanced class weights (a row's weight
 would depend on every other row's label) and length bucketing (Poisson sampling draws each
 step's rows independently), so every run, the no-DP baseline included, has
@@ -214,7 +215,8 @@ def render(report: dict[str, Any]) -> list[str]:
         "`train.length_bucketing=false`** (record-level DP refuses both), so DP-SGD is the only difference. "
         "Cost = no-DP macro-F1 minus DP macro-F1 on the same seed, in points, mean ± std over seeds. "
         "A setting's **DP recipe** (`scripts/_dp_recipe.py`: on clothing, fixed class weights from the public "
-        "prior) is applied to every level of it, the no-DP baseline included (same protocol).",
+        "prior, FFA-LoRA, batch 64 x 6 steps) is applied to every level of it, the no-DP baseline included "
+        "(same protocol).",
         "",
         f"`{report['command']}`",
         "",
