@@ -250,8 +250,18 @@ def test_sample_rows_are_nested_and_seeded() -> None:
     assert np.array_equal(a, sample_rows(pos, 10, 3)) and not np.array_equal(a, sample_rows(pos, 10, 4))
 
 
-def test_federation_without_and_cold_start(tiny_run) -> None:
+def test_federation_without_and_cold_start(tiny_run, monkeypatch) -> None:
     cfg, fed, _, tmp = tiny_run
+    import lorafed.engine.cold_start as cs
+
+    seen: list[tuple[int, float | None]] = []
+    real_report = cs.personalize_report
+
+    def spy(site, state, p, **kw):
+        seen.append((p.steps, p.learning_rate))
+        return real_report(site, state, p, **kw)
+
+    monkeypatch.setattr(cs, "personalize_report", spy)
     others, k = federation_without(fed, "north")
     assert "north" not in others.partition.client_ids and fed.partition.client_ids[k] == "north"
     assert not set(fed.splits[k].test) & set(others.test_positions.tolist())
@@ -265,6 +275,9 @@ def test_federation_without_and_cold_start(tiny_run) -> None:
     assert len({p["global"] for p in res["curve"]}) == 1
     assert all(0 <= p[key] <= 1 for p in res["curve"] for key in ("global", "global_tuned", "alone"))
     assert (tmp / "cold" / "cold_start.png").stat().st_size > 1000
+    # training alone (3 steps, from the untrained adapter) runs at the training learning rate
+    alone_lrs = {lr for steps, lr in seen if steps == 3}
+    assert alone_lrs == {cfg.train.learning_rate}
 
 
 def test_methods_are_defined_once() -> None:

@@ -147,8 +147,11 @@ def cold_start(
     tune = dataclasses.replace(
         config.personalize, method="finetune", steps=local_steps, eval_every=local_steps, patience=None
     )
-    # Training alone runs its steps unjudged: there is no global adapter to fall back to.
-    alone = PersonalizeConfig("finetune", alone_steps, None, alone_steps, None, max_epochs=None, cross_fit=0)
+    # Training alone runs its steps unjudged (there is no global adapter to fall back to), from the
+    # untrained adapter at the training learning rate, as a client that trains from scratch does
+    # (the tenth that personalization takes by default is for a converged start).
+    lr = config.train.learning_rate
+    alone = PersonalizeConfig("finetune", alone_steps, lr, alone_steps, None, max_epochs=None, cross_fit=0)
     recipes = dict(variants or {})
     g_score = evaluate_state(full, glob, test).macro_f1
     curve = []
