@@ -91,8 +91,13 @@ def _window(fed: Any, positions: Any, seconds: float, threads: int) -> dict[str,
     from lorafed.threads import use_threads
 
     samples, steps, start = 0, 0, time.perf_counter()
+    first = None
     while steps == 0 or time.perf_counter() - start < seconds:
         choice = use_threads(threads)
+        # Reported: the first step's choice, made while every process of the run is alive (each
+        # registered before the barrier); a later step may follow another process's exit.
+        if first is None:
+            first = choice
         samples += _train(fed, positions, 1, fed.config.train.autocast, seed=100 + steps).samples
         steps += 1
     elapsed = time.perf_counter() - start
@@ -101,8 +106,8 @@ def _window(fed: Any, positions: Any, seconds: float, threads: int) -> dict[str,
         "samples": samples,
         "steps": steps,
         "seconds": elapsed,
-        "threads": choice.threads,
-        "log": choice.describe(),
+        "threads": first.threads,
+        "log": first.describe(),
     }
 
 
