@@ -53,6 +53,17 @@ def test_epsilon_grows_with_steps_and_is_zero_before_training() -> None:
     assert epsilon_spent(1.0, 0.1, 10, 1e-5) < epsilon_spent(1.0, 0.1, 20, 1e-5)
 
 
+def per_row_grads(lin: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """By hand, in float64: each row's cross-entropy gradient of ``lin``'s weight, (p - y) x^T, and bias, p - y."""
+    w, b = lin.weight.detach().numpy().astype(np.float64), lin.bias.detach().numpy().astype(np.float64)
+    xs = x.numpy().astype(np.float64)
+    logits = xs @ w.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    err = p - np.eye(w.shape[0])[y.numpy()]  # d ce_i / d logits_i
+    return err[:, :, None] * xs[:, None, :], err
+
+
 def test_per_sample_clipping_matches_a_hand_computed_linear_model() -> None:
     """With z = 0 the DP gradient is sum_i clip_C(g_i) / expected batch, g_i by hand for softmax regression."""
     torch.manual_seed(0)
@@ -66,14 +77,7 @@ def test_per_sample_clipping_matches_a_hand_computed_linear_model() -> None:
     torch.nn.functional.cross_entropy(gsm(x), y).backward()
     assert dp_opt.pre_step()
 
-    w, b = lin.weight.detach().numpy().astype(np.float64), lin.bias.detach().numpy().astype(np.float64)
-    xs = x.numpy().astype(np.float64)
-    logits = xs @ w.T + b
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    err = p - np.eye(2)[y.numpy()]  # d ce_i / d logits_i
-    g_w = err[:, :, None] * xs[:, None, :]  # per-example gradient of W: (p - y) x^T
-    g_b = err
+    g_w, g_b = per_row_grads(lin, x, y)
     norms = np.sqrt((g_w**2).sum((1, 2)) + (g_b**2).sum(1))
     assert (norms > clip).sum() >= 2  # the test clips some examples and not others
     assert (norms < clip).sum() >= 1
@@ -107,13 +111,7 @@ def test_class_weights_scale_each_clipped_row_by_hand() -> None:
     clip_and_weight_rows(dp_opt.params, clip, (weights / weights.max())[y])
     assert dp_opt.pre_step()
 
-    w, b = lin.weight.detach().numpy().astype(np.float64), lin.bias.detach().numpy().astype(np.float64)
-    xs = x.numpy().astype(np.float64)
-    logits = xs @ w.T + b
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    err = p - np.eye(2)[y.numpy()]
-    g_w, g_b = err[:, :, None] * xs[:, None, :], err
+    g_w, g_b = per_row_grads(lin, x, y)
     norms = np.sqrt((g_w**2).sum((1, 2)) + (g_b**2).sum(1))
     assert (norms > clip).all()
     factor = clip / norms * np.array([0.25, 1.0, 0.25])
