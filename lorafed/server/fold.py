@@ -28,7 +28,7 @@ import torch
 
 from lorafed.errors import AggregationError, PayloadError, PayloadValidationError, SignatureError
 from lorafed.server.aggregate import WeightedMean, Weighting, require_finite
-from lorafed.server.claims import Lowered, OverRatio, above_typical, check_claims, unearned_weights
+from lorafed.server.claims import Lowered, OverRatio, above_typical, check_claims, declares_noise, unearned_weights
 from lorafed.server.privacy import DPSum
 from lorafed.server.robust import Robust, clip_update, coordinate_median, delta_norm, trimmed_mean
 from lorafed.server.validate import UpdateSpec, validate_update
@@ -227,7 +227,8 @@ def fold_updates(
             updates must be earned by agreement: if the update's delta has a cosine below
             ``trust_min_cosine`` with the others' weighted mean delta, its weight is lowered to
             that median (recorded in ``lowered`` and ``weight_clipped``; see
-            :func:`lorafed.server.claims.unearned_weights`). ``None`` or 0: off.
+            :func:`lorafed.server.claims.unearned_weights`; an update whose header declares
+            record-DP noise is lowered only beyond the cosine chance explains). ``None`` or 0: off.
         trust_min_cosine: The least cosine that earns a weight above the typical, in [-1, 1].
 
     Returns:
@@ -355,7 +356,8 @@ def fold_updates(
         if trust and reference is not None and above_typical(weights, float(trust_weight_above or 0)):
             rows = _deltas(kept, reference)
             deltas = {cid: row for (cid, _, _), row in zip(kept_ids, rows, strict=True)}
-            out.lowered = unearned_weights(weights, deltas, float(trust_weight_above or 0), trust_min_cosine)
+            noisy = {m.client_id for _, m in out.accepted if declares_noise(m.metrics)}
+            out.lowered = unearned_weights(weights, deltas, float(trust_weight_above or 0), trust_min_cosine, noisy)
             weights.update({cid: low.weight for cid, low in out.lowered.items()})
         capped = cap_shares(weights, float(max_share or 1.0))
         out.weight_clipped = {c: w for c, w in capped.items() if w < claimed[c]}
