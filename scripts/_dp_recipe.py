@@ -23,9 +23,11 @@ same weights): the frozen backbone's pooled [CLS] features are too weak for a li
 
 from __future__ import annotations
 
+#: The public class weights alone: the plain-LoRA reference without DP (``dp_record_accuracy.py --levels plain``).
+CLOTHING_CLASS_WEIGHTS: list[str] = ['train.class_weights={"0": 4.5, "1": 1.0}']
 #: Overrides of ``configs/clothing_recommend.yaml`` for the DP scripts (every privacy level, no DP included).
 CLOTHING_DP_RECIPE: list[str] = [
-    'train.class_weights={"0": 4.5, "1": 1.0}',
+    *CLOTHING_CLASS_WEIGHTS,
     "federation.aggregation=ffa",
     "train.batch_size=64",
     "train.max_steps=6",

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -73,7 +74,7 @@ from lorafed.wire.reader import load_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from _dp_recipe import CLOTHING_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
+from _dp_recipe import CLOTHING_CLASS_WEIGHTS, CLOTHING_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
 
 #: Per setting: title, config, overrides, round cap, patience (bench_quality's full profile).
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -82,6 +83,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "config": "clothing_recommend.yaml",
         "overrides": ["data.max_length=64", "federation.max_test_rows=500"],
         "recipe": CLOTHING_DP_RECIPE,
+        "plain": CLOTHING_CLASS_WEIGHTS,
         "rounds": 6,
         "patience": 2,
     },
@@ -90,6 +92,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "config": "retail_intents_dirichlet.yaml",
         "overrides": ["federation.max_test_rows=800"],
         "recipe": [],
+        "plain": [],
         "rounds": 8,
         "patience": 2,
     },
@@ -99,6 +102,7 @@ TINY: dict[str, dict[str, Any]] = {
     "a": {
         "overrides": ["partition.scheme=natural", "partition.column=shop"],
         "recipe": TINY_DP_RECIPE,
+        "plain": [],
         "rounds": 2,
         "patience": 1,
     },
@@ -108,6 +112,12 @@ TINY: dict[str, dict[str, Any]] = {
 SAME_FOR_ALL = ["train.class_weighting=none", "train.length_bucketing=false"]
 #: (name, target epsilon or None for no DP).
 LEVELS: tuple[tuple[str, float | None], ...] = (("no DP", None), ("eps 8", 8.0), ("eps 3", 3.0), ("eps 1", 1.0))
+#: ``--levels`` keys -> level names; ``plain`` is the reference below.
+LEVEL_KEYS: dict[str, str] = {"none": "no DP", "8": "eps 8", "3": "eps 3", "1": "eps 1", "plain": "no DP, plain LoRA"}
+#: The non-private reference without the DP recipe's training changes (the setting's ``plain``
+#: overrides instead of its ``recipe``: on clothing the public class weights only, so plain LoRA at
+#: the config's batch 16 x 12 steps): what the recipe itself costs. Opt-in (``--levels ...,plain``).
+PLAIN = LEVEL_KEYS["plain"]
 #: The issue's targets on clothing: (level, largest cost in macro-F1 points against no DP).
 TARGETS = (("eps 8", 2.0), ("eps 3", 4.0))
 
@@ -156,7 +166,7 @@ def run_one(fed: Cohort, cfg: RunConfig, val: np.ndarray, rounds: int, patience:
 def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per level: macro-F1 and rounds over seeds, epsilon spent, and the cost against no DP on the same seeds."""
     out: dict[str, Any] = {}
-    for name, _ in LEVELS:
+    for name in [*(n for n, _ in LEVELS), PLAIN]:
         seeds = [s for s, r in per_seed.items() if name in r]
         if not seeds:
             continue
@@ -173,7 +183,7 @@ def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 max(r["noise_multiplier_max"] for r in runs),
             ]
         paired = [s for s in seeds if "no DP" in per_seed[s]]
-        if name != "no DP" and paired:
+        if name not in ("no DP", PLAIN) and paired:
             row["cost_points"] = measure.summarize(
                 [100 * (per_seed[s]["no DP"]["macro_f1"] - per_seed[s][name]["macro_f1"]) for s in paired]
             )
@@ -214,11 +224,14 @@ def render(report: dict[str, Any]) -> list[str]:
         "**Every run, the no-DP baseline included, has `train.class_weighting=none` and "
         "`train.length_bucketing=false`** (record-level DP refuses both), so DP-SGD is the only difference. "
         "Cost = no-DP macro-F1 minus DP macro-F1 on the same seed, in points, mean ± std over seeds. "
-        "A setting's **DP recipe** (`scripts/_dp_recipe.py`: on clothing, fixed class weights from the public "
-        "prior, FFA-LoRA, batch 64 x 6 steps) is applied to every level of it, the no-DP baseline included "
-        "(same protocol).",
+        "A setting's **DP recipe** (`scripts/_dp_recipe.py`, listed under each setting) is applied to every "
+        "level of it, the no-DP baseline included (same protocol); the reference *no DP, plain LoRA* has the "
+        "setting's plain overrides instead (on clothing the public class weights only), so it shows what the "
+        "recipe itself costs without DP.",
         "",
-        f"`{report['command']}`",
+        "Reproduce (each command adds its runs to the report with `--merge`):",
+        "",
+        *[f"    {c}" for c in commands(report)],
         "",
     ]
     for s in report["settings"].values():
@@ -245,8 +258,19 @@ def render(report: dict[str, Any]) -> list[str]:
                 f"| {name} | {n} | {100 * f1['mean']:.2f} ± {100 * f1['std']:.2f} | {cost_s} | {eps} | {z} | "
                 f"{v['rounds_run']['mean']:.1f} | {v['seconds']['mean']:.0f} |"
             )
-        if s["skipped"]:
-            lines += ["", f"Skipped (time budget spent): {', '.join(s['skipped'])}."]
+        summ = s["summary"]
+        if PLAIN in summ and "no DP" in summ:
+            gap = 100 * (summ[PLAIN]["macro_f1"]["mean"] - summ["no DP"]["macro_f1"]["mean"])
+            lines += [
+                "",
+                f"Without DP the recipe is {abs(gap):.2f} points {'below' if gap > 0 else 'above'} plain LoRA "
+                f"(`{' '.join(s.get('plain', [])) or 'no overrides'}`): {100 * summ[PLAIN]['macro_f1']['mean']:.2f} "
+                f"against {100 * summ['no DP']['macro_f1']['mean']:.2f}.",
+            ]
+        ran = {f"seed{seed}/{name}" for seed, runs in s["seeds"].items() for name in runs}  # a later --merge ran it
+        skipped = [x for x in s["skipped"] if x.split("/", 1)[1] not in ran]
+        if skipped:
+            lines += ["", f"Skipped (time budget spent): {', '.join(skipped)}."]
         lines.append("")
     lines += ["## Targets", ""]
     lines += [f"- {t['target']}: **{measure.met_word(t['met'])}** — {t['text']}" for t in report["targets"]]
@@ -254,6 +278,30 @@ def render(report: dict[str, Any]) -> list[str]:
         lines.append("- not evaluated (setting (a) or its DP runs missing from this run)")
     lines += ["", f"![macro-F1 per epsilon]({Path(report['plot']).name})", ""]
     return lines
+
+
+def commands(report: dict[str, Any]) -> list[str]:
+    """The report's reproduce command(s): one string, or a list after ``--merge``."""
+    c = report["command"]
+    return [c] if isinstance(c, str) else list(c)
+
+
+def merged_into(report: dict[str, Any], prior: dict[str, Any]) -> None:
+    """Put the runs of an earlier report of the same settings (``--merge``) into ``report``, before it runs.
+
+    This run's own runs then replace those of the same setting, seed and level. Keeps the earlier
+    commands (then this one) and wall time; settings not run now are kept as they were.
+    """
+    report["command"] = [*commands(prior), report["command"]]
+    report["prior_wall_seconds"] = prior.get("wall_seconds", 0.0) + prior.get("prior_wall_seconds", 0.0)
+    for k, old in prior["settings"].items():
+        new = report["settings"].setdefault(k, old)
+        if new is not old:
+            new["seeds"] = {seed: dict(runs) for seed, runs in old["seeds"].items()}
+            new["skipped"] = list(old["skipped"])
+            new.update({x: old[x] for x in ("clients", "test_rows", "val_rows") if x in old})
+        new["summary"] = summarize(new["seeds"])
+    report["targets"] = check_targets(report["settings"])
 
 
 def plot(settings: dict[str, Any], path: Path) -> Path:
@@ -276,6 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny random BERT on synthetic reviews (seconds)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of a,b")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--levels",
+        default="none,8,3,1",
+        help="comma-separated subset of none,8,3,1 (epsilons) and plain (no DP without the recipe)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="add this run's runs to those of <out>.json (same seed, setting and level: replaced)",
+    )
     ap.add_argument("--time-budget-s", type=float, default=10000, help="start no new run after this (0: none)")
     ap.add_argument("--out", default=str(ROOT / "results" / "dp_record_accuracy"), help="output path, no suffix")
     args = ap.parse_args(argv)
@@ -284,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown settings {unknown}")
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
+    if unknown := [x for x in args.levels.split(",") if x not in LEVEL_KEYS]:
+        ap.error(f"unknown levels {unknown}; expected some of {','.join(LEVEL_KEYS)}")
+    want = {LEVEL_KEYS[x] for x in args.levels.split(",")}
+    levels = [(name, eps, "recipe") for name, eps in LEVELS if name in want]
+    levels += [(PLAIN, None, "plain")] if PLAIN in want else []
     out = Path(args.out)
     budget = args.time_budget_s or None
     t0 = time.perf_counter()
@@ -318,33 +381,45 @@ def main(argv: list[str] | None = None) -> int:
                 "config": str(p["path"].relative_to(ROOT)),
                 "overrides": [*p["overrides"], *SAME_FOR_ALL, *p["recipe"]],
                 "recipe": list(p["recipe"]),
+                "plain": list(p["plain"]),
                 "rounds_cap": p["rounds"],
                 "patience": p["patience"],
                 "seeds": {},
                 "skipped": [],
                 "summary": {},
             }
+        if args.merge and out.with_suffix(".json").is_file():
+            prior = json.loads(out.with_suffix(".json").read_text())
+            if prior["mode"] != report["mode"] or any(
+                prior["settings"][k]["overrides"] != report["settings"][k]["overrides"]
+                for k in keys
+                if k in prior["settings"]
+            ):
+                ap.error(f"--merge: {out}.json has another mode or other overrides (recipe) for these settings")
+            merged_into(report, prior)
         for seed in range(args.seeds):
             for k, p in plans.items():
                 s = report["settings"][k]
 
-                def load(extra: list[str], p: dict[str, Any] = p, seed: int = seed) -> RunConfig:
-                    over = [*base, *p["overrides"], *p["recipe"], f"seed={seed}", f"federation.rounds={p['rounds']}"]
+                def load(
+                    extra: list[str], recipe: str = "recipe", p: dict[str, Any] = p, seed: int = seed
+                ) -> RunConfig:
+                    over = [*base, *p["overrides"], *p[recipe], f"seed={seed}", f"federation.rounds={p['rounds']}"]
                     over += extra
                     return load_config(p["path"], [*over, f"output_dir={work}"])
 
                 if budget is not None and time.perf_counter() - t0 > budget:
-                    s["skipped"] += [f"{k}/seed{seed}/{name}" for name, _ in LEVELS]
+                    s["skipped"] += [f"{k}/seed{seed}/{name}" for name, _, _ in levels]
                     continue
                 fed = prepare_cohort(load([]))
                 val = val_positions(fed)
                 s.update(clients=len(fed.partition.client_ids), test_rows=len(fed.test_positions), val_rows=len(val))
                 runs = s["seeds"].setdefault(str(seed), {})
-                for name, target in LEVELS:
+                for name, target, recipe in levels:
                     if budget is not None and time.perf_counter() - t0 > budget:
                         s["skipped"].append(f"{k}/seed{seed}/{name}")
                         continue
-                    cfg = load(dp_overrides(target, seed))
+                    cfg = load(dp_overrides(target, seed), recipe)
                     run_dir = work / f"{k}-{seed}-{name.replace(' ', '_')}"
                     runs[name] = run_one(fed, cfg, val, p["rounds"], p["patience"], run_dir)
                     r = runs[name]
@@ -354,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     s["summary"] = summarize(s["seeds"])
                     report["targets"] = check_targets(report["settings"])
-                    report["wall_seconds"] = time.perf_counter() - t0
+                    report["wall_seconds"] = time.perf_counter() - t0 + report.get("prior_wall_seconds", 0.0)
                     # After every run, so a partial run keeps its results.
                     measure.write_results(out, report, render(report))
                     plot({x: v for x, v in report["settings"].items() if v["summary"]}, Path(report["plot"]))

@@ -337,3 +337,30 @@ def test_dp_record_accuracy_script_tiny(tmp_path: Path) -> None:
         assert t["met"] == (t["value"] <= limit)
     assert (tmp_path / "dprec.md").read_text().count("| eps ") == 6
     assert (tmp_path / "dprec.png").stat().st_size > 0
+
+
+def test_dp_record_accuracy_levels_and_merge(tmp_path: Path) -> None:
+    """--levels runs a subset; --merge adds a later command's runs to the report and judges both targets."""
+    spec = importlib.util.spec_from_file_location("dp_record_accuracy", ROOT / "scripts" / "dp_record_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "dprec"
+    common = ["--tiny", "--settings", "a", "--seeds", "1", "--out", str(out)]
+    assert mod.main([*common, "--levels", "none,8"]) == 0
+    first = json.loads(out.with_suffix(".json").read_text())
+    assert list(first["settings"]["a"]["summary"]) == ["no DP", "eps 8"]
+    assert [t["target"] for t in first["targets"]] == ["epsilon 8 costs <= 2 points on clothing"]
+    assert mod.main([*common, "--levels", "3,plain", "--merge"]) == 0
+    merged = json.loads(out.with_suffix(".json").read_text())
+    s = merged["settings"]["a"]
+    assert list(s["summary"]) == ["no DP", "eps 8", "eps 3", "no DP, plain LoRA"]
+    runs = s["seeds"]["0"]
+    assert runs["no DP"] == first["settings"]["a"]["seeds"]["0"]["no DP"]  # kept from the first command
+    assert "cost_points" not in s["summary"]["no DP, plain LoRA"]
+    for name, t in zip(("eps 8", "eps 3"), merged["targets"], strict=True):
+        assert t["value"] == pytest.approx(100 * (runs["no DP"]["macro_f1"] - runs[name]["macro_f1"]))
+    assert len(merged["command"]) == 2 and "--merge" in merged["command"][1]
+    text = out.with_suffix(".md").read_text()
+    assert text.count("| eps ") == 2 and "| no DP, plain LoRA |" in text and "Without DP the recipe is" in text
+    with pytest.raises(SystemExit):
+        mod.main([*common, "--levels", "2"])
