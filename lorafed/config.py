@@ -454,8 +454,11 @@ class PersonalizeConfig:
 
     Attributes:
         method: ``none`` (every client uses the global adapter), ``finetune`` (a short local
-            fine-tune of LoRA and head from the global adapter) or ``local_head`` (FedRep-style:
-            the global LoRA kept frozen, only the classifier head retrained on the client's rows).
+            fine-tune of LoRA and head from the global adapter), ``local_head`` (FedRep-style:
+            the global LoRA kept frozen, only the classifier head retrained on the client's rows)
+            or ``prior`` (nothing trained: ``tau * log`` of the client's smoothed label
+            frequencies added to the head's bias, a logit adjustment for label shift; tau from
+            ``prior_taus`` through the same adoption rule).
         steps: Most local optimizer steps.
         learning_rate: Local learning rate (``null``: ``train.learning_rate`` x
             :data:`PERSONALIZE_LR_SCALE`, a tenth: a converged global adapter needs smaller steps
@@ -481,7 +484,12 @@ class PersonalizeConfig:
         cross_fit: A client without validation rows (a newcomer with a few rows) splits its train
             rows into this many folds; the tuned adapter is kept only if its out-of-fold
             predictions pass the same rule against the global adapter's (0: keep the last
-            checkpoint unjudged).
+            checkpoint unjudged; ``prior`` then applies tau = 1).
+        prior_taus: ``prior``: the strengths tau tried, each a candidate of the adoption rule
+            (Bonferroni counts them); tau = 1 is the Bayes correction from a flat federation prior
+            to the client's.
+        prior_smoothing: ``prior``: added to each label's count before the frequencies are
+            taken, so a label the client never holds gets a finite log prior (1: add-one).
     """
 
     method: PersonalizeMethod = "none"
@@ -494,6 +502,8 @@ class PersonalizeConfig:
     bootstrap: int = 1000
     max_epochs: float | None = 3.0
     cross_fit: int = 2
+    prior_taus: tuple[float, ...] = (0.5, 1.0, 2.0)
+    prior_smoothing: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -1133,4 +1143,9 @@ def _check_ranges(c: RunConfig) -> list[str]:
         pz.max_epochs is None or pz.max_epochs > 0, f"personalize.max_epochs: must be > 0 or null, got {pz.max_epochs}"
     )
     need(pz.cross_fit == 0 or pz.cross_fit >= 2, f"personalize.cross_fit: must be 0 or >= 2, got {pz.cross_fit}")
+    need(
+        len(pz.prior_taus) > 0 and all(t > 0 for t in pz.prior_taus),
+        f"personalize.prior_taus: must be a non-empty list of numbers > 0, got {list(pz.prior_taus)}",
+    )
+    need(pz.prior_smoothing > 0, f"personalize.prior_smoothing: must be > 0, got {pz.prior_smoothing}")
     return p

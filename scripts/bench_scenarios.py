@@ -6,13 +6,16 @@ after ``converge.patience`` rounds without a better macro-F1 on the pooled valid
 best-validation round's global adapter is the start).
 
 Personalization (settings (a) clothing by department, (b) intents Dirichlet 0.1): every client
-personalizes the global adapter two ways (``finetune``: LoRA and head; ``local_head``: the head
-only, FedRep-style), adopting a checkpoint only if it beats the global adapter on the client's
-validation rows by ``personalize.min_gain`` and by a one-sided 95% paired bootstrap
-(``personalize.confidence``, Bonferroni over the checkpoints); per client, on its own test slice:
-global vs personalized vs the client trained alone (best of ``local_rounds`` checkpoints on its
-validation rows). Targets on (b): personalized mean >= global + 2 points; no client more than 1
-point below its global score.
+personalizes the global adapter three ways (``finetune``: LoRA and head; ``local_head``: the head
+only, FedRep-style; ``prior``: the head's bias shifted by tau x the log of the client's label
+prior, nothing trained), adopting a checkpoint (a tau) only if it beats the global adapter on the
+client's validation rows by ``personalize.min_gain`` and by a one-sided 95% paired bootstrap
+(``personalize.confidence``, Bonferroni over the checkpoints or taus); per client, on its own test
+slice: global vs personalized vs the client trained alone (best of ``local_rounds`` checkpoints on
+its validation rows). A diagnostic beside them, no target: ``prior`` with the rule relaxed to
+"not worse on validation" (``min_gain`` 0, no bootstrap), to tell the method from the guard.
+Targets on (b), per method: personalized mean >= global + 2 points; no client more than 1 point
+below its global score.
 
 Cold start: the federation runs without one client (clothing: ``Jackets``; intents: its largest
 Dirichlet client); that newcomer then holds 25, 50, 100 or 200 labelled rows, and its test rows
@@ -73,8 +76,12 @@ from lorafed.measure import command_line, met_word, target, write_results  # noq
 
 logger = logging.getLogger("bench_scenarios")
 
-#: Personalization methods compared.
-METHODS = ("finetune", "local_head")
+#: Personalization methods compared (each judged against the targets).
+METHODS = ("finetune", "local_head", "prior")
+#: Diagnostic personalization variants (no target): name -> (method, PersonalizeConfig overrides).
+DIAGNOSTICS: dict[str, tuple[str, dict[str, Any]]] = {
+    "prior, unguarded": ("prior", {"min_gain": 0.0, "confidence": None}),
+}
 #: The measured parts, in the order they run; ``hetero`` and ``continue`` only for settings that define them.
 PARTS = ("personalize", "cold", "hetero", "continue")
 
@@ -177,10 +184,12 @@ def run_personalization(config: RunConfig, spec: dict[str, Any], out: Path) -> d
     best_round, glob, fed_run = converged_global(fed, run, **spec["converge"])
     t_fed = time.perf_counter() - t0
     methods: dict[str, Any] = {}
+    diagnostics: dict[str, Any] = {}
     baseline: dict[str, Any] | None = None
-    for m in METHODS:
+    runs = [(m, m, {}) for m in METHODS] + [(name, m, kw) for name, (m, kw) in DIAGNOSTICS.items()]
+    for name, m, kw in runs:
         t = time.perf_counter()
-        pcfg = PersonalizeConfig(method=m, **spec["personalize"])
+        pcfg = PersonalizeConfig(method=m, **{**spec["personalize"], **kw})
         done = personalize_all(config, run, fed=fed, pcfg=pcfg, round_=best_round)
         local = baseline is None
         res = measure_personalization(
@@ -198,9 +207,12 @@ def run_personalization(config: RunConfig, spec: dict[str, Any], out: Path) -> d
         res["steps"] = {c: v.steps for c, v in done.items()}
         res["best_step"] = {c: v.best_step for c, v in done.items()}
         res["gain_bound"] = {c: v.gain_bound for c, v in done.items()}
-        res["adopted"] = sum(v.best_step > 0 for v in done.values())
+        res["adopted"] = sum(v.adopted for v in done.values())
+        if m == "prior":
+            res["tau"] = {c: v.tau for c, v in done.items()}
         res["seconds"] = round(time.perf_counter() - t, 1)
-        methods[m] = res
+        (methods if name in METHODS else diagnostics)[name] = res
+    rule = PersonalizeConfig(**spec["personalize"])
     return {
         "clients": dict(zip(fed.partition.client_ids, fed.partition.sizes(), strict=True)),
         "federation_seconds": round(t_fed, 1),
@@ -210,8 +222,10 @@ def run_personalization(config: RunConfig, spec: dict[str, Any], out: Path) -> d
             "macro_f1": fed_run["macro_f1"],
             **spec["converge"],
         },
-        "adoption": {"min_gain": pcfg.min_gain, "confidence": pcfg.confidence, "bootstrap": pcfg.bootstrap},
+        "adoption": {"min_gain": rule.min_gain, "confidence": rule.confidence, "bootstrap": rule.bootstrap},
+        "prior": {"taus": list(rule.prior_taus), "smoothing": rule.prior_smoothing},
         "methods": methods,
+        "diagnostics": {name: {"method": m, **kw, **diagnostics[name]} for name, (m, kw) in DIAGNOSTICS.items()},
         "fed": fed,
     }
 
@@ -443,7 +457,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 def _personalization_md(key: str, s: dict[str, Any]) -> list[str]:
     lines = ["", f"## ({key}) {s['title']}: personalization", "", f"Reproduce: `{s['commands']['personalize']}`", ""]
-    fed, rule = s["personalization"].get("federation"), s["personalization"].get("adoption")
+    pers = s["personalization"]
+    fed, rule, prior = pers.get("federation"), pers.get("adoption"), pers.get("prior")
     if fed is not None and rule is not None:
         lines += [
             f"Global adapter: round {fed['best_round']} of {fed['rounds_run']} run (cap {fed['rounds']}, patience "
@@ -453,23 +468,56 @@ def _personalization_md(key: str, s: dict[str, Any]) -> list[str]:
             "Bonferroni over the checkpoints) is above 0.",
             "",
         ]
+    if prior is not None:
+        lines += [
+            f"`prior`: the head's bias + tau x log of the client's label frequencies on its train rows (each count "
+            f"+ {prior['smoothing']}), tau in {prior['taus']} (the candidates of the same rule); nothing trained. "
+            "Diagnostics (no target) relax the rule: "
+            + "; ".join(
+                f"{n}: min_gain {d.get('min_gain')}, confidence {d.get('confidence')}"
+                for n, d in pers.get("diagnostics", {}).items()
+            )
+            + ".",
+            "",
+        ]
+    rows = {**pers["methods"], **pers.get("diagnostics", {})}
     lines += [
         "| method | global mean | personalized mean | local-only mean | worst personalized | "
         "clients adopting | clients gaining | largest drop |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for m, r in s["personalization"]["methods"].items():
+    for m, r in rows.items():
+        name = m if m in pers["methods"] else f"{m} (diagnostic)"
         lines.append(
-            f"| {m} | {r['mean']['global']:.4f} | {r['mean']['personalized']:.4f} | "
+            f"| {name} | {r['mean']['global']:.4f} | {r['mean']['personalized']:.4f} | "
             f"{r['mean']['local_only']:.4f} | {r['worst']['personalized']:.4f} | "
             f"{r.get('adopted', '-')}/{r['num_clients']} | {r['gained']}/{r['num_clients']} | {r['max_drop']:.4f} |"
         )
-    first = next(iter(s["personalization"]["methods"].values()))
-    lines += ["", "| client | test rows | global | " + " | ".join(METHODS) + " | local-only |"]
-    lines.append("| --- " * (4 + len(METHODS)) + "|")
+    first = next(iter(pers["methods"].values()))
+    taus = {n: r["tau"] for n, r in rows.items() if "tau" in r}
+    errs = all("errors" in v for v in first["clients"].values())
+    if errs:
+        lines += [
+            "",
+            "Global errors: test rows the global adapter predicts wrong, and (in brackets) those predicted as an "
+            "intent absent from the client's train rows; macro-F1 over the labels present in truth or prediction "
+            "counts each such intent as a class of F1 0.",
+        ]
+    lines += [
+        "",
+        "| client | test rows | global | "
+        + ("global errors | " if errs else "")
+        + " | ".join(rows)
+        + " | local-only |"
+        + "".join(f" tau ({n}) |" for n in taus),
+    ]
+    lines.append("| --- " * (4 + int(errs) + len(rows) + len(taus)) + "|")
     for c, v in first["clients"].items():
-        per = " | ".join(f"{s['personalization']['methods'][m]['clients'][c]['personalized']:.4f}" for m in METHODS)
-        lines.append(f"| {c} | {v['test_rows']} | {v['global']:.4f} | {per} | {v['local_only']:.4f} |")
+        per = " | ".join(f"{r['clients'][c]['personalized']:.4f}" for r in rows.values())
+        kept = "".join(f" {'-' if t.get(c) is None else t[c]} |" for t in taus.values())
+        e = v["errors"]["global"] if errs else {}
+        err = f"{e['wrong']} ({e['into_unheld']}) | " if errs else ""
+        lines.append(f"| {c} | {v['test_rows']} | {v['global']:.4f} | {err}{per} | {v['local_only']:.4f} |{kept}")
     return lines
 
 

@@ -1,4 +1,4 @@
-"""Scenarios: personalization (finetune, local_head), personalized payloads and their export, cold start, the bench."""
+"""Scenarios: personalization (finetune, local_head, prior), personalized payloads and export, cold start, the bench."""
 
 from __future__ import annotations
 
@@ -219,6 +219,11 @@ def test_measure_personalization_against_sklearn(tiny_run) -> None:
             pred = predict_logits(fed.client.model, fed.rows, test, 64).argmax(1)
             expected = f1_score(y, pred, average="macro", labels=range(len(fed.data.label_names)), zero_division=0)
             assert res["clients"][cid][key] == pytest.approx(expected, abs=1e-9), (cid, key)
+            held = set(fed.rows.labels[torch.as_tensor(fed.splits[k].train)].tolist())
+            wrong = pred != y
+            unheld = np.array([c not in held for c in pred.tolist()], dtype=bool)
+            got = res["clients"][cid]["errors"][key]
+            assert got == {"wrong": int(wrong.sum()), "into_unheld": int((wrong & unheld).sum())}, (cid, key)
         assert 0 <= res["clients"][cid]["local_only"] <= 1
     rows = res["clients"].values()
     assert res["mean"]["personalized"] == pytest.approx(np.mean([r["personalized"] for r in rows]))
@@ -296,7 +301,13 @@ def test_bench_scenarios_tiny(tmp_path) -> None:
     assert result["targets"] and all({"target", "met", "value"} <= set(t) for t in result["targets"])
     for key, s in result["settings"].items():
         assert s["command"].endswith(f"scripts/bench_scenarios.py --tiny --settings {key}")
-        assert set(s["personalization"]["methods"]) == {"finetune", "local_head"}
+        assert set(s["personalization"]["methods"]) == {"finetune", "local_head", "prior"}
+        diag = s["personalization"]["diagnostics"]["prior, unguarded"]
+        assert (diag["method"], diag["min_gain"], diag["confidence"]) == ("prior", 0.0, None)
+        assert (
+            set(diag["tau"]) == set(diag["clients"])
+            and "prior, unguarded (diagnostic)" in (tmp_path / "results" / "scenarios.md").read_text()
+        )
         assert (tmp_path / "results" / f"scenarios_cold_{key}.png").is_file()
     md = (tmp_path / "results" / "scenarios.md").read_text()
     assert "cold start" in md and "Reproduce:" in md
@@ -347,3 +358,149 @@ def test_local_learning_rate_defaults_to_a_tenth_of_training() -> None:
     assert pmod.personal_learning_rate(PersonalizeConfig("finetune"), 1e-2) == pytest.approx(1e-3)
     assert pmod.personal_learning_rate(PersonalizeConfig("finetune"), 3e-3) == pytest.approx(3e-4)
     assert pmod.personal_learning_rate(PersonalizeConfig("finetune", learning_rate=5e-4), 1e-2) == 5e-4
+
+
+def _np_log_prior(y: np.ndarray, num_labels: int, smoothing: float) -> np.ndarray:
+    """The oracle: log of the smoothed label frequencies, by hand."""
+    counts = np.array([(y == c).sum() for c in range(num_labels)], dtype=np.float64)
+    return np.log((counts + smoothing) / (len(y) + smoothing * num_labels))
+
+
+def test_log_prior_by_hand() -> None:
+    # counts [2, 1, 0] + 1 = [3, 2, 1] over 3 + 3 = 6
+    assert np.allclose(pmod.log_prior(np.array([0, 0, 1]), 3, 1.0), np.log([3 / 6, 2 / 6, 1 / 6]))
+    # counts [0, 4] + 0.5 over 4 + 1
+    assert np.allclose(pmod.log_prior(np.array([1, 1, 1, 1]), 2, 0.5), np.log([0.5 / 5, 4.5 / 5]))
+
+
+def test_prior_head_bias_errors() -> None:
+    from lorafed.errors import ModelError
+
+    state = {"classifier.weight": torch.zeros(3, 4), "classifier.bias": torch.zeros(3)}
+    assert pmod.head_bias_key(state, 3) == "classifier.bias"
+    with pytest.raises(ModelError, match=r"exactly one head bias of shape \[5\]"):
+        pmod.head_bias_key(state, 5)
+    shifted = pmod.prior_adjusted(state, np.array([1.0, -2.0, 0.5]))
+    assert torch.equal(shifted["classifier.bias"], torch.tensor([1.0, -2.0, 0.5]))
+    assert shifted["classifier.weight"] is state["classifier.weight"] and torch.equal(
+        state["classifier.bias"], torch.zeros(3)
+    )
+
+
+def _bias_logits(monkeypatch, z: np.ndarray) -> None:
+    """Prediction gives the fixed logits ``z[positions]`` plus the model's current head bias."""
+    from lorafed.wire.adapter import get_adapter_state
+
+    def fake(model, rows, positions, batch_size, autocast="none"):
+        state = get_adapter_state(model)
+        bias = state[pmod.head_bias_key(state, z.shape[1])].numpy().astype(np.float64)
+        return z[np.asarray(positions)] + bias
+
+    monkeypatch.setattr("lorafed.metrics.predict_logits", fake)
+
+
+def test_prior_tau_is_chosen_by_the_adoption_rule(tiny_run, monkeypatch) -> None:
+    _, fed, run, _ = tiny_run
+    _, glob = final_global(fed, run)
+    site = client_site(fed, 0)
+    k = len(fed.identity.labels)
+    labels = fed.rows.labels.numpy()
+    train, val = np.asarray(site.split.train), np.asarray(site.split.val)
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2.0, size=(len(labels), k))  # noisy logits: the prior can fix some rows
+    _bias_logits(monkeypatch, z)
+    key = pmod.head_bias_key(glob, k)
+    b = glob[key].numpy().astype(np.float64)
+    lp = _np_log_prior(labels[train], k, 1.0)
+    taus = (0.5, 1.0, 2.0, 8.0)
+    y = labels[val]
+    g = f1_score(y, (z[val] + b).argmax(1), average="macro")
+    scores = [f1_score(y, (z[val] + b + t * lp).argmax(1), average="macro") for t in taus]
+    # no guard: the best validation score wins (earliest on ties) if it is not below the global's
+    p = PersonalizeConfig("prior", min_gain=0.0, confidence=None, prior_taus=taus)
+    res = personalize_report(site, glob, p)
+    best = max(range(len(taus)), key=lambda i: (scores[i], -i))
+    assert scores[best] >= g  # the data must exercise adoption
+    assert res.tau == taus[best] and res.adopted and res.steps == 0 and res.selection == "validation"
+    assert res.val_global == pytest.approx(g) and res.val_best == pytest.approx(scores[best])
+    assert np.allclose(res.tensors[key].numpy(), b + taus[best] * lp, atol=1e-6)
+    assert all(torch.equal(glob[n], v) for n, v in res.tensors.items() if n != key)
+    assert res.header_metrics()["tau"] == taus[best]
+    # a gain no candidate can reach keeps the global adapter
+    res = personalize_report(site, glob, dataclasses.replace(p, min_gain=1.0))
+    assert res.tau is None and not res.adopted and all(torch.equal(glob[n], res.tensors[n]) for n in glob)
+
+
+def test_prior_cross_fit_uses_out_of_fold_priors(tiny_run, monkeypatch) -> None:
+    _, fed, run, _ = tiny_run
+    _, glob = final_global(fed, run)
+    k = len(fed.identity.labels)
+    labels = fed.rows.labels.numpy()
+    own = np.asarray(fed.splits[0].train)
+    # a skewed client: every train row of label 0, a few of label 1, none of label 2
+    train = np.sort(np.concatenate([own[labels[own] == 0], own[labels[own] == 1][:3]]))
+    site = client_site(fed, 0, Split(train, np.empty(0, np.int64), fed.splits[0].test))
+    b = glob[pmod.head_bias_key(glob, k)].numpy().astype(np.float64)
+    # logits that lean to label 2, which this client never holds: its prior undoes that
+    lean = np.array([0.0, 0.0, 1.5])
+    z = np.eye(k)[labels] + np.random.default_rng(1).normal(0, 1.0, size=(len(labels), k)) + lean - b
+    _bias_logits(monkeypatch, z)
+    p = PersonalizeConfig("prior", min_gain=0.0, confidence=None, prior_taus=(1.0,), cross_fit=2)
+    res = personalize_report(site, glob, p)
+    perm, folds = pmod._folds(site, len(train), 2)
+    oof = np.empty(len(train), dtype=np.int64)
+    for held in folds:
+        lp = _np_log_prior(labels[train[np.setdiff1d(perm, held)]], k, 1.0)
+        oof[held] = (z[train[held]] + b + lp).argmax(1)
+    y = labels[train]
+    g, best = f1_score(y, (z[train] + b).argmax(1), average="macro"), f1_score(y, oof, average="macro")
+    assert best > g + 0.05  # the data exercise adoption
+    assert (res.selection, res.tau, res.adopted) == ("cross_fit", 1.0, True)
+    assert res.val_global == pytest.approx(g) and res.val_best == pytest.approx(best)
+    key = pmod.head_bias_key(glob, k)
+    assert np.allclose(res.tensors[key].numpy(), b + _np_log_prior(labels[train], k, 1.0), atol=1e-6)
+    # unjudged (cross_fit 0): tau 1 with the prior of every train row
+    res = personalize_report(site, glob, dataclasses.replace(p, cross_fit=0))
+    assert (res.tau, res.selection) == (1.0, "last")
+    assert np.allclose(res.tensors[key].numpy(), b + _np_log_prior(labels[train], k, 1.0), atol=1e-6)
+
+
+def test_prior_adapter_exports_and_loads_in_plain_transformers(tiny_run, tiny_model_dir, tmp_path) -> None:
+    """A prior-adjusted adapter exports and loads in plain transformers; its logits shift by tau * log(prior)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafed.client.personalize import personalized_meta
+    from lorafed.wire.payload import save_payload
+
+    _, fed, run, _ = tiny_run
+    r, glob = final_global(fed, run)
+    train = np.asarray(fed.splits[1].train)
+    site = client_site(fed, 1, Split(train, np.empty(0, np.int64), fed.splits[1].test))
+    p = PersonalizeConfig("prior", cross_fit=0, prior_smoothing=0.5)  # unjudged: tau = 1
+    res = personalize_report(site, glob, p)
+    assert res.tau == 1.0
+    k = len(fed.identity.labels)
+    expected_shift = res.tau * _np_log_prior(fed.rows.labels.numpy()[train], k, 0.5)
+    logits = {}
+    for name, state, meta in (
+        ("global", glob, fed.identity.meta("server", r, 1)),
+        ("prior", res.tensors, personalized_meta(fed.identity, site.client_id, r, res)),
+    ):
+        save_payload(tmp_path / f"{name}.safetensors", state, meta)
+        export_adapter(
+            load_payload(tmp_path / f"{name}.safetensors"), tmp_path / name, str(tiny_model_dir), with_onnx=False
+        )
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / name).eval()
+        ids = torch.randint(5, 100, (6, 10), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.double().numpy()
+    assert np.allclose(logits["prior"] - logits["global"], expected_shift[None, :], atol=1e-5)
+    assert np.abs(expected_shift).max() > 0.5  # a shift the check can see
+
+
+def test_errors_into_unheld_labels_by_hand() -> None:
+    from lorafed.engine.scenarios import _errors
+
+    cm = [[5, 1, 2], [0, 3, 0], [1, 0, 4]]  # off the diagonal: 1 + 2 + 1 = 4; into label 2: 2
+    assert _errors(cm, np.array([False, False, True])) == {"wrong": 4, "into_unheld": 2}
+    assert _errors(cm, np.array([True, False, False])) == {"wrong": 4, "into_unheld": 1}

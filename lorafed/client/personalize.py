@@ -1,19 +1,27 @@
 """Personalization: after the federation, each client's own adapter, the global one plus a local part.
 
-Two ways, both starting from the final global adapter and run on the client's own rows only:
+Three ways, all starting from the final global adapter and run on the client's own rows only:
 
 * ``finetune``: a short local fine-tune of every adapter tensor (LoRA and head).
 * ``local_head`` (FedRep-style, Collins et al. 2021): the global LoRA stays frozen (the shared
   representation); only the classifier head is retrained locally.
+* ``prior`` (post-hoc logit adjustment for label shift, Menon et al. 2021, "Long-tail learning
+  via logit adjustment"; the local-prior idea of FedLC / FedRoD's personalized heads): nothing is
+  trained; ``tau * log(prior)`` is added to the classifier's output bias, ``prior`` being the
+  client's label frequencies on its train rows with ``personalize.prior_smoothing`` added to each
+  count. When the federation's pooled prior is flat, tau = 1 is the Bayes correction from the
+  pooled posterior to the client's; the client picks tau from ``personalize.prior_taus``
+  (each a candidate of the rule below). The result is an ordinary adapter with another head bias.
 
-Training runs in checkpoints of ``personalize.eval_every`` steps (each a fresh AdamW, as a
-federated round is), at most ``personalize.max_epochs`` passes over the client's rows. A client
-leaves the global adapter only with evidence from its own rows (:func:`choose_adapter`): the
-checkpoint must beat the global adapter's validation macro-F1 by ``personalize.min_gain`` and,
-by a one-sided paired bootstrap over the validation rows at ``personalize.confidence``
-(Bonferroni over the checkpoints), by more than 0. Without validation rows (a newcomer with 25
-labelled rows keeps none back), ``personalize.cross_fit`` folds of its train rows give
-out-of-fold predictions that face the same rule. Otherwise the global adapter is kept, so a
+For ``finetune`` and ``local_head``, training runs in checkpoints of ``personalize.eval_every``
+steps (each a fresh AdamW, as a federated round is), at most ``personalize.max_epochs`` passes
+over the client's rows. A client leaves the global adapter only with evidence from its own rows
+(:func:`choose_adapter`; for ``prior`` each tau is a candidate): the checkpoint must beat the
+global adapter's validation macro-F1 by ``personalize.min_gain`` and, by a one-sided paired
+bootstrap over the validation rows at ``personalize.confidence`` (Bonferroni over the
+checkpoints), by more than 0. Without validation rows (a newcomer with 25 labelled rows keeps
+none back), ``personalize.cross_fit`` folds of its train rows give out-of-fold predictions that
+face the same rule. Otherwise the global adapter is kept, so a
 client whose rows do not clearly help keeps it. Nothing personalized leaves the client: the
 result is written as a payload of kind ``personalized`` that ``lorafed export`` accepts like any
 adapter.
@@ -45,13 +53,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Personalization methods, the one place their names are defined.
-PersonalizeMethod = Literal["none", "finetune", "local_head"]
+PersonalizeMethod = Literal["none", "finetune", "local_head", "prior"]
 
-#: The adapter roles each method trains locally.
+#: The adapter roles each method changes locally (``prior`` trains nothing; it shifts the head's bias).
 METHOD_ROLES: dict[str, frozenset[Role]] = {
     "none": frozenset(),
     "finetune": ALL_ROLES,
     "local_head": frozenset({"head"}),
+    "prior": frozenset({"head"}),
 }
 
 #: Payload kind of a personalized adapter.
@@ -95,6 +104,8 @@ class Personalized:
             the last checkpoint) or ``none`` (nothing trained).
         gain_bound: Lower confidence bound of the best candidate's macro-F1 gain over the global
             adapter (paired bootstrap; ``None`` without the test or without candidates).
+        tau: ``prior`` only: the adopted strength of the logit adjustment (``None``: the global
+            adapter was kept).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -106,6 +117,12 @@ class Personalized:
     num_examples: int
     selection: str = "validation"
     gain_bound: float | None = None
+    tau: float | None = None
+
+    @property
+    def adopted(self) -> bool:
+        """Whether the client left the global adapter."""
+        return self.best_step > 0 or self.tau is not None
 
     def header_metrics(self) -> dict[str, Any]:
         """What the payload header reports."""
@@ -119,6 +136,8 @@ class Personalized:
             out.update(val_macro_f1_global=self.val_global, val_macro_f1=self.val_best)
         if self.gain_bound is not None:
             out["gain_bound"] = self.gain_bound
+        if self.tau is not None:
+            out["tau"] = self.tau
         return out
 
 
@@ -327,7 +346,9 @@ def personalize_report(
         return Personalized(state, p.method, 0, 0, None, None, n_train, "none")
     trainer = _Trainer(site, p, progress)
     steps = local_steps(p, n_train, cfg.train.batch_size)
-    if len(split.val) > 0:
+    if p.method == "prior":
+        result = _by_prior(trainer, state, n_train)
+    elif len(split.val) > 0:
         result = _by_validation(trainer, state, steps, n_train)
     elif p.cross_fit > 0:
         result = _by_cross_fit(trainer, state, steps, n_train)
@@ -341,10 +362,13 @@ def personalize_report(
         result.steps,
         result.best_step,
         result.selection,
-        ""
-        if result.val_global is None
-        else f", macro-F1 {result.val_global:.4f} -> {result.val_best:.4f}"
-        + ("" if result.gain_bound is None else f", gain bound {result.gain_bound:+.4f}"),
+        ("" if result.tau is None else f", tau {result.tau:g}")
+        + (
+            ""
+            if result.val_global is None
+            else f", macro-F1 {result.val_global:.4f} -> {result.val_best:.4f}"
+            + ("" if result.gain_bound is None else f", gain bound {result.gain_bound:+.4f}")
+        ),
     )
     return result
 
@@ -391,16 +415,13 @@ def _by_validation(trainer: _Trainer, state: dict[str, torch.Tensor], steps: int
 
 def _by_cross_fit(trainer: _Trainer, state: dict[str, torch.Tensor], steps: int, n_train: int) -> Personalized:
     """Out-of-fold predictions on the train rows decide between the global adapter and the tuned one."""
-    from lorafed.seeds import client_seed
-
     site, p = trainer.site, trainer.p
     train = np.asarray(site.split.train)
     k = p.cross_fit
     if n_train < 2 * k:
         logger.info("%s: %d row(s), too few for %d folds: the global adapter is kept", site.client_id, n_train, k)
         return Personalized(state, p.method, 0, 0, None, None, n_train, "cross_fit")
-    perm = np.random.default_rng(client_seed(site.config.seed, 0, f"{site.client_id}.cross-fit")).permutation(n_train)
-    folds = np.array_split(perm, k)
+    perm, folds = _folds(site, n_train, k)
     oof = np.empty(n_train, dtype=np.int64)
     run = 0
     for f, held in enumerate(folds):
@@ -428,6 +449,112 @@ def _by_cross_fit(trainer: _Trainer, state: dict[str, torch.Tensor], steps: int,
         n_train,
         "cross_fit",
         verdict.bound,
+    )
+
+
+def _folds(site: Site, n_train: int, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A seeded permutation of ``0..n_train-1`` and its ``k`` folds (indices into the train rows)."""
+    from lorafed.seeds import client_seed
+
+    perm = np.random.default_rng(client_seed(site.config.seed, 0, f"{site.client_id}.cross-fit")).permutation(n_train)
+    return perm, np.array_split(perm, k)
+
+
+def log_prior(labels: np.ndarray, num_labels: int, smoothing: float) -> np.ndarray:
+    """``log((n_y + smoothing) / (n + smoothing * num_labels))`` for each label ``y``, ``n_y`` its rows in ``labels``.
+
+    The smoothing keeps a label the client never holds finite: with 1 (add-one), a label absent
+    from 700 rows over 27 labels sits at log(1/727) = -6.6, one held 50 times at log(51/727) = -2.7.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).astype(np.float64)
+    return np.log((counts + smoothing) / (counts.sum() + smoothing * num_labels))
+
+
+def head_bias_key(state: dict[str, torch.Tensor], num_labels: int) -> str:
+    """The adapter key of the classifier's output bias: the one head tensor named ``*bias`` of shape ``[num_labels]``.
+
+    Raises:
+        ModelError: No such tensor, or more than one (a head this method does not know).
+    """
+    from lorafed.errors import ModelError
+    from lorafed.wire.roles import tensor_role
+
+    keys = [
+        k
+        for k, v in state.items()
+        if tensor_role(k) == "head" and k.endswith("bias") and tuple(v.shape) == (num_labels,)
+    ]
+    if len(keys) != 1:
+        raise ModelError(
+            f"personalize.method prior: the adapter needs exactly one head bias of shape [{num_labels}], "
+            f"found {keys or 'none'}"
+        )
+    return keys[0]
+
+
+def prior_adjusted(state: dict[str, torch.Tensor], shift: np.ndarray) -> dict[str, torch.Tensor]:
+    """``state`` with ``shift`` (one value a label) added to the classifier's output bias; other tensors shared."""
+    key = head_bias_key(state, len(shift))
+    out = dict(state)
+    out[key] = state[key] + torch.as_tensor(shift, dtype=torch.float32)
+    return out
+
+
+def _by_prior(trainer: _Trainer, state: dict[str, torch.Tensor], n_train: int) -> Personalized:
+    """Logit adjustment by the client's label prior, tau chosen by the adoption rule (see the module docstring).
+
+    With validation rows, each tau of ``prior_taus`` (the prior from the train rows) is a
+    candidate scored on them. Without, ``cross_fit`` folds of the train rows give each tau's
+    out-of-fold predictions (each fold's prior from the other folds) and the adopted tau's prior
+    comes from every train row; with ``cross_fit`` 0, tau = 1 is applied unjudged; with too few
+    rows for the folds the global adapter is kept.
+    """
+    site, p = trainer.site, trainer.p
+    split, k = site.split, p.cross_fit
+    num_labels = len(site.identity.labels)
+    labels = site.rows.labels.numpy()
+    train = np.asarray(split.train)
+    taus = list(p.prior_taus)
+    whole = log_prior(labels[train], num_labels, p.prior_smoothing)
+    head_bias_key(state, num_labels)  # a head this method cannot adjust fails before any scoring
+
+    def kept(selection: str, verdict: Adoption | None = None) -> Personalized:
+        g = None if verdict is None else verdict.global_score
+        b = None if verdict is None else verdict.bound
+        return Personalized(state, p.method, 0, 0, g, g, n_train, selection, b)
+
+    if len(split.val) > 0:
+        selection, rows = "validation", np.asarray(split.val)
+        preds = [trainer.predict(prior_adjusted(state, t * whole), rows) for t in taus]
+    elif k == 0:
+        return Personalized(prior_adjusted(state, whole), p.method, 0, 0, None, None, n_train, "last", tau=1.0)
+    elif n_train < 2 * k:
+        logger.info("%s: %d row(s), too few for %d folds: the global adapter is kept", site.client_id, n_train, k)
+        return kept("cross_fit")
+    else:
+        selection, rows = "cross_fit", train
+        perm, folds = _folds(site, n_train, k)
+        preds = [np.empty(n_train, dtype=np.int64) for _ in taus]
+        for held in folds:
+            fold_prior = log_prior(labels[train[np.setdiff1d(perm, held)]], num_labels, p.prior_smoothing)
+            for pred, t in zip(preds, taus, strict=True):
+                pred[held] = trainer.predict(prior_adjusted(state, t * fold_prior), train[held])
+    y = labels[rows]
+    verdict = choose_adapter(y, trainer.predict(state, rows), preds, num_labels, p, _bootstrap_seed(site))
+    if verdict.index is None:
+        return kept(selection, verdict)
+    tau = taus[verdict.index]
+    return Personalized(
+        prior_adjusted(state, tau * whole),
+        p.method,
+        0,
+        0,
+        verdict.global_score,
+        verdict.scores[verdict.index],
+        n_train,
+        selection,
+        verdict.bound,
+        tau,
     )
 
 

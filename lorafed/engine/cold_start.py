@@ -164,7 +164,7 @@ def cold_start(
             site = client_site(full, k, Split(rows, np.empty(0, np.int64), test))
             tuned = personalize_report(site, glob, tune, progress=progress)
             tuned_scores.append(evaluate_state(full, tuned.tensors, test).macro_f1)
-            adopted.append(tuned.best_step > 0)
+            adopted.append(tuned.adopted)
             scratch = personalize_report(site, full.initial_state, alone, progress=progress).tensors
             alone_scores.append(evaluate_state(full, scratch, test).macro_f1)
             for name, recipe in recipes.items():

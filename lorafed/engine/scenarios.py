@@ -165,18 +165,30 @@ def measure_personalization(
         local_rounds: Checkpoints of the local-only model (default ``federation.rounds``).
 
     Returns:
-        ``{"clients": {id: {"test_rows", "global", "personalized", "local_only", "gain"}},
-        "mean": {...}, "worst": {...}, "gained", "max_drop", "num_clients"}`` (macro-F1 values).
+        ``{"clients": {id: {"test_rows", "global", "personalized", "local_only", "gain", "errors"}},
+        "mean": {...}, "worst": {...}, "gained", "max_drop", "num_clients"}`` (macro-F1 values;
+        ``errors``: for ``global`` and ``personalized``, the test rows predicted wrong and, of
+        those, the ones predicted as a label absent from the client's train rows, which macro-F1
+        over the labels present then counts as a class of F1 0).
     """
     clients: dict[str, dict[str, Any]] = {}
+    num_labels = len(fed.data.label_names)
     for k, cid in enumerate(fed.partition.client_ids):
         split = fed.splits[k]
         test = split.test
         if cid not in personalized or len(test) == 0:
             continue
-        g = evaluate_state(fed, global_state, test).macro_f1
-        p = evaluate_state(fed, personalized[cid], test).macro_f1
-        row: dict[str, Any] = {"test_rows": len(test), "global": g, "personalized": p, "gain": p - g}
+        unheld = np.bincount(fed.rows.labels[torch.as_tensor(split.train)].numpy(), minlength=num_labels) == 0
+        ge = evaluate_state(fed, global_state, test)
+        pe = evaluate_state(fed, personalized[cid], test)
+        g, p = ge.macro_f1, pe.macro_f1
+        row: dict[str, Any] = {
+            "test_rows": len(test),
+            "global": g,
+            "personalized": p,
+            "gain": p - g,
+            "errors": {"global": _errors(ge.confusion, unheld), "personalized": _errors(pe.confusion, unheld)},
+        }
         if local_only:
             val = split.val if len(split.val) else split.train
             own = dataclasses.replace(fed, test_positions=test)
@@ -195,6 +207,13 @@ def measure_personalization(
         "gained": int(sum(g > 0 for g in gains)),
         "max_drop": float(max(0.0, -min(gains))),
     }
+
+
+def _errors(confusion: list[list[int]], unheld: np.ndarray) -> dict[str, int]:
+    """Rows predicted wrong, and those of them predicted as an ``unheld`` label, from a confusion matrix."""
+    off = np.asarray(confusion, dtype=np.int64)
+    off = off - np.diag(np.diag(off))
+    return {"wrong": int(off.sum()), "into_unheld": int(off[:, unheld].sum())}
 
 
 def load_precision_model(fed: Cohort, model_cfg: ModelConfig) -> ClientModel:
