@@ -204,6 +204,24 @@ def test_merge_joins_runs_of_other_methods_into_one_report(bench, tmp_path) -> N
     assert set(kept["seeds"]["0"]) == {"round0", "fedavg"} and kept["methods"] == ["fedavg"]
 
 
+def test_merge_replaces_a_setting_run_with_other_overrides(bench, tmp_path) -> None:
+    """A later run of (d) with an extra override (--set) replaces the earlier one, facts included, never mixed."""
+    common = ["--tiny", "--settings", "d", "--seeds", "1", "--rounds", "1", "--methods", "centralized,fedavg"]
+    assert bench.main([*common, "--out", str(tmp_path / "x")]) == 0
+    assert bench.main([*common, "--set", "train.learning_rate=0.01", "--out", str(tmp_path / "y")]) == 0
+    x, y = (json.loads((tmp_path / p / "quality.json").read_text())["settings"]["d"] for p in ("x", "y"))
+    assert bench.protocol(y) == [*bench.protocol(x), "train.learning_rate=0.01"]  # the tiny files' paths aside
+    argv = ["--merge", str(tmp_path / "x" / "quality.json"), str(tmp_path / "y" / "quality.json")]
+    assert bench.main([*argv, "--out", str(tmp_path), "--name", "m"]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())
+    d = merged["settings"]["d"]
+    assert d["overrides"] == y["overrides"] and d["seeds"] == y["seeds"]
+    (target,) = merged["targets"]
+    seed0 = y["seeds"]["0"]
+    assert target["value"] == pytest.approx(100 * (seed0["centralized"]["macro_f1"] - seed0["fedavg"]["macro_f1"]))
+    assert "replace earlier runs with other overrides" in merged["choices"]
+
+
 def test_the_label_disjoint_config_is_the_ablations_winner(bench) -> None:
     """The label-disjoint config is (b)'s recipe, the measured winner: the fedavgm overrides change nothing."""
     from lorafed.config import load_config
