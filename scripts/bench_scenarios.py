@@ -499,9 +499,9 @@ def _personalization_md(key: str, s: dict[str, Any]) -> list[str]:
     if errs:
         lines += [
             "",
-            "Global errors: test rows the global adapter predicts wrong, and (in brackets) those predicted as an "
-            "intent absent from the client's train rows; macro-F1 over the labels present in truth or prediction "
-            "counts each such intent as a class of F1 0.",
+            "Global errors: test rows the global adapter predicts wrong, and (in brackets) those predicted as a "
+            "label absent from the client's train rows; macro-F1 over the labels present in truth or prediction "
+            "counts each such label as a class of F1 0.",
         ]
     lines += [
         "",
