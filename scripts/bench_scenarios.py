@@ -8,9 +8,11 @@ best-validation round's global adapter is the start).
 Personalization (settings (a) clothing by department, (b) intents Dirichlet 0.1): every client
 personalizes the global adapter three ways (``finetune``: LoRA and head; ``local_head``: the head
 only, FedRep-style; ``prior``: the head's bias shifted by tau x the log of the client's label
-prior, nothing trained), adopting a checkpoint (a tau) only if it beats the global adapter on the
+prior, nothing trained), adopting a checkpoint only if it beats the global adapter on the
 client's validation rows by ``personalize.min_gain`` and by a one-sided 95% paired bootstrap
-(``personalize.confidence``, Bonferroni over the checkpoints or taus); per client, on its own test
+(``personalize.confidence``, Bonferroni over the checkpoints or taus); ``prior`` adopts a tau
+under the non-inferiority rule (``personalize.prior_margin``: at least the global's validation
+score, bootstrap bound of the gain above ``-prior_margin``); per client, on its own test
 slice: global vs personalized vs the client trained alone (best of ``local_rounds`` checkpoints on
 its validation rows). A diagnostic beside them, no target: ``prior`` with the rule relaxed to
 "not worse on validation" (``min_gain`` 0, no bootstrap), to tell the method from the guard.
@@ -80,7 +82,7 @@ logger = logging.getLogger("bench_scenarios")
 METHODS = ("finetune", "local_head", "prior")
 #: Diagnostic personalization variants (no target): name -> (method, PersonalizeConfig overrides).
 DIAGNOSTICS: dict[str, tuple[str, dict[str, Any]]] = {
-    "prior, unguarded": ("prior", {"min_gain": 0.0, "confidence": None}),
+    "prior, unguarded": ("prior", {"min_gain": 0.0, "confidence": None, "prior_margin": None}),
 }
 #: The measured parts, in the order they run; ``hetero`` and ``continue`` only for settings that define them.
 PARTS = ("personalize", "cold", "hetero", "continue")
@@ -223,7 +225,7 @@ def run_personalization(config: RunConfig, spec: dict[str, Any], out: Path) -> d
             **spec["converge"],
         },
         "adoption": {"min_gain": rule.min_gain, "confidence": rule.confidence, "bootstrap": rule.bootstrap},
-        "prior": {"taus": list(rule.prior_taus), "smoothing": rule.prior_smoothing},
+        "prior": {"taus": list(rule.prior_taus), "smoothing": rule.prior_smoothing, "margin": rule.prior_margin},
         "methods": methods,
         "diagnostics": {name: {"method": m, **kw, **diagnostics[name]} for name, (m, kw) in DIAGNOSTICS.items()},
         "fed": fed,
@@ -471,8 +473,15 @@ def _personalization_md(key: str, s: dict[str, Any]) -> list[str]:
     if prior is not None:
         lines += [
             f"`prior`: the head's bias + tau x log of the client's label frequencies on its train rows (each count "
-            f"+ {prior['smoothing']}), tau in {prior['taus']} (the candidates of the same rule); nothing trained. "
-            "Diagnostics (no target) relax the rule: "
+            f"+ {prior['smoothing']}), tau in {prior['taus']}; nothing trained. "
+            + (
+                "Each tau is a candidate of the same rule. "
+                if prior.get("margin") is None
+                else f"A tau is adopted under a non-inferiority rule: at least the global's validation macro-F1, "
+                f"and the lower {rule['confidence'] if rule else 0.95} bootstrap bound of the gain above "
+                f"-{prior['margin']} (min_gain does not apply). "
+            )
+            + "Diagnostics (no target) relax the rule: "
             + "; ".join(
                 f"{n}: min_gain {d.get('min_gain')}, confidence {d.get('confidence')}"
                 for n, d in pers.get("diagnostics", {}).items()

@@ -426,8 +426,8 @@ def test_prior_tau_is_chosen_by_the_adoption_rule(tiny_run, monkeypatch) -> None
     assert np.allclose(res.tensors[key].numpy(), b + taus[best] * lp, atol=1e-6)
     assert all(torch.equal(glob[n], v) for n, v in res.tensors.items() if n != key)
     assert res.header_metrics()["tau"] == taus[best]
-    # a gain no candidate can reach keeps the global adapter
-    res = personalize_report(site, glob, dataclasses.replace(p, min_gain=1.0))
+    # under the min_gain rule (prior_margin null), a gain no candidate can reach keeps the global adapter
+    res = personalize_report(site, glob, dataclasses.replace(p, min_gain=1.0, prior_margin=None))
     assert res.tau is None and not res.adopted and all(torch.equal(glob[n], res.tensors[n]) for n in glob)
 
 
@@ -504,3 +504,31 @@ def test_errors_into_unheld_labels_by_hand() -> None:
     cm = [[5, 1, 2], [0, 3, 0], [1, 0, 4]]  # off the diagonal: 1 + 2 + 1 = 4; into label 2: 2
     assert _errors(cm, np.array([False, False, True])) == {"wrong": 4, "into_unheld": 2}
     assert _errors(cm, np.array([True, False, False])) == {"wrong": 4, "into_unheld": 1}
+
+
+def test_prior_margin_is_a_non_inferiority_rule() -> None:
+    # 40 rows, 20 per class; the global adapter is right everywhere (macro-F1 1).
+    y = np.array([0, 1] * 20)
+    same = y.copy()
+    p = PersonalizeConfig("prior", min_gain=0.02, confidence=0.95, bootstrap=2000)
+    # A candidate no worse on any row: every resample's gain is 0, a bound of 0 > -0.01: adopted.
+    ok = pmod.choose_adapter(y, y, [same], 2, p, seed=3, margin=0.01)
+    assert ok.index == 0 and ok.bound == 0.0 and ok.scores == [1.0]
+    # The superiority rule (min_gain 0.02) refuses the same candidate: nothing to gain on these rows.
+    assert pmod.choose_adapter(y, y, [same], 2, p, seed=3).index is None
+    # One row worse: below the global's score, refused whatever the bound.
+    worse = y.copy()
+    worse[0] = 1
+    assert pmod.choose_adapter(y, y, [worse], 2, p, seed=3, margin=0.5).index is None
+    # Equal scores, different rows: the global errs on row 0 (a 0 called 1), the candidate on row 1
+    # (a 1 called 0); the same macro-F1 on all rows, but the paired gain swings in the resamples.
+    old, new = y.copy(), y.copy()
+    old[0], new[1] = 1, 0
+    assert f1_score(y, new, average="macro") == pytest.approx(f1_score(y, old, average="macro"))
+    idx = np.random.default_rng(3).integers(0, 40, size=(2000, 40))  # the resamples, drawn as documented
+    gains = [f1_score(y[i], new[i], average="macro") - f1_score(y[i], old[i], average="macro") for i in idx]
+    bound = float(np.quantile(gains, 0.05))
+    assert bound < -0.01  # by sklearn on the same resamples: the swing is larger than the margin
+    tie = pmod.choose_adapter(y, old, [new], 2, p, seed=3, margin=0.01)
+    assert tie.index is None and tie.bound == pytest.approx(bound)
+    assert pmod.choose_adapter(y, old, [new], 2, p, seed=3, margin=-bound + 1e-6).index == 0
