@@ -13,36 +13,31 @@ the clients' update headers (``metrics.jsonl``'s ``record_epsilon``). Delta is e
 default, 1 / (10 n); the row sampling and noise are seeded by the run seed
 (``record_dp.noise_seed``), so a rerun reproduces the numbers.
 
-Same settings for the baseline, and one addition on clothing (``scripts/_dp_recipe.py``, applied
-to every level, no DP included): fixed class weights from the public prior, which DP-SGD applies
-to each row's clipped gradient (without them clipped DP-SGD stays on the majority class), and
-FFA-LoRA at batch 64 x 6 steps per round (less noise per coordinate). Record-level
-DP refuses balanced class weights (a row's weight
-would depend on every other row's label) and length bucketing (Poisson sampling draws each
-step's rows independently), so every run, the no-DP baseline included, has
+Same settings for the baseline, plus on clothing the DP recipe of ``scripts/_dp_recipe.py``
+(applied to every level, no DP included; its docstring has what each candidate measured): fixed
+class weights from the public prior, which DP-SGD applies to each row's clipped gradient
+(without them clipped DP-SGD stays on the majority class), FFA-LoRA, and the batch, steps and
+optimizer. ``--levels plain`` adds the non-private reference without the recipe's training
+changes (the public class weights only: plain LoRA at the config's batch 16 x 12 steps, AdamW),
+so the report shows what the recipe itself costs. Record-level DP refuses balanced class weights
+(a row's weight would depend on every other row's label) and length bucketing (Poisson sampling
+draws each step's rows independently), so every run, the no-DP baseline included, has
 ``train.class_weighting=none`` and ``train.length_bucketing=false``: the only difference between
 a row of the table and the baseline is DP-SGD. (The clothing config's own runs use balanced
 weights, so their macro-F1 is not this baseline's.)
 
-Order: seed 0 of every setting and epsilon first, then seeds 1 and 2; no new run starts after
+Order: seed 0 of every setting and level first, then seeds 1 and 2; no new run starts after
 ``--time-budget-s``; the results (``results/dp_record_accuracy.{json,md,png}``) are rewritten
-after every run, so a partial run keeps what it measured.
+after every run, so a partial run keeps what it measured. ``--levels`` runs a subset and
+``--merge`` adds a command's runs to the report already written (same recipe only), so each
+level can be its own locked command under the 15 minutes a command may hold the lock.
 
-Runtime estimate on 2 idle cores (int8 MiniLM; not run here). DP-SGD's extra cost per step is
-Opacus' per-sample gradients of the LoRA and head tensors (the frozen backbone's backward is the
-same): 1.67x the CPU time of a non-private step, measured on the tests' tiny BERT (3 steps of 8
-rows, median of 7), an upper bound for MiniLM, whose backbone outweighs the hooks far more.
-(a) a round is 6 clients x 12 steps x 16 = 1,152 samples: ~35 s at ~35 samples/s (at
-max_length 64 length bucketing changes little: the median review has 80 tokens, so most batches
-are 64 wide either way), ~58 s under DP, plus ~10 s scoring 500 validation and 500 test rows.
-A seed: no DP 6 x 45 s, DP 3 x 6 x 68 s, ~30 s for data, model and noise calibration: ~1,560 s.
-(b) a round is 10 clients x 20 steps x 16 = 3,200 samples: ~32 s at ~100 samples/s, ~53 s
-under DP, plus ~5 s scoring 1,600 rows. A seed: 8 x 37 s + 3 x 8 x 58 s + ~20 s: ~1,730 s.
-Three seeds of both at the round caps: ~9,900 s (2.75 h); early stopping shortens it. The
-default ``--time-budget-s`` of 10,000 s lets that finish (a run started just before it ends
-within ~8 minutes); ``--seeds 1`` takes about 55 minutes.
+Measured on 2 cores here, setting (a), seed 0, 6 rounds unless early-stopped (int8 MiniLM, bf16
+autocast): batch 64 x 6 steps: a DP run ~205 s, the plain-LoRA reference 103 s; batch 256 x 6
+steps: no DP 595 s, a DP round ~100 s. Setting (b) and seeds 1-2 have not been run.
 
-    flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/dp_record_accuracy.py
+    flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/dp_record_accuracy.py \\
+        --settings a --seeds 1 --levels none,8,3,plain
 
 ``--tiny`` runs the same code on the tests' tiny random BERT and synthetic reviews (seconds).
 """

@@ -50,6 +50,12 @@ of the reviews recommend; the numbers are in ``results/dp_record_accuracy.md``):
   untrained), so the recipe for LoRA under DP is still open.
 * Unequal clients: q = B / n differs per client (the smallest clothing department has ~80 rows,
   so its q is 1 and its z is large); FedAvg weights by rows, so their noise is down-weighted.
+* Clipping swings the federation between the classes: with the public class weights, DP-SGD
+  with *no* noise (z = 1e-6, FFA, batch 64 x 6, AdamW) went from macro-F1 0.650 after round 1 to
+  0.170 (all the minority class) after round 2 and back to 0.716 after round 3 (0.755 at round
+  5), where non-private training rose steadily; with noise (epsilon 8 or 3, batch 64 or 256,
+  AdamW or SGD) every run fell the same way in round 2 and none recovered within 6 rounds
+  (``scripts/_dp_recipe.py`` has every run).
 
 Every ``train`` setting either applies under DP or is refused when the config is loaded
 (:mod:`lorafed.config`): ``class_weighting: balanced`` (a row's weight would depend on every other
