@@ -61,8 +61,14 @@ def test_chance_band_is_three_sigmas_of_the_cosine_of_unrelated_vectors() -> Non
 
 @pytest.mark.parametrize(
     ("metrics", "want"),
-    [(DP, True), ({"noise_multiplier": 0.0}, False), ({}, False), ({"noise_multiplier": True}, False)]
-    + [({"noise_multiplier": "1"}, False), ({"noise_multiplier": float("nan")}, False)],
+    [
+        (DP, True),
+        ({"noise_multiplier": 0.0}, False),
+        ({}, False),
+        ({"noise_multiplier": True}, False),
+        ({"noise_multiplier": "1"}, False),
+        ({"noise_multiplier": float("nan")}, False),
+    ],
 )
 def test_declares_noise(metrics: dict[str, object], want: bool) -> None:
     assert declares_noise(metrics) is want
