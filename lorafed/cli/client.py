@@ -69,9 +69,12 @@ def add_parsers(sub: Any) -> None:
         help="this client's own adapter: the federation's global adapter tuned on its own file",
         description=(
             "Personalize the global adapter on this client's file, as personalize.* says: 'finetune' (a short "
-            "local fine-tune of LoRA and head) or 'local_head' (FedRep-style: the global LoRA kept, only the "
-            "head retrained). The client's validation slice picks the checkpoint, the global adapter itself "
-            "being checkpoint 0, so the result is never worse than the global on it. Writes a 'personalized' "
+            "local fine-tune of LoRA and head), 'local_head' (FedRep-style: the global LoRA kept, only the "
+            "head retrained) or 'prior' (nothing trained: the head's bias shifted by tau x log of this client's "
+            "label frequencies, for a client that holds only some of the labels). The global adapter is kept "
+            "unless the client's validation slice shows the change helps (finetune, local_head: by "
+            "personalize.min_gain at personalize.confidence) or does no harm (prior: personalize.prior_margin). "
+            "Writes a 'personalized' "
             "payload that 'lorafed export' accepts. It never leaves the client."
         ),
         example=(
@@ -115,7 +118,7 @@ def cmd_client_personalize(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, [*args.overrides, f"data.path={json.dumps(args.data)}"])
     if config.personalize.method == "none":
-        raise LorafedError("personalize.method is none; pass personalize.method=finetune or local_head")
+        raise LorafedError("personalize.method is none; pass personalize.method=finetune, local_head or prior")
     result = personalize_local(config, args.client_id, args.global_path, args.out, progress=not args.no_progress)
     rows = "validation" if result.selection == "validation" else "out-of-fold (cross-fit)"
     val = (

@@ -71,8 +71,9 @@ def add_parsers(sub: Any) -> None:
         description=(
             "Load RUN_DIR's final global adapter and personalize it for every client of the config's "
             "partition, as personalize.* says ('finetune': a short local fine-tune; 'local_head': FedRep-style, "
-            "only the head retrained). Each client's validation rows pick its checkpoint, the global adapter "
-            "being checkpoint 0. Writes RUN_DIR/personalized/<client>.safetensors and summary.json."
+            "only the head retrained; 'prior': the head's bias shifted by the client's own label prior). Each "
+            "client keeps the global adapter unless its validation rows show the change helps (prior: does no "
+            "harm beyond personalize.prior_margin). Writes RUN_DIR/personalized/<client>.safetensors and summary.json."
         ),
         example=(
             "lorafed personalize --config configs/retail_intents_dirichlet.yaml results/retail_intents_dirichlet "
@@ -171,7 +172,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         raise LorafedError(f"{run_dir}: no config.yaml, so not a run folder; pass --config or run 'lorafed simulate'")
     config = load_config(args.config or saved, args.overrides)
     if config.personalize.method == "none":
-        raise LorafedError("personalize.method is none; pass personalize.method=finetune or local_head")
+        raise LorafedError("personalize.method is none; pass personalize.method=finetune, local_head or prior")
     results = personalize_all(config, run_dir)
     for cid, r in results.items():
         gain = "" if r.val_global is None or r.val_best is None else f"  val {r.val_global:.4f} -> {r.val_best:.4f}"
