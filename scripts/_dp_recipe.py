@@ -31,6 +31,9 @@ all "recommend", ~0.15-0.19 all "not recommend"):
 * FFA, batch 64 x 6, AdamW, clip norm C = 2 instead of 1, epsilon 8 (6 rounds, no early stop, the
   server's trust check with the chance band, which lowered no client): 0.513, 0.189, 0.530, 0.448,
   0.546, 0.356: swings less deep than at C = 1 but still noise-led. Not rerun through the script.
+* FFA, batch 256 x 6, AdamW at learning rate 1e-3 instead of 3e-3, epsilon 8 (6 rounds, no
+  early stop): 0.436, 0.288, 0.389, 0.222, 0.481, 0.475 (589 s). A smaller step does not lift
+  the signal out of the noise: the cosines stayed within +-0.01 again. Not kept.
 * Plain LoRA without DP (AdamW, batch 16 x 12, the same weights; ``--levels plain``): 0.792.
 
 Every DP run fell to "not recommend" in round 2, whatever the batch (64, 256), optimizer (AdamW,
