@@ -144,6 +144,12 @@ def write_results(stem: str | Path, result: Mapping[str, Any], markdown: str | S
     return json_path, md_path
 
 
+def commands(report: Mapping[str, Any]) -> list[str]:
+    """A results report's reproduce command(s): its ``command``, one string or (after a merge) a list."""
+    c = report["command"]
+    return [c] if isinstance(c, str) else list(c)
+
+
 def command_line(script: str, args: Sequence[str] = (), python: str = "env PYTHONPATH=. python") -> str:
     """How to reproduce a benchmark: ``flock <lock> <python> scripts/<script> <args>``.
 

@@ -15,7 +15,7 @@ Real mode: women's clothing reviews, ``configs/clothing_recommend.yaml`` (the ma
 federation: 6 departments, 5 rounds x 12 steps x 16 rows per client), with, in every setting,
 what record-level DP requires (``train.class_weighting=none``, ``train.length_bucketing=false``),
 the DP recipe (``scripts/_dp_recipe.py``: fixed class weights from the public prior, FFA-LoRA,
-batch 64 x 6 steps per round)
+its batch and steps; the committed results were taken at batch 64 x 6, before it became 256 x 6)
 and two size cuts, as in ``scripts/bench_quality.py --full``: ``data.max_length=64`` and
 ``federation.max_test_rows=500`` (so 500 members and 500 non-members per attack)::
 
@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from _dp_recipe import CLOTHING_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
 
 #: Real mode, every setting: what record-level DP requires (the baseline too), the size cuts, and
-#: the DP recipe (scripts/_dp_recipe.py: public class weights, FFA-LoRA, batch 64 x 6), so the no-DP
+#: the DP recipe (scripts/_dp_recipe.py: public class weights, FFA-LoRA, its batch), so the no-DP
 #: row is the same protocol as the DP rows.
 REAL_OVERRIDES = [
     "train.class_weighting=none",

@@ -596,10 +596,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Quality benchmark: convergence (scripts/bench_quality.py)",
         "",
-        f"Profile **{report['profile']}**. Reproduce: "
-        + "; then ".join(
-            f"`{c}`" for c in ([report["command"]] if isinstance(report["command"], str) else report["command"])
-        ),
+        f"Profile **{report['profile']}**. Reproduce: " + "; then ".join(f"`{c}`" for c in measure.commands(report)),
         "",
         f"Taken on {report['machine']['where']}; wall time {report['wall_seconds'] / 60:.1f} min"
         + (f" (time budget {report['time_budget_s']:.0f} s)." if report["time_budget_s"] else "."),
@@ -718,7 +715,7 @@ def merge_reports(
     returns the report.
     """
     reports = [json.loads(p.read_text()) for p in paths]
-    commands = [c for r in reports for c in ([r["command"]] if isinstance(r["command"], str) else r["command"])]
+    commands = [c for r in reports for c in measure.commands(r)]
     merged = {**reports[0], "name": name, "command": [*commands, *([command] if command else [])]}
     merged["settings"] = {}
     replaced = []

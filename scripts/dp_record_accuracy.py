@@ -226,7 +226,7 @@ def render(report: dict[str, Any]) -> list[str]:
         "",
         "Reproduce (each command adds its runs to the report with `--merge`):",
         "",
-        *[f"    {c}" for c in commands(report)],
+        *[f"    {c}" for c in measure.commands(report)],
         "",
     ]
     for s in report["settings"].values():
@@ -275,19 +275,13 @@ def render(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def commands(report: dict[str, Any]) -> list[str]:
-    """The report's reproduce command(s): one string, or a list after ``--merge``."""
-    c = report["command"]
-    return [c] if isinstance(c, str) else list(c)
-
-
 def merged_into(report: dict[str, Any], prior: dict[str, Any]) -> None:
     """Put the runs of an earlier report of the same settings (``--merge``) into ``report``, before it runs.
 
     This run's own runs then replace those of the same setting, seed and level. Keeps the earlier
     commands (then this one) and wall time; settings not run now are kept as they were.
     """
-    report["command"] = [*commands(prior), report["command"]]
+    report["command"] = [*measure.commands(prior), report["command"]]
     report["prior_wall_seconds"] = prior.get("wall_seconds", 0.0) + prior.get("prior_wall_seconds", 0.0)
     for k, old in prior["settings"].items():
         new = report["settings"].setdefault(k, old)

@@ -431,10 +431,10 @@ def _by_cross_fit(trainer: _Trainer, state: dict[str, torch.Tensor], steps: int,
     site, p = trainer.site, trainer.p
     train = np.asarray(site.split.train)
     k = p.cross_fit
-    if n_train < 2 * k:
-        logger.info("%s: %d row(s), too few for %d folds: the global adapter is kept", site.client_id, n_train, k)
+    drawn = _folds(site, n_train, k)
+    if drawn is None:
         return Personalized(state, p.method, 0, 0, None, None, n_train, "cross_fit")
-    perm, folds = _folds(site, n_train, k)
+    perm, folds = drawn
     oof = np.empty(n_train, dtype=np.int64)
     run = 0
     for f, held in enumerate(folds):
@@ -465,10 +465,16 @@ def _by_cross_fit(trainer: _Trainer, state: dict[str, torch.Tensor], steps: int,
     )
 
 
-def _folds(site: Site, n_train: int, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A seeded permutation of ``0..n_train-1`` and its ``k`` folds (indices into the train rows)."""
+def _folds(site: Site, n_train: int, k: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """A seeded permutation of ``0..n_train-1`` and its ``k`` folds (indices into the train rows).
+
+    ``None`` (logged) with fewer than 2 rows a fold: the caller keeps the global adapter.
+    """
     from lorafed.seeds import client_seed
 
+    if n_train < 2 * k:
+        logger.info("%s: %d row(s), too few for %d folds: the global adapter is kept", site.client_id, n_train, k)
+        return None
     perm = np.random.default_rng(client_seed(site.config.seed, 0, f"{site.client_id}.cross-fit")).permutation(n_train)
     return perm, np.array_split(perm, k)
 
@@ -541,12 +547,12 @@ def _by_prior(trainer: _Trainer, state: dict[str, torch.Tensor], n_train: int) -
         preds = [trainer.predict(prior_adjusted(state, t * whole), rows) for t in taus]
     elif k == 0:
         return Personalized(prior_adjusted(state, whole), p.method, 0, 0, None, None, n_train, "last", tau=1.0)
-    elif n_train < 2 * k:
-        logger.info("%s: %d row(s), too few for %d folds: the global adapter is kept", site.client_id, n_train, k)
-        return kept("cross_fit")
     else:
+        drawn = _folds(site, n_train, k)
+        if drawn is None:
+            return kept("cross_fit")
         selection, rows = "cross_fit", train
-        perm, folds = _folds(site, n_train, k)
+        perm, folds = drawn
         preds = [np.empty(n_train, dtype=np.int64) for _ in taus]
         for held in folds:
             fold_prior = log_prior(labels[train[np.setdiff1d(perm, held)]], num_labels, p.prior_smoothing)
