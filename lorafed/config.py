@@ -458,7 +458,7 @@ class PersonalizeConfig:
             the global LoRA kept frozen, only the classifier head retrained on the client's rows)
             or ``prior`` (nothing trained: ``tau * log`` of the client's smoothed label
             frequencies added to the head's bias, a logit adjustment for label shift; tau from
-            ``prior_taus`` through the same adoption rule).
+            ``prior_taus``, adopted under the non-inferiority rule of ``prior_margin``).
         steps: Most local optimizer steps.
         learning_rate: Local learning rate (``null``: ``train.learning_rate`` x
             :data:`PERSONALIZE_LR_SCALE`, a tenth: a converged global adapter needs smaller steps
