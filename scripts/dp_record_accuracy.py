@@ -323,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="add this run's runs to those of <out>.json (same seed, setting and level: replaced)",
     )
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add a config override to every setting's DP recipe (every level but plain; repeatable; an ablation)",
+    )
     ap.add_argument("--time-budget-s", type=float, default=10000, help="start no new run after this (0: none)")
     ap.add_argument("--out", default=str(ROOT / "results" / "dp_record_accuracy"), help="output path, no suffix")
     args = ap.parse_args(argv)
@@ -364,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             base = [*tiny_overrides(model_dir, csv), *SAME_FOR_ALL]
         plans = {k: {**SETTINGS[k], **(TINY[k] if args.tiny else {})} for k in keys}
         for k, p in plans.items():
+            p["recipe"] = [*p["recipe"], *args.sets]
             p["path"] = ROOT / "configs" / ("tiny.yaml" if args.tiny else p["config"])
             report["settings"][k] = {
                 "title": f"tiny BERT, synthetic rows, as {p['title']}" if args.tiny else p["title"],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorafed.client.dp import clip_and_weight_rows, epsilon_spent, make_private, plan_record_dp
+from lorafed.client.dp import clip_and_weight_rows, clip_groups, epsilon_spent, make_private, plan_record_dp
 from lorafed.client.train import fixed_class_weights
 from lorafed.config import load_config
 from lorafed.errors import ConfigError, PrivacyBudgetError
@@ -364,3 +364,50 @@ def test_dp_record_accuracy_levels_and_merge(tmp_path: Path) -> None:
     assert text.count("| eps ") == 2 and "| no DP, plain LoRA |" in text and "Without DP the recipe is" in text
     with pytest.raises(SystemExit):
         mod.main([*common, "--levels", "2"])
+
+
+def test_per_role_clipping_bounds_each_group_by_hand() -> None:
+    """``per_role``: each group is clipped to C / sqrt(k) on its own, then weighted; numpy oracle."""
+    rng = np.random.default_rng(3)
+    lora = torch.nn.Parameter(torch.zeros(2, 3))
+    head = torch.nn.Parameter(torch.zeros(4))
+    g_lora = rng.normal(scale=0.02, size=(3, 2, 3)).astype(np.float32)  # small rows: some under the bound
+    g_lora[0] *= 100.0  # one large row: clipped
+    g_head = rng.normal(scale=2.0, size=(3, 4)).astype(np.float32)  # every row clipped
+    lora.grad_sample = torch.from_numpy(g_lora.copy())
+    head.grad_sample = torch.from_numpy(g_head.copy())
+    clip = 0.5
+    weights = np.array([1.0, 0.25, 1.0], dtype=np.float32)
+    clip_and_weight_rows([lora, head], clip, torch.from_numpy(weights), groups=[0, 1])
+
+    bound = clip / np.sqrt(2)
+    n_lora = np.sqrt((g_lora**2).sum((1, 2)))
+    n_head = np.sqrt((g_head**2).sum(1))
+    assert (n_lora < bound).sum() == 2 and (n_head > bound).all()
+    f_lora = np.minimum(1.0, bound / n_lora) * weights
+    f_head = np.minimum(1.0, bound / n_head) * weights
+    np.testing.assert_allclose(lora.grad_sample.numpy(), f_lora[:, None, None] * g_lora, rtol=1e-5)
+    np.testing.assert_allclose(head.grad_sample.numpy(), f_head[:, None] * g_head, rtol=1e-5)
+    total = np.sqrt((lora.grad_sample.numpy() ** 2).sum((1, 2)) + (head.grad_sample.numpy() ** 2).sum(1))
+    assert total.max() <= clip * (1 + 1e-5)  # the row's sensitivity is unchanged
+
+
+def test_clip_groups_follow_the_tensor_roles() -> None:
+    """One group per role present, in a fixed order; ``flat`` gives no groups."""
+    names = [
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight",
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
+    ]
+    assert clip_groups(names, "flat") is None
+    groups = clip_groups(names, "per_role")
+    assert groups[0] == groups[2] and groups[1] == groups[3] and groups[0] != groups[1]
+
+
+def test_per_role_clipping_is_a_config_choice(tiny_config) -> None:
+    """``train.record_dp.clipping`` takes flat or per_role and refuses anything else."""
+    cfg = tiny_config(*DP, "train.record_dp.noise_multiplier=1.0", "train.record_dp.clipping=per_role")
+    assert cfg.train.record_dp.clipping == "per_role"
+    with pytest.raises(ConfigError, match="clipping"):
+        tiny_config(*DP, "train.record_dp.noise_multiplier=1.0", "train.record_dp.clipping=layer")

@@ -111,6 +111,7 @@ from lorafed.config import RecordDPConfig, TrainConfig
 from lorafed.data.tokens import TokenizedRows
 from lorafed.errors import PrivacyBudgetError
 from lorafed.progress import progress_bar
+from lorafed.wire.roles import tensor_role
 
 
 @dataclass(frozen=True)
@@ -313,26 +314,53 @@ def _after_noise(dp_opt: Any, anchors: list[torch.Tensor], cfg: TrainConfig) -> 
         torch.nn.utils.clip_grad_norm_(dp_opt.params, cfg.max_grad_norm)
 
 
-def clip_and_weight_rows(params: list[torch.Tensor], clip_norm: float, row_weights: torch.Tensor) -> None:
+def clip_and_weight_rows(
+    params: list[torch.Tensor],
+    clip_norm: float,
+    row_weights: torch.Tensor | None = None,
+    groups: list[int] | None = None,
+) -> None:
     """Clip each row's gradient to ``clip_norm``, then scale it by its weight in [0, 1], in place.
 
-    Works on Opacus' per-sample gradients (``p.grad_sample``, one row per sampled row), the norm
-    taken over all of ``params`` together, as Opacus clips. The weight comes *after* the clip: a
-    weight in the loss would scale the gradient before it and be undone whenever the row is
-    clipped (typically every row, with a small clip norm). As every row then contributes at
-    most ``clip_norm``, the sensitivity and so the noise and the accounting are unchanged;
-    Opacus' own clipping that follows leaves these rows as they are (up to a factor 1 - 1e-6).
+    Works on Opacus' per-sample gradients (``p.grad_sample``, one row per sampled row). With
+    ``groups=None`` the norm is taken over all of ``params`` together, as Opacus clips. With
+    ``groups`` (one group id per tensor; ``record_dp.clipping: per_role``) each of the k groups
+    is clipped on its own to ``clip_norm / sqrt(k)``, so a row's whole gradient still has norm
+    at most ``clip_norm``. The weight comes *after* the clip: a weight in the loss would scale
+    the gradient before it and be undone whenever the row is clipped (typically every row, with
+    a small clip norm). As every row then contributes at most ``clip_norm``, the sensitivity and
+    so the noise and the accounting are unchanged; Opacus' own clipping that follows leaves
+    these rows as they are (up to a factor 1 - 1e-6).
 
     Args:
         params: The trainable tensors, each with ``grad_sample`` of shape ``[rows, *shape]``.
         clip_norm: C.
-        row_weights: One weight per row, each in [0, 1].
+        row_weights: One weight per row, each in [0, 1]; ``None``: 1 for every row.
+        groups: The clipping group of each tensor (same length as ``params``); ``None``: one group.
     """
-    rows = len(row_weights)
-    norms = torch.stack([p.grad_sample.reshape(rows, -1).float().norm(dim=1) for p in params], dim=1).norm(dim=1)
-    factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0) * row_weights.to(norms)
-    for p in params:
-        p.grad_sample = p.grad_sample.float() * factor.view(-1, *([1] * (p.grad_sample.dim() - 1)))
+    if not params:
+        return
+    rows = params[0].grad_sample.shape[0]
+    ids = [0] * len(params) if groups is None else list(groups)
+    per_tensor = torch.stack([p.grad_sample.reshape(rows, -1).float().norm(dim=1) for p in params], dim=1)
+    bound = clip_norm / math.sqrt(len(set(ids)))
+    factors: dict[int, torch.Tensor] = {}
+    for g in set(ids):
+        cols = [i for i, x in enumerate(ids) if x == g]
+        norms = per_tensor[:, cols].norm(dim=1)
+        factors[g] = (bound / (norms + 1e-6)).clamp(max=1.0)
+        if row_weights is not None:
+            factors[g] = factors[g] * row_weights.to(norms)
+    for p, g in zip(params, ids, strict=True):
+        p.grad_sample = p.grad_sample.float() * factors[g].view(-1, *([1] * (p.grad_sample.dim() - 1)))
+
+
+def clip_groups(names: list[str], clipping: str) -> list[int] | None:
+    """The clipping group of each trainable tensor: its role (LoRA A, LoRA B, head) for ``per_role``."""
+    if clipping != "per_role":
+        return None
+    roles = sorted({tensor_role(n) for n in names})
+    return [roles.index(tensor_role(n)) for n in names]
 
 
 def _empty_step(dp_opt: Any) -> None:
@@ -368,7 +396,9 @@ def train_local_dp(
         desc: Progress-bar label.
         progress: Show a progress bar over steps.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = clip_groups([n for n, _ in named], cfg.record_dp.clipping)
     anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
     opt = make_optimizer(params, cfg)
     total = plan.steps_per_round
@@ -405,8 +435,9 @@ def train_local_dp(
                         logits = gsm(**batch).logits
                     loss = client_loss(logits, labels, None)
                     loss.backward()
-                if row_weights is not None:
-                    clip_and_weight_rows(dp_opt.params, plan.clip_norm, row_weights[labels])
+                if row_weights is not None or groups is not None:
+                    weights = None if row_weights is None else row_weights[labels]
+                    clip_and_weight_rows(dp_opt.params, plan.clip_norm, weights, groups)
                 losses.append(float(loss.detach()))
                 samples += len(chosen)
             else:
