@@ -31,7 +31,8 @@ The clothing settings' 2,000 rows (500 before) make a run up to about 2x longer 
 4,000 rows a round); at 500 rows one model's macro-F1 moved by points from one seed's sample to
 the next (the minority class is 18% of the rows, about 90 of 500): too noisy to pick the best
 round or to resolve (d)'s 1-point target (results/quality.md, (d)). ``--set KEY=VALUE`` adds an
-override to every setting (an ablation).
+override to every setting (an ablation). ``--first-seed K`` runs seeds K..N-1 only (every chosen
+method on each), to add seeds to an earlier run; ``--merge`` joins the reports.
 
 Writes results/quality.json (with ``targets``), results/quality.md and results/quality_<setting>.png.
 
@@ -608,9 +609,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "(capped like the test rows); a local-only client stops on its own validation slice. A "
         "centralized round is a federated round's samples (clients x `max_steps` steps) on the pooled rows, "
         "so the pooled model gets at least the federation's compute; a local-only checkpoint is `max_steps` "
-        "steps. The baselines, "
-        "fedavg and the best other federated method (chosen on seed 0's validation macro-F1) run "
-        "every seed; the other methods seed 0 only. Rounds / MB to 95% and 99%: the first round "
+        "steps. The methods under 'every seed' run every seed (in one run: the baselines, "
+        "fedavg and the best other federated method, chosen on seed 0's validation macro-F1; the "
+        "other methods seed 0 only). Rounds / MB to 95% and 99%: the first round "
         "whose test macro-F1 reaches that share of centralized's mean (mean over the seeds that "
         "reach it). KB up: payload size per client per round.",
         "",
@@ -625,7 +626,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{s.get('test_rows')} test rows, {s.get('val_rows')} validation rows; {s.get('max_steps')} steps × "
             f"batch {s.get('batch_size')} per client per round, lr {s.get('learning_rate')}, max_length "
             f"{s.get('max_length')}, backbone {s.get('precision')}; round cap {s['rounds_cap']}, patience "
-            f"{s['patience']}; every seed: {', '.join(s['multi_seed'])}.",
+            f"{s['patience']}; every seed: {', '.join(s['multi_seed'])}"
+            + ("; the others fewer (seeds column)." if set(s["methods"]) - set(s["multi_seed"]) else "."),
             "",
             "| method | seeds | test macro-F1 (best val round) | accuracy | best round | rounds run | "
             "rounds to 95% | MB to 95% | rounds to 99% | MB to 99% | KB up / client / round | wall s |",
@@ -691,8 +693,18 @@ _LOCATION_KEYS = ("data.path=", "model.name_or_path=")
 
 
 def protocol(setting: dict[str, Any]) -> list[str]:
-    """A setting's overrides that define how it ran (rows, settings), without where its files were."""
-    return [o for o in setting["overrides"] if not o.startswith(_LOCATION_KEYS)]
+    """A setting's overrides that define how it ran (rows, settings), without where its files were.
+
+    One ``KEY=VALUE`` per key, the last given (the one that took effect), in the order the keys
+    first appear: ``--set federation.max_test_rows=2000`` on a profile that already says 2000 is
+    the same protocol.
+    """
+    effective: dict[str, str] = {}
+    for o in setting["overrides"]:
+        if not o.startswith(_LOCATION_KEYS):
+            key, _, value = o.partition("=")
+            effective[key] = value
+    return [f"{k}={v}" for k, v in effective.items()]
 
 
 def merge_reports(
@@ -702,17 +714,20 @@ def merge_reports(
     keys: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     command: str | None = None,
+    note: str | None = None,
 ) -> dict[str, Any]:
-    """One report from several runs of the same settings and seeds that ran different methods.
+    """One report from several runs of the same settings that ran different methods or seeds.
 
     Each seed's methods are the union over the reports (a method in two reports: the later one
     wins), limited to ``keys`` (settings) and ``methods`` when given; the setting's facts are the
-    first report's; the summaries, targets and plots are recomputed; the report's ``command``
-    lists every run's command, then ``command`` (the merge's own). A setting whose overrides
-    differ from an earlier report's (another protocol, e.g. other validation and test rows) is not
-    mixed with it: the later report's runs and facts replace the earlier ones, and the report's
-    choices say so. Writes ``<out>/<name>.json``, ``.md`` and ``<name>_<setting>.png``, and
-    returns the report.
+    first report's; a setting's ``multi_seed`` becomes the methods present in every one of its
+    seeds; a skipped run that another report holds is no longer listed as skipped; the summaries,
+    targets and plots are recomputed; the report's ``command`` lists every run's command, then
+    ``command`` (the merge's own), and ``note`` is added to its choices. A setting whose effective
+    overrides (:func:`protocol`) differ from an earlier report's (another protocol, e.g. other
+    validation and test rows) is not mixed with it: the later report's runs and facts replace the
+    earlier ones, and the report's choices say so. Writes ``<out>/<name>.json``, ``.md`` and
+    ``<name>_<setting>.png``, and returns the report.
     """
     reports = [json.loads(p.read_text()) for p in paths]
     commands = [c for r in reports for c in measure.commands(r)]
@@ -735,11 +750,13 @@ def merge_reports(
             for seed, res in s["seeds"].items():
                 kept = {m: v for m, v in res.items() if methods is None or m == "round0" or m in methods}
                 into["seeds"].setdefault(seed, {}).update(kept)
-    for s in merged["settings"].values():
+    ran = set()
+    for key, s in merged["settings"].items():
         present = {m for res in s["seeds"].values() for m in res}
         s["methods"] = [m for m in s["methods"] if m in present]
-        s["multi_seed"] = [m for m in s["multi_seed"] if m in present]
-    for s in merged["settings"].values():
+        s["multi_seed"] = [m for m in s["methods"] if all(m in res for res in s["seeds"].values())]
+        ran |= {f"{key}/seed{seed}/{m}" for seed, res in s["seeds"].items() for m in res}
+        s["skipped"] = [x for x in s["skipped"] if x not in ran]
         s["summary"] = summarize(s["seeds"])
     # The runs kept, not the wall time of every report merged (one may hold other settings).
     merged["wall_seconds"] = sum(
@@ -750,9 +767,9 @@ def merge_reports(
         if "seconds" in v
     )
     merged["choices"] += " Merged (--merge) from the runs of the commands above, keeping the methods shown."
-    merged["choices"] += "".join(f" {x}" for x in replaced)
+    merged["choices"] += "".join(f" {x}" for x in replaced) + (f" {note}" if note else "")
     merged["targets"] = check_targets(merged["settings"])
-    merged["skipped"] = [x for r in reports for x in r["skipped"]]
+    merged["skipped"] = list(dict.fromkeys(x for r in reports for x in r["skipped"] if x not in ran))
     measure.write_results(out / name, merged, render_markdown(merged))
     for key, s in merged["settings"].items():
         plot_setting(s, out / f"{name}_{key}.png")
@@ -834,6 +851,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: the profile's for each setting)",
     )
     ap.add_argument("--seeds", type=int, default=None, help="seeds of the multi-seed methods (default: the profile's)")
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds FIRST_SEED..SEEDS-1 only (to add seeds to an earlier run with --merge); every "
+        "chosen method runs every seed, as there is no seed 0 to pick the best other method from",
+    )
     ap.add_argument("--rounds", type=int, default=None, help="round cap of every setting (default: the profile's)")
     ap.add_argument(
         "--set",
@@ -857,8 +881,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         metavar="JSON",
-        help="run nothing: merge these reports of the same settings and seeds (other methods) into <out>/<name>.*",
+        help="run nothing: merge these reports of the same settings (other methods or seeds) into <out>/<name>.*",
     )
+    ap.add_argument("--note", default=None, help="with --merge: a sentence added to the report's choices")
     args = ap.parse_args(argv)
     name = "quick" if args.quick else "tiny" if args.tiny else "full"
     profile = PROFILES[name]
@@ -870,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown methods {unknown}")
     if args.merge:
         line = measure.command_line("bench_quality.py", sys.argv[1:] if argv is None else argv)
-        merge_reports([Path(p) for p in args.merge], Path(args.out), args.name, keys, methods, line)
+        merge_reports([Path(p) for p in args.merge], Path(args.out), args.name, keys, methods, line, args.note)
         return 0
     if args.seeds is not None and args.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -888,6 +913,9 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, csv = make_tiny(Path(tiny_dir))
             tiny = tiny_overrides(model_dir, csv)
         plans = make_plans(profile, keys, methods, args.seeds, tiny)
+        seeds = max(p.seeds for p in plans)
+        if not 0 <= args.first_seed < seeds:
+            ap.error(f"--first-seed must be in 0..{seeds - 1} (the seeds are 0..{seeds - 1}), got {args.first_seed}")
         for p in plans:
             p.rounds = args.rounds or p.rounds
             p.overrides += args.set
@@ -901,7 +929,13 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_threads": torch.get_num_threads(),
             },
             "time_budget_s": budget,
-            "choices": describe_profile(name, profile, plans),
+            "choices": describe_profile(name, profile, plans)
+            + (
+                f" Seeds {args.first_seed}..{seeds - 1} only (--first-seed {args.first_seed}), every chosen "
+                "method on every seed."
+                if args.first_seed
+                else ""
+            ),
             "settings": {},
             "targets": [],
             "skipped": [],
@@ -916,8 +950,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = report["settings"]
         for plan in plans:
             settings[plan.key] = new_setting(plan)
+            if args.first_seed:  # no seed 0 to choose the best other method: what was asked runs every seed
+                settings[plan.key]["multi_seed"] = list(plan.methods)
         # Seed 0 of every setting first, then the further seeds: a spent time budget skips those.
-        for seed in range(max(p.seeds for p in plans)):
+        for seed in range(args.first_seed, seeds):
             for plan in plans:
                 if seed >= plan.seeds:
                     continue

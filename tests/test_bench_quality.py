@@ -222,6 +222,51 @@ def test_merge_replaces_a_setting_run_with_other_overrides(bench, tmp_path) -> N
     assert "replace earlier runs with other overrides" in merged["choices"]
 
 
+def test_protocol_is_the_override_that_took_effect_per_key(bench) -> None:
+    """A key given twice is its last value, so a redundant --set is the same protocol; another value is not."""
+    seed0 = {"overrides": ["data.max_length=64", "federation.max_test_rows=500", "federation.max_test_rows=2000"]}
+    later = {"overrides": ["data.max_length=64", "federation.max_test_rows=2000", "federation.max_test_rows=2000"]}
+    assert bench.protocol(seed0) == bench.protocol(later) == ["data.max_length=64", "federation.max_test_rows=2000"]
+    rows500 = {"overrides": ["data.max_length=64", "federation.max_test_rows=500"]}
+    assert bench.protocol(rows500) != bench.protocol(later)
+    assert bench.protocol({"overrides": ["data.path=/tmp/x.csv", "seed=1"]}) == ["seed=1"]
+
+
+def test_first_seed_runs_only_the_later_seeds_and_merges_with_seed_0(bench, tmp_path) -> None:
+    """--first-seed 1 of 2 runs seed 1 alone, ffa included (no seed 0 to pick it); K >= seeds is refused.
+
+    Merged with a seed-0 run (and a run whose budget skipped seed 0), each method's mean is over the
+    seeds that ran it, 'every seed' lists only the methods on both seeds, and runs held are not skipped.
+    """
+    common = ["--tiny", "--settings", "a", "--rounds", "1"]
+    later = [*common, "--methods", "centralized,ffa", "--seeds", "2"]
+    assert bench.main([*later, "--first-seed", "1", "--out", str(tmp_path / "s1")]) == 0
+    report = json.loads((tmp_path / "s1" / "quality.json").read_text())
+    a1 = report["settings"]["a"]
+    assert list(a1["seeds"]) == ["1"] and set(a1["seeds"]["1"]) == {"round0", "centralized", "ffa"}
+    assert a1["summary"]["ffa"]["macro_f1"]["n"] == 1 and "--first-seed 1" in report["choices"]
+    for bad in ("2", "-1"):
+        with pytest.raises(SystemExit):
+            bench.main([*later, "--first-seed", bad, "--out", str(tmp_path / "no")])
+    assert not (tmp_path / "no").exists()
+
+    first = [*common, "--methods", "centralized,fedavg,ffa", "--seeds", "1"]
+    assert bench.main([*first, "--out", str(tmp_path / "s0")]) == 0
+    assert bench.main([*first, "--time-budget-s", "1e-9", "--out", str(tmp_path / "none")]) == 0
+    parts = [str(tmp_path / d / "quality.json") for d in ("none", "s0", "s1")]
+    assert bench.main(["--merge", *parts, "--note", "Seed 1: two methods.", "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "quality.json").read_text())
+    a = merged["settings"]["a"]
+    a0 = json.loads((tmp_path / "s0" / "quality.json").read_text())["settings"]["a"]
+    assert set(a["seeds"]) == {"0", "1"} and a["multi_seed"] == ["centralized", "ffa"]
+    f1 = [a0["seeds"]["0"]["ffa"]["macro_f1"], a1["seeds"]["1"]["ffa"]["macro_f1"]]
+    assert a["summary"]["ffa"]["macro_f1"]["mean"] == pytest.approx(sum(f1) / 2)
+    assert a["summary"]["fedavg"]["macro_f1"]["n"] == 1
+    assert a["skipped"] == [] and merged["skipped"] == []
+    assert merged["choices"].endswith(" Seed 1: two methods.")
+    assert "every seed: centralized, ffa; the others fewer" in (tmp_path / "quality.md").read_text()
+
+
 def test_the_label_disjoint_config_is_the_ablations_winner(bench) -> None:
     """The label-disjoint config is (b)'s recipe, the measured winner: the fedavgm overrides change nothing."""
     from lorafed.config import load_config
