@@ -34,6 +34,12 @@ all "recommend", ~0.15-0.19 all "not recommend"):
 * FFA, batch 256 x 6, AdamW at learning rate 1e-3 instead of 3e-3, epsilon 8 (6 rounds, no
   early stop): 0.436, 0.288, 0.389, 0.222, 0.481, 0.475 (589 s). A smaller step does not lift
   the signal out of the noise: the cosines stayed within +-0.01 again. Not kept.
+* FFA, ``train.record_dp.clipping=per_role`` with C = 0.05 (LoRA B and head each clipped to
+  0.035, below every row's norm), LoRA on the top two layers only, batch 512 x 6, epsilon 8 (6
+  rounds, patience 2; 356 s): 0.463, 0.371, then 0.175 (all "not recommend") in round 3. Per-role
+  clipping gives LoRA B a real share of the clip budget (its per-step signal to noise went from
+  0.0014 to 0.017, ``results/dp_signal.md``), but with every row clipped the class balance of
+  the head has no restoring force, and the signal is still far below the noise. Not kept.
 * Plain LoRA without DP (AdamW, batch 16 x 12, the same weights; ``--levels plain``): 0.792.
 
 Every DP run fell to "not recommend" in round 2, whatever the batch (64, 256), optimizer (AdamW,

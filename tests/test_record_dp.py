@@ -411,3 +411,37 @@ def test_per_role_clipping_is_a_config_choice(tiny_config) -> None:
     assert cfg.train.record_dp.clipping == "per_role"
     with pytest.raises(ConfigError, match="clipping"):
         tiny_config(*DP, "train.record_dp.noise_multiplier=1.0", "train.record_dp.clipping=layer")
+
+
+def test_dp_signal_tiny_measures_every_role_and_run(tmp_path) -> None:
+    """``scripts/dp_signal.py --tiny``: signal and noise per role and clipping, and one curve per run."""
+    spec = importlib.util.spec_from_file_location("dp_signal", ROOT / "scripts" / "dp_signal.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--rows", "12", "--out", str(tmp_path / "sig")]) == 0
+    report = json.loads((tmp_path / "sig.json").read_text())
+    assert set(report["signal"]) == set(mod.SETS) and set(report["curves"]) == set(mod.RUNS)
+    head = report["signal"]["head only"]
+    assert set(head["roles"]) == {"head"}
+    row = head["roles"]["head"]["flat"]
+    # noise per step = z C sqrt(d) / B, by hand from the reported plan
+    expected = head["z"] * 1.0 * math.sqrt(head["roles"]["head"]["d"]) / head["expected_batch"]  # C = 1 (config)
+    assert row["clip_norm"] == 1.0 and row["noise"] == pytest.approx(expected)
+    assert 0.0 <= row["signal"] <= 1.0
+    per_role = head["roles"]["head"]["per_role"]
+    assert per_role["noise"] == pytest.approx(expected * 0.05)  # the same z at C = 0.05
+    assert all(len(c) == 2 for c in report["curves"].values())
+    assert (tmp_path / "sig.md").is_file() and (tmp_path / "sig.png").is_file()
+
+
+def test_dp_signal_mean_norm_counts_only_what_rows_share() -> None:
+    """The unbiased mean norm: sqrt of the mean pairwise product, by hand on three rows."""
+    spec = importlib.util.spec_from_file_location("dp_signal", ROOT / "scripts" / "dp_signal.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = np.array([[1.0, 0.0], [1.0, 2.0], [1.0, -2.0]])
+    # pairs: (1,2) 1, (1,3) 1, (2,3) 1 - 4 = -3 -> mean (1 + 1 - 3) / 3 < 0 -> 0
+    assert mod.mean_norm(g) == 0.0
+    g = np.array([[2.0, 1.0], [2.0, -1.0], [2.0, 0.0]])
+    # pairs: 4 - 1 = 3, 4, 4 -> mean 11 / 3
+    assert mod.mean_norm(g) == pytest.approx(math.sqrt(11 / 3))

@@ -57,6 +57,16 @@ of the reviews recommend; the numbers are in ``results/dp_record_accuracy.md``):
   AdamW or SGD) every run fell the same way in round 2 and none recovered within 6 rounds
   (``scripts/_dp_recipe.py`` has every run).
 
+* ``record_dp.clipping: per_role`` clips the LoRA and head tensors each on its own (to C / sqrt(k)),
+  so LoRA gets a share of the clip budget the head's gradient took (per-step signal to noise of
+  LoRA B on the largest clothing client 0.0014 flat, 0.017 per role with every row clipped). It
+  does not rescue clothing at epsilon 8: when every row is clipped, a row pushes the head's
+  class balance with the same force however well it is already fitted, so nothing pulls the
+  balance back (one run: 0.463, 0.371, 0.175 over rounds 1-3). ``scripts/dp_signal.py``
+  (``results/dp_signal.md``) measures each role's signal against the noise and the largest
+  client's curves alone: the signal of a clothing row after the class weights is far below the
+  noise of epsilon 8 at these client sizes.
+
 Every ``train`` setting either applies under DP or is refused when the config is loaded
 (:mod:`lorafed.config`): ``class_weighting: balanced`` (a row's weight would depend on every other
 row's label; fixed ``class_weights`` are allowed, see above), ``gradient_checkpointing`` (the
