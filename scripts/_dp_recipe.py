@@ -38,7 +38,7 @@ all "recommend", ~0.15-0.19 all "not recommend"):
   0.035, below every row's norm), LoRA on the top two layers only, batch 512 x 6, epsilon 8 (6
   rounds, patience 2; 356 s): 0.463, 0.371, then 0.175 (all "not recommend") in round 3. Per-role
   clipping gives LoRA B a real share of the clip budget (its per-step signal to noise went from
-  0.0014 to 0.017, ``results/dp_signal.md``), but with every row clipped the class balance of
+  0.0006 to 0.020, ``results/dp_signal.md``), but with every row clipped the class balance of
   the head has no restoring force, and the signal is still far below the noise. Not kept.
 * Plain LoRA without DP (AdamW, batch 16 x 12, the same weights; ``--levels plain``): 0.792.
 

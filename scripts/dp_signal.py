@@ -19,7 +19,7 @@ DP recipe of ``scripts/_dp_recipe.py``), on the largest client (the one with the
    DP, DP-SGD with clipping and no noise (z = 1e-6), epsilon 8 with ``flat`` clipping and
    epsilon 8 with ``per_role`` clipping (C = 0.05, below every row's norm). Noise seed 0.
 
-Writes results/dp_signal.{json,md,png}. About 9 min on 2 idle cores:
+Writes results/dp_signal.{json,md,png}. About 8 min on 2 idle cores:
 
     flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/dp_signal.py
 
@@ -29,6 +29,7 @@ Writes results/dp_signal.{json,md,png}. About 9 min on 2 idle cores:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import tempfile
@@ -41,14 +42,14 @@ import torch
 from transformers import AutoConfig
 
 from lorafed import measure
-from lorafed.client.dp import plan_record_dp
-from lorafed.client.train import autocast
+from lorafed.client.dp import clip_and_weight_rows, plan_record_dp
+from lorafed.client.train import autocast, fixed_class_weights, frozen_dropout_off
 from lorafed.config import RunConfig, load_config
 from lorafed.engine.cohort import Cohort, evaluate_state, prepare_cohort
 from lorafed.engine.compare import val_positions
 from lorafed.model.backbone import resolve_backbone
 from lorafed.plots import figure, save_figure
-from lorafed.wire.roles import apply_round, round_roles, tensor_role
+from lorafed.wire.roles import apply_round, round_roles, tensor_role, trainable_roles
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -81,31 +82,33 @@ RUNS: dict[str, list[str]] = {
 EPSILON = 8.0
 
 
-def row_gradients(fed: Cohort, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Each row's gradient of the round-1 trainable tensors (one row at a time): [rows, d], labels, roles."""
+def row_gradients(fed: Cohort, positions: np.ndarray) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
+    """Each row's gradient of the round-1 trainable tensors, one row at a time, as DP training takes them.
+
+    Returns one ``[rows, numel]`` tensor per trainable tensor, the rows' labels and the tensors' roles.
+    """
     model = fed.client.model
-    roles = round_roles(fed.config.federation.aggregation, 1)
-    named = [(n, p) for n, p in model.named_parameters() if ".lora_" in n or p.requires_grad]
-    params = []
-    for n, p in named:
-        p.requires_grad_(tensor_role(n) in roles)
-        if p.requires_grad:
-            params.append((n, p))
-    model.train()
-    grads, labels = [], []
-    for j in positions:
-        batch = fed.rows.batch(np.array([j]))
-        y = batch.pop("labels")
-        with autocast(model, fed.config.train.autocast):
-            logits = model(**batch).logits
+    named = dict(model.named_parameters())
+    grads: list[list[torch.Tensor]] = []
+    labels = []
+    with trainable_roles(model, round_roles(fed.config.federation.aggregation, 1)) as names:
+        model.train()
+        with contextlib.ExitStack() as stack:
+            if not fed.config.train.backbone_dropout:
+                stack.enter_context(frozen_dropout_off(model))
+            for j in positions:
+                batch = fed.rows.batch(np.array([j]))
+                y = batch.pop("labels")
+                with autocast(model, fed.config.train.autocast):
+                    logits = model(**batch).logits
+                model.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(logits.float(), y).backward()
+                grads.append([named[n].grad.reshape(-1).float().clone() for n in names])
+                labels.append(int(y))
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(logits.float(), y).backward()
-        grads.append(torch.cat([p.grad.reshape(-1).float() for _, p in params]).numpy())
-        labels.append(int(y))
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    col_roles = [tensor_role(n) for n, p in params for _ in range(p.numel())]
-    return np.stack(grads), np.array(labels), col_roles
+        model.eval()
+    per_tensor = [torch.stack([row[i] for row in grads]) for i in range(len(names))]
+    return per_tensor, np.array(labels), [tensor_role(n) for n in names]
 
 
 def mean_norm(g: np.ndarray) -> float:
@@ -123,15 +126,16 @@ def signal(fed: Cohort, dp_cfg: RunConfig, rows: int) -> dict[str, Any]:
     n = len(fed.splits[k].train)
     plan = plan_record_dp(dp_cfg.train, n, cfg.federation.rounds)
     pos = np.random.default_rng(0).choice(fed.splits[k].train, size=min(rows, n), replace=False)
-    g, y, col_roles = row_gradients(fed, pos)
-    weights = cfg.train.class_weights or {}
-    names = fed.data.label_names
-    w = np.array([float(weights.get(names[c], 1.0)) for c in range(len(names))])
-    w = (w / w.max())[y]
-    roles = np.array(col_roles)
-    masks = {r: roles == r for r in sorted(set(col_roles))}
-    norms = {r: np.linalg.norm(g[:, m], axis=1) for r, m in masks.items()}
-    total = np.linalg.norm(g, axis=1)
+    tensors, y, tensor_roles = row_gradients(fed, pos)
+    weights = torch.ones(len(fed.data.label_names))
+    if cfg.train.class_weights:
+        weights = fixed_class_weights(cfg.train.class_weights, fed.client.model)
+    w = (weights / weights.max())[torch.from_numpy(y)]
+    roles = sorted(set(tensor_roles))
+    # One matrix of per-row gradients per role: a role's norm is that of its tensors together.
+    by_role = {r: torch.cat([t for t, tr in zip(tensors, tensor_roles, strict=True) if tr == r], 1) for r in roles}
+    norms = {r: by_role[r].norm(dim=1).numpy() for r in roles}
+    total = np.sqrt(sum(v**2 for v in norms.values()))
     c = dp_cfg.train.record_dp.clip_norm
     steps = plan.steps_per_round * cfg.federation.rounds
     out: dict[str, Any] = {
@@ -143,17 +147,23 @@ def signal(fed: Cohort, dp_cfg: RunConfig, rows: int) -> dict[str, Any]:
         "clip_norm": c,
         "roles": {},
     }
-    for r, m in masks.items():
-        d = int(m.sum())
+    clipped = {}
+    for mode, clip in (("flat", c), ("per_role", PER_ROLE_CLIP)):
+        # The training's own clipping (lorafed.client.dp), on one pseudo-tensor per role.
+        rows = [torch.nn.Parameter(torch.zeros(by_role[r].shape[1])) for r in roles]
+        for p, r in zip(rows, roles, strict=True):
+            p.grad_sample = by_role[r].clone()
+        clip_and_weight_rows(rows, clip, w, None if mode == "flat" else list(range(len(roles))))
+        clipped[mode] = {r: p.grad_sample.double().numpy() for r, p in zip(roles, rows, strict=True)}
+    for r in roles:
+        d = by_role[r].shape[1]
         row = {
             "d": d,
             "row_norm_median": float(np.median(norms[r])),
             "share_of_row_norm": float(np.median(norms[r] / total)),
         }
         for mode, clip in (("flat", c), ("per_role", PER_ROLE_CLIP)):
-            bound, ref = (clip, total) if mode == "flat" else (clip / math.sqrt(len(masks)), norms[r])
-            factor = np.minimum(1.0, bound / (ref + 1e-12)) * w
-            s = mean_norm(g[:, m] * factor[:, None])
+            s = mean_norm(clipped[mode][r])
             noise = plan.noise_multiplier * clip * math.sqrt(d) / plan.expected_batch_size
             row[mode] = {
                 "clip_norm": clip,

@@ -59,7 +59,7 @@ of the reviews recommend; the numbers are in ``results/dp_record_accuracy.md``):
 
 * ``record_dp.clipping: per_role`` clips the LoRA and head tensors each on its own (to C / sqrt(k)),
   so LoRA gets a share of the clip budget the head's gradient took (per-step signal to noise of
-  LoRA B on the largest clothing client 0.0014 flat, 0.017 per role with every row clipped). It
+  LoRA B on the largest clothing client 0.0006 flat, 0.020 per role with every row clipped). It
   does not rescue clothing at epsilon 8: when every row is clipped, a row pushes the head's
   class balance with the same force however well it is already fitted, so nothing pulls the
   balance back (one run: 0.463, 0.371, 0.175 over rounds 1-3). ``scripts/dp_signal.py``
