@@ -210,7 +210,9 @@ def test_merge_replaces_a_setting_run_with_other_overrides(bench, tmp_path) -> N
     assert bench.main([*common, "--out", str(tmp_path / "x")]) == 0
     assert bench.main([*common, "--set", "train.learning_rate=0.01", "--out", str(tmp_path / "y")]) == 0
     x, y = (json.loads((tmp_path / p / "quality.json").read_text())["settings"]["d"] for p in ("x", "y"))
-    assert bench.protocol(y) == [*bench.protocol(x), "train.learning_rate=0.01"]  # the tiny files' paths aside
+    px = bench.protocol(x)  # the tiny files' paths aside; the round cap and patience last
+    assert px[-2:] == ["rounds_cap=1", "patience=2"]
+    assert bench.protocol(y) == [*px[:-2], "train.learning_rate=0.01", *px[-2:]]
     argv = ["--merge", str(tmp_path / "x" / "quality.json"), str(tmp_path / "y" / "quality.json")]
     assert bench.main([*argv, "--out", str(tmp_path), "--name", "m"]) == 0
     merged = json.loads((tmp_path / "m.json").read_text())
@@ -219,7 +221,10 @@ def test_merge_replaces_a_setting_run_with_other_overrides(bench, tmp_path) -> N
     (target,) = merged["targets"]
     seed0 = y["seeds"]["0"]
     assert target["value"] == pytest.approx(100 * (seed0["centralized"]["macro_f1"] - seed0["fedavg"]["macro_f1"]))
-    assert "replace earlier runs with other overrides" in merged["choices"]
+    assert "replace earlier runs of another protocol" in merged["choices"]
+    y_command = json.loads((tmp_path / "y" / "quality.json").read_text())["command"]
+    assert merged["command"][:-1] == [y_command]  # x's command ran only (d), which y's runs replaced
+    assert "--merge" in merged["command"][-1]
 
 
 def test_protocol_is_the_override_that_took_effect_per_key(bench) -> None:
@@ -230,6 +235,14 @@ def test_protocol_is_the_override_that_took_effect_per_key(bench) -> None:
     rows500 = {"overrides": ["data.max_length=64", "federation.max_test_rows=500"]}
     assert bench.protocol(rows500) != bench.protocol(later)
     assert bench.protocol({"overrides": ["data.path=/tmp/x.csv", "seed=1"]}) == ["seed=1"]
+    cap10 = {**later, "rounds_cap": 10, "patience": 3}
+    assert bench.protocol(cap10) == [
+        "data.max_length=64",
+        "federation.max_test_rows=2000",
+        "rounds_cap=10",
+        "patience=3",
+    ]
+    assert bench.protocol({**cap10, "rounds_cap": 15}) != bench.protocol(cap10)  # another cap, another protocol
 
 
 def test_first_seed_runs_only_the_later_seeds_and_merges_with_seed_0(bench, tmp_path) -> None:
