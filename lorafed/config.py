@@ -150,6 +150,13 @@ class ModelConfig:
         quantize_embeddings: With ``precision: int8``: store the embedding tables in int8 too
             (either backend; BERT's word table is 47 MB in fp32 for MiniLM, 94 MB for bert-base).
             Ignored for other precisions.
+        pooling: What the classifier reads: ``cls`` (BERT's pooled [CLS] token) or ``mean`` (the
+            mean of the token states, as sentence transformers such as all-MiniLM-L6-v2 were
+            trained; on clothing reviews a linear probe scores 0.78 macro-F1 on it against 0.72
+            on the pooled [CLS]). ``mean`` adds one frozen layer that computes the mean, so
+            exports stay plain ``BertForSequenceClassification`` models
+            (:mod:`lorafed.model.pooling`); BERT-family backbones with the ``lorafed`` int8
+            backend or without int8. It travels in every payload header (``lora.pooling``).
     """
 
     name_or_path: str = PACKAGED_BACKBONE
@@ -157,6 +164,7 @@ class ModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     int8_backend: Int8Backend = "lorafed"
     quantize_embeddings: bool = True
+    pooling: Literal["cls", "mean"] = "cls"
 
 
 @dataclass(frozen=True)
@@ -964,6 +972,11 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(m.lora.alpha > 0, f"model.lora.alpha: must be > 0, got {m.lora.alpha}")
     need(0 <= m.lora.dropout < 1, f"model.lora.dropout: must be in [0, 1), got {m.lora.dropout}")
     need(len(m.lora.target_modules) > 0, "model.lora.target_modules: needs at least one module name")
+    need(
+        m.pooling == "cls" or m.precision != "int8" or m.int8_backend == "lorafed",
+        "model.pooling: mean builds its pooling layer from float weights; with precision int8 it needs "
+        "int8_backend lorafed (got bitsandbytes)",
+    )
     ranks = m.lora.client_ranks or {}
     need(
         all(r >= 1 for r in ranks.values()),

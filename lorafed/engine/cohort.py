@@ -102,7 +102,9 @@ class Cohort:
         r = own_rank(self.config, client_id)  # what a Flower node or a poller of this client trains at
         if r == lora.r:
             return self.identity
-        return dataclasses.replace(self.identity, lora=lora_config_dict(dataclasses.replace(lora, r=r)))
+        return dataclasses.replace(
+            self.identity, lora=lora_config_dict(dataclasses.replace(lora, r=r), self.config.model.pooling)
+        )
 
     def model_of_rank(self, r: int) -> tuple[ClientModel, dict[str, torch.Tensor]]:
         """A model with LoRA adapters of rank ``r`` (seeded as every client's) and its fresh adapter."""

@@ -129,11 +129,18 @@ def _fingerprint_cached(model_dir: str, stats: tuple[tuple[str, int, int], ...])
     return "sha256:" + digest.hexdigest()
 
 
-def lora_config_dict(lora: LoraSettings) -> dict[str, Any]:
-    """The LoRA settings as they travel in payload headers."""
-    out = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": sorted(lora.target_modules)}
+def lora_config_dict(lora: LoraSettings, pooling: str = "cls") -> dict[str, Any]:
+    """How the adapter attaches to the base, as it travels in payload headers: LoRA and ``model.pooling``."""
+    out: dict[str, Any] = {
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "target_modules": sorted(lora.target_modules),
+    }
     if lora.layers is not None:  # only when set, so headers of all-layer adapters are unchanged
         out["layers"] = sorted(lora.layers)
+    if pooling != "cls":  # likewise: a [CLS] model's header is unchanged
+        out["pooling"] = pooling
     return out
 
 
@@ -239,12 +246,19 @@ def load_client_model(
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: cannot load as a sequence classifier: {exc}") from exc
+    base_layers = None
+    if cfg.pooling == "mean":
+        from lorafed.model.pooling import append_mean_pooling_layer
+
+        if prec == "int8" and cfg.int8_backend != "lorafed":
+            raise ModelError("model.pooling: mean needs int8_backend lorafed (its layer is built from float weights)")
+        base_layers = append_mean_pooling_layer(model)
     if prec == "int8":
         _quantize(model, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     if with_lora:
-        model = add_lora(model, cfg.lora, seed)
+        model = add_lora(model, cfg.lora, seed, base_layers)
     return ClientModel(model, tokenizer, base_fingerprint(model_dir), model_dir, prec)
 
 
@@ -280,10 +294,26 @@ def enable_gradient_checkpointing(model: Any) -> None:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def add_lora(model: Any, lora: LoraSettings, seed: int) -> Any:
-    """Wrap ``model`` with peft LoRA (seeded init); the classification head stays trainable."""
+def add_lora(model: Any, lora: LoraSettings, seed: int, base_layers: int | None = None) -> Any:
+    """Wrap ``model`` with peft LoRA (seeded init); the classification head stays trainable.
+
+    Args:
+        model: The frozen classifier.
+        lora: LoRA settings; ``lora.layers`` are indices of the base's layers.
+        seed: Seed of the LoRA and head initialisation.
+        base_layers: With ``model.pooling: mean``, the base's number of layers: the pooling layer
+            above them gets no LoRA (its attention is fixed to a mean).
+
+    Raises:
+        ModelError: peft cannot attach to ``target_modules``, or ``lora.layers`` names the pooling layer.
+    """
     from peft import LoraConfig, TaskType, get_peft_model
 
+    layers = sorted(lora.layers) if lora.layers is not None else None
+    if base_layers is not None:
+        if layers is not None and max(layers) >= base_layers:
+            raise ModelError(f"model.lora.layers {layers}: the base has layers 0-{base_layers - 1}")
+        layers = layers if layers is not None else list(range(base_layers))
     torch.manual_seed(seed)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
@@ -291,7 +321,7 @@ def add_lora(model: Any, lora: LoraSettings, seed: int) -> Any:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
-        layers_to_transform=sorted(lora.layers) if lora.layers is not None else None,
+        layers_to_transform=layers,
     )
     try:
         with _quiet_loading():

@@ -172,8 +172,11 @@ def load_adapter_model(payload: Payload, base: str, source: str = "adapter") -> 
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"{source}: header lora {m.lora} lacks r, alpha or target_modules ({exc})") from exc
+    pooling = m.lora.get("pooling", "cls")
+    if pooling not in ("cls", "mean"):
+        raise ExportError(f"{source}: header lora.pooling {pooling!r}: expected 'cls' or 'mean'")
     client = load_client_model(
-        ModelConfig(name_or_path=base, precision="fp32", lora=lora), m.labels, 0, precision="fp32"
+        ModelConfig(name_or_path=base, precision="fp32", lora=lora, pooling=pooling), m.labels, 0, precision="fp32"
     )
     if client.fingerprint != m.base_fingerprint:
         raise ModelError(

@@ -102,7 +102,9 @@ def federation_base(config: RunConfig, labels: Sequence[str]) -> tuple[ModelIden
         ModelError: The base model cannot be loaded.
     """
     client = load_client_model(config.model, labels, config.seed, precision="fp32")
-    identity = ModelIdentity(client.fingerprint, lora_config_dict(config.model.lora), tuple(labels))
+    identity = ModelIdentity(
+        client.fingerprint, lora_config_dict(config.model.lora, config.model.pooling), tuple(labels)
+    )
     return identity, get_adapter_state(client.model)
 
 
