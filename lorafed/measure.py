@@ -17,7 +17,7 @@ import shlex
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,13 @@ def commands(report: Mapping[str, Any]) -> list[str]:
     """A results report's reproduce command(s): its ``command``, one string or (after a merge) a list."""
     c = report["command"]
     return [c] if isinstance(c, str) else list(c)
+
+
+def command_settings(command: str, every: Iterable[str]) -> set[str]:
+    """The settings a benchmark command ran: its ``--settings a,b`` value, or ``every`` setting without one."""
+    words = command.split()
+    at = words.index("--settings") + 1 if "--settings" in words else len(words)
+    return set(words[at].split(",")) if at < len(words) else set(every)
 
 
 def command_line(script: str, args: Sequence[str] = (), python: str = "env PYTHONPATH=. python") -> str:

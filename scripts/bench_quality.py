@@ -711,14 +711,6 @@ def protocol(setting: dict[str, Any]) -> list[str]:
     return [*(f"{k}={v}" for k, v in effective.items()), *stops]
 
 
-def ran_only(command: str, keys: set[str]) -> bool:
-    """Whether a report's command ran only settings in ``keys`` (its ``--settings``; without it, every setting)."""
-    words = command.split()
-    at = words.index("--settings") + 1 if "--settings" in words else len(words)
-    ran = set(words[at].split(",")) if at < len(words) else set(SETTINGS)
-    return ran <= keys
-
-
 def merge_reports(
     paths: list[Path],
     out: Path,
@@ -759,7 +751,9 @@ def merge_reports(
                     "another protocol."
                 )
                 # The earlier commands that ran only this setting no longer reproduce anything shown.
-                commands[:i] = [[c for c in cs if not ran_only(c, {key})] for cs in commands[:i]]
+                commands[:i] = [
+                    [c for c in cs if measure.command_settings(c, SETTINGS) != {key}] for cs in commands[:i]
+                ]
             into = merged["settings"].setdefault(key, {**s, "seeds": {}, "methods": [], "multi_seed": []})
             into["methods"] += [m for m in s["methods"] if m not in into["methods"]]
             into["multi_seed"] += [m for m in s["multi_seed"] if m not in into["multi_seed"]]

@@ -357,13 +357,34 @@ def test_dp_record_accuracy_levels_and_merge(tmp_path: Path) -> None:
     runs = s["seeds"]["0"]
     assert runs["no DP"] == first["settings"]["a"]["seeds"]["0"]["no DP"]  # kept from the first command
     assert "cost_points" not in s["summary"]["no DP, plain LoRA"]
-    for name, t in zip(("eps 8", "eps 3"), merged["targets"], strict=True):
+    same_recipe, against_plain = merged["targets"][:2], merged["targets"][2:]
+    for name, t in zip(("eps 8", "eps 3"), same_recipe, strict=True):
         assert t["value"] == pytest.approx(100 * (runs["no DP"]["macro_f1"] - runs[name]["macro_f1"]))
+    for name, t in zip(("eps 8", "eps 3"), against_plain, strict=True):
+        assert "against plain LoRA" in t["target"]
+        assert t["value"] == pytest.approx(100 * (runs["no DP, plain LoRA"]["macro_f1"] - runs[name]["macro_f1"]))
     assert len(merged["command"]) == 2 and "--merge" in merged["command"][1]
     text = out.with_suffix(".md").read_text()
     assert text.count("| eps ") == 2 and "| no DP, plain LoRA |" in text and "Without DP the recipe is" in text
     with pytest.raises(SystemExit):
         mod.main([*common, "--levels", "2"])
+    # Another recipe (--set) is refused by --merge unless --replace, which starts (a) over.
+    other = [*common, "--levels", "none", "--set", "train.learning_rate=0.002", "--merge"]
+    with pytest.raises(SystemExit):
+        mod.main(other)
+    assert mod.main([*other, "--replace"]) == 0
+    replaced = json.loads(out.with_suffix(".json").read_text())
+    s = replaced["settings"]["a"]
+    assert list(s["summary"]) == ["no DP"] and s["recipe"][-1] == "train.learning_rate=0.002"
+    assert len(replaced["command"]) == 1 and "--replace" in replaced["command"][0]  # both earlier ran only (a)
+    # --first-seed adds seed 1 to seed 0's runs; the mean is then over both seeds.
+    seed1 = [a if a != "1" else "2" for a in other[:-1]] + ["--first-seed", "1", "--merge"]
+    assert seed1[seed1.index("--seeds") + 1] == "2"
+    assert mod.main(seed1) == 0
+    both = json.loads(out.with_suffix(".json").read_text())["settings"]["a"]
+    assert sorted(both["seeds"]) == ["0", "1"] and both["seeds"]["0"] == s["seeds"]["0"]
+    f1 = [both["seeds"][k]["no DP"]["macro_f1"] for k in ("0", "1")]
+    assert both["summary"]["no DP"]["macro_f1"]["mean"] == pytest.approx(sum(f1) / 2)
 
 
 def test_per_role_clipping_bounds_each_group_by_hand() -> None:
