@@ -11,23 +11,19 @@ rows it never saw (non-members: held-out test rows of the same data). It reports
 ROC AUC and its TPR at 1 % FPR (``sklearn.metrics``), next to the global model's macro-F1 and the
 epsilon the client reported in its header, in ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 
-Real mode: women's clothing reviews, ``configs/clothing_recommend.yaml`` (the main job's
-federation: 6 departments, 5 rounds x 12 steps x 16 rows per client), with, in every setting,
-what record-level DP requires (``train.class_weighting=none``, ``train.length_bucketing=false``),
-the DP recipe (``scripts/_dp_recipe.py``: fixed class weights from the public prior, FFA-LoRA,
-its batch and steps; the committed results were taken at batch 64 x 6, before it became 256 x 6)
-and two size cuts, as in ``scripts/bench_quality.py --full``: ``data.max_length=64`` and
+Real mode: women's clothing reviews, ``configs/clothing_recommend.yaml`` (6 departments, 5
+rounds), with, in every setting, what record-level DP requires (``train.class_weighting=none``,
+``train.length_bucketing=false``), the DP recipe (``scripts/_dp_recipe.py``: fixed class weights
+from the public prior, the head on the mean-pooled token states, batch 256 x 6 steps) and two
+size cuts, as in ``scripts/bench_quality.py --full``: ``data.max_length=64`` and
 ``federation.max_test_rows=500`` (so 500 members and 500 non-members per attack)::
 
     flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/audit_privacy.py   # -> results/privacy_audit.*
 
-Runtime on 2 idle cores (estimated, not run here): a federation is 5 x 6 x 12 x 16 = 5,760
-training samples, ~165 s at ~35 samples/s without DP and ~165-275 s per DP setting (DP-SGD's
-per-sample gradients cost 1.67x a step's CPU time on the tests' tiny BERT, an upper bound for
-MiniLM); each run scores 500 test rows 6 times and each attack 2 x 1,000 rows (~12 s per 1,000
-rows); with ~30 s of data and model: ~1,080-1,260 s, 18-21 minutes. At max_length 128 (the
-config's own) it would be ~45 minutes. ``--time-budget-s`` (default 1,500) starts no setting
-after it; the results are written after every setting, so a cut run keeps the settings it ran.
+Runtime on 2 cores: 17.6 minutes for the 4 settings with the current recipe (about 4.4 minutes
+each; a step of the head-only recipe is a forward pass of the frozen backbone).
+``--time-budget-s`` (default 1,500) starts no setting after it; the results are written after
+every setting, so a cut run keeps the settings it ran.
 
 ``--tiny`` runs the same code on the tests' tiny random BERT and synthetic reviews in seconds.
 """
@@ -61,7 +57,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from _dp_recipe import CLOTHING_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
 
 #: Real mode, every setting: what record-level DP requires (the baseline too), the size cuts, and
-#: the DP recipe (scripts/_dp_recipe.py: public class weights, FFA-LoRA, its batch), so the no-DP
+#: the DP recipe (scripts/_dp_recipe.py: public class weights, the mean-pooled head, its batch), so the no-DP
 #: row is the same protocol as the DP rows.
 REAL_OVERRIDES = [
     "train.class_weighting=none",
