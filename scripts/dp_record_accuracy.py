@@ -33,10 +33,10 @@ after every run, so a partial run keeps what it measured. ``--levels`` runs a su
 ``--replace`` a setting whose recipe changed starts over), so each level can be its own locked
 command under the 15 minutes a command may hold the lock.
 
-Measured on 2 cores here, setting (a), seed 0, 6 rounds unless early-stopped (int8 MiniLM, bf16
-autocast): batch 64 x 6 steps: a DP run ~205 s, the plain-LoRA reference 103 s; batch 256 x 6
-steps: no DP 595 s, a DP round ~100 s. Setting (b), seed 0, round cap 8: no DP 143 s, a DP run
-120-184 s. Seeds 1-2 have not been run.
+Measured on 2 cores here, setting (a), 6 rounds unless early-stopped (int8 MiniLM, bf16
+autocast), the mean-pooled head recipe: a run 191-298 s at any level, the plain-LoRA reference
+104-112 s. Setting (b), seed 0, round cap 8: no DP 143 s, a DP run 120-184 s (its seeds 1-2 have
+not been run).
 
     flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/dp_record_accuracy.py \\
         --settings a --seeds 1 --levels none,8,3,plain
