@@ -35,8 +35,7 @@ command under the 15 minutes a command may hold the lock.
 
 Measured on 2 cores here, setting (a), 6 rounds unless early-stopped (int8 MiniLM, bf16
 autocast), the mean-pooled head recipe: a run 191-298 s at any level, the plain-LoRA reference
-104-112 s. Setting (b), seed 0, round cap 8: no DP 143 s, a DP run 120-184 s (its seeds 1-2 have
-not been run).
+104-112 s. Setting (b), round cap 8: no DP 128-143 s, a DP run 120-184 s.
 
     flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/dp_record_accuracy.py \\
         --settings a --seeds 1 --levels none,8,3,plain
