@@ -152,8 +152,8 @@ class ModelConfig:
             Ignored for other precisions.
         pooling: What the classifier reads: ``cls`` (BERT's pooled [CLS] token) or ``mean`` (the
             mean of the token states, as sentence transformers such as all-MiniLM-L6-v2 were
-            trained; on clothing reviews a linear probe scores 0.78 macro-F1 on it against 0.72
-            on the pooled [CLS]). ``mean`` adds one frozen layer that computes the mean, so
+            trained; on clothing reviews a logistic regression scores 0.769 macro-F1 on it
+            against 0.692 on the pooled [CLS]). ``mean`` adds one frozen layer that computes the mean, so
             exports stay plain ``BertForSequenceClassification`` models
             (:mod:`lorafed.model.pooling`); BERT-family backbones with the ``lorafed`` int8
             backend or without int8. It travels in every payload header (``lora.pooling``).

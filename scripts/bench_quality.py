@@ -735,7 +735,7 @@ def merge_reports(
     ``<name>_<setting>.png``, and returns the report.
     """
     reports = [json.loads(p.read_text()) for p in paths]
-    commands = [[c for c in measure.commands(r)] for r in reports]
+    commands = [measure.commands(r) for r in reports]
     merged = {**reports[0], "name": name}
     merged["settings"] = {}
     replaced = []

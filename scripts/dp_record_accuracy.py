@@ -50,7 +50,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -179,54 +178,44 @@ def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 min(r["noise_multiplier_min"] for r in runs),
                 max(r["noise_multiplier_max"] for r in runs),
             ]
-        paired = [s for s in seeds if "no DP" in per_seed[s]]
-        if name not in ("no DP", PLAIN) and paired:
-            row["cost_points"] = measure.summarize(
-                [100 * (per_seed[s]["no DP"]["macro_f1"] - per_seed[s][name]["macro_f1"]) for s in paired]
-            )
+        if name not in ("no DP", PLAIN):
+            for key, reference in (("cost_points", "no DP"), ("cost_vs_plain_points", PLAIN)):
+                paired = [s for s in seeds if reference in per_seed[s]]
+                if paired:
+                    row[key] = measure.summarize(
+                        [100 * (per_seed[s][reference]["macro_f1"] - per_seed[s][name]["macro_f1"]) for s in paired]
+                    )
         out[name] = row
     return out
 
 
 def check_targets(settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's clothing targets, judged on the mean paired cost over seeds (``value`` in points)."""
+    """The issue's clothing targets, judged on the mean paired cost over seeds (``value`` in points).
+
+    First against no DP with the same recipe, then the stricter reading: against the federation a
+    user gets without DP (plain LoRA, no recipe).
+    """
     s = settings.get("a", {}).get("summary", {})
     targets = []
-    for name, limit in TARGETS:
-        cost = s.get(name, {}).get("cost_points")
-        if cost is None:
-            continue
-        eps = name.split()[1]
-        targets.append(
-            measure.target(
-                f"epsilon {eps} costs <= {limit:g} points on clothing",
-                cost["mean"],
-                cost["mean"] <= limit,
-                seeds=cost["n"],
-                text=f"{cost['mean']:.2f} ± {cost['std']:.2f} macro-F1 points below no DP over {cost['n']} seed(s)",
+    for key, against, below in (
+        ("cost_points", "", "no DP"),
+        ("cost_vs_plain_points", " against plain LoRA without DP", "plain LoRA"),
+    ):
+        for name, limit in TARGETS:
+            cost = s.get(name, {}).get(key)
+            if cost is None:
+                continue
+            eps = name.split()[1]
+            targets.append(
+                measure.target(
+                    f"epsilon {eps} costs <= {limit:g} points on clothing{against}",
+                    cost["mean"],
+                    cost["mean"] <= limit,
+                    seeds=cost["n"],
+                    text=f"{cost['mean']:.2f} ± {cost['std']:.2f} macro-F1 points below {below} "
+                    f"over {cost['n']} seed(s)",
+                )
             )
-        )
-    # The stricter reading: against the federation a user gets without DP (plain LoRA, no recipe).
-    seeds = settings.get("a", {}).get("seeds", {})
-    for name, limit in TARGETS:
-        gaps = [
-            100 * (runs[PLAIN]["macro_f1"] - runs[name]["macro_f1"])
-            for runs in seeds.values()
-            if PLAIN in runs and name in runs
-        ]
-        if not gaps:
-            continue
-        mean, std = statistics.mean(gaps), statistics.stdev(gaps) if len(gaps) > 1 else 0.0
-        eps = name.split()[1]
-        targets.append(
-            measure.target(
-                f"epsilon {eps} costs <= {limit:g} points on clothing against plain LoRA without DP",
-                mean,
-                mean <= limit,
-                seeds=len(gaps),
-                text=f"{mean:.2f} ± {std:.2f} macro-F1 points below plain LoRA over {len(gaps)} seed(s)",
-            )
-        )
     return targets
 
 

@@ -2,8 +2,9 @@
 
 BERT's classifier reads the pooled [CLS] token: ``tanh(W_p h_cls + b_p)``. A sentence
 transformer such as all-MiniLM-L6-v2 was trained to average its token states instead, and its
-[CLS] pooler was never trained for that model: on clothing reviews a linear probe scores 0.78
-macro-F1 on the mean of the token states and 0.72 on the pooled [CLS]. A custom pooling module
+[CLS] pooler was never trained for that model: on clothing reviews (features of the int8 MiniLM,
+every training row) a logistic regression scores 0.769 test macro-F1 on the LayerNorm'd mean of
+the token states and 0.692 on the pooled [CLS]. A custom pooling module
 would not load in plain transformers, so :func:`append_mean_pooling_layer` adds a frozen
 transformer layer whose weights compute the mean instead:
 
@@ -50,19 +51,14 @@ def _bert_parts(model: Any) -> tuple[Any, Any, Any]:
         raise ModelError(
             f"model.pooling: mean needs a BERT-style encoder with a [CLS] pooler; {type(model).__name__} has none"
         )
-    attn = layers[-1].attention
-    parts = ("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm")
-    if not all(_get(attn, p) is not None for p in parts):
-        raise ModelError(f"model.pooling: mean: {type(layers[-1]).__name__} is not a BERT layer")
+    parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+    parts += ("attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+    try:
+        for part in parts:
+            layers[-1].get_submodule(part)
+    except AttributeError as exc:
+        raise ModelError(f"model.pooling: mean: {type(layers[-1]).__name__} is not a BERT layer ({exc})") from exc
     return layers, pooler, model.config
-
-
-def _get(module: Any, dotted: str) -> Any:
-    for name in dotted.split("."):
-        module = getattr(module, name, None)
-        if module is None:
-            return None
-    return module
 
 
 def _fill(linear: torch.nn.Linear, weight: torch.Tensor) -> None:
