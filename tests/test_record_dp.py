@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -380,8 +381,13 @@ def test_dp_record_accuracy_levels_and_merge(tmp_path: Path) -> None:
     # --first-seed adds seed 1 to seed 0's runs; the mean is then over both seeds.
     seed1 = [a if a != "1" else "2" for a in other[:-1]] + ["--first-seed", "1", "--merge"]
     assert seed1[seed1.index("--seeds") + 1] == "2"
+    t0 = time.perf_counter()
     assert mod.main(seed1) == 0
-    both = json.loads(out.with_suffix(".json").read_text())["settings"]["a"]
+    elapsed = time.perf_counter() - t0
+    report = json.loads(out.with_suffix(".json").read_text())
+    # The wall time adds this command's to the earlier ones' once (it once doubled at every merge).
+    assert replaced["wall_seconds"] < report["wall_seconds"] <= replaced["wall_seconds"] + elapsed
+    both = report["settings"]["a"]
     assert sorted(both["seeds"]) == ["0", "1"] and both["seeds"]["0"] == s["seeds"]["0"]
     f1 = [both["seeds"][k]["no DP"]["macro_f1"] for k in ("0", "1")]
     assert both["summary"]["no DP"]["macro_f1"]["mean"] == pytest.approx(sum(f1) / 2)
