@@ -63,6 +63,19 @@ def tiny_overrides(csv_path: Path, model_dir: Path) -> list[str]:
     ]
 
 
+#: The clothing DP recipe's shape on the tiny BERT: record-level DP-SGD (seeded noise) of the head
+#: on mean-pooled token states. Engines must give the simulator's adapter with it too.
+DP_MEAN_HEAD: list[str] = [
+    "model.pooling=mean",
+    "federation.aggregation=head",
+    "train.length_bucketing=false",
+    "train.class_weighting=none",
+    "train.record_dp.enabled=true",
+    "train.record_dp.noise_multiplier=1.0",
+    "train.record_dp.noise_seed=3",
+]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random BertModel (hidden 32, 2 layers) saved with the packaged tokenizer."""

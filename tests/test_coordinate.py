@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import DP_MEAN_HEAD, ROOT, tiny_overrides
 
 from lorafed.engine.cohort import prepare_cohort, train_client
 from lorafed.engine.filedrop import coordinate, global_name
@@ -39,10 +39,12 @@ def _over(csv: Path, model_dir: Path, tmp_path: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("recipe", [[], DP_MEAN_HEAD], ids=["lora", "record-dp-mean-head"])
 def test_three_client_processes_and_the_coordinator_match_the_simulation(
-    tiny_config, synthetic_csv, tiny_model_dir, tmp_path
+    recipe, tiny_config, synthetic_csv, tiny_model_dir, tmp_path
 ) -> None:
-    over = _over(synthetic_csv, tiny_model_dir, tmp_path)
+    """Also with record-level DP of the head on mean pooling: seeded noise, pooling in every header."""
+    over = [*_over(synthetic_csv, tiny_model_dir, tmp_path), *recipe]
     drop, record = tmp_path / "drop", tmp_path / "record"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     base = [sys.executable, "-m", "lorafed"]
@@ -73,14 +75,18 @@ def test_three_client_processes_and_the_coordinator_match_the_simulation(
     for r in (1, 2):
         ups = [load_payload(p) for p in sorted((record / "rounds" / f"r{r}").glob("*.safetensors"))]
         assert len(ups) == 3
-        for k, v in load_payload(drop / global_name(r)).tensors.items():  # oracle: numpy's weighted average
+        glob = load_payload(drop / global_name(r)).tensors
+        for k in ups[0].decoded():  # oracle: numpy's weighted average of what was sent (the head only, under head)
             w = [u.meta.num_examples for u in ups]
             want = np.average(np.stack([u.decoded()[k].numpy() for u in ups]), axis=0, weights=w)
-            np.testing.assert_allclose(v.numpy(), want, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(glob[k].numpy(), want, rtol=1e-6, atol=1e-7)
         a = load_payload(drop / global_name(r)).tensors
         b = load_payload(sim / "rounds" / f"global_r{r}.safetensors").tensors
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        if recipe:  # only the head travels; every header says mean pooling and the epsilon spent
+            assert all("lora_" not in k for u in ups for k in u.tensors)
+            assert all(u.meta.lora["pooling"] == "mean" and float(u.meta.metrics["epsilon"]) > 0 for u in ups)
 
 
 def test_deadline_aggregates_the_valid_updates_that_arrived(tiny_config, tmp_path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import DP_MEAN_HEAD, ROOT, tiny_overrides
 
 from lorafed.engine.inprocess import simulate
 from lorafed.wire.reader import load_payload
@@ -32,15 +32,20 @@ def _overrides(csv: Path, model_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("isolation", ["subprocess", "process"])
+@pytest.mark.parametrize(
+    ("isolation", "recipe"),
+    [("subprocess", []), ("process", []), ("process", DP_MEAN_HEAD)],
+    ids=["subprocess", "process", "process-record-dp-mean-head"],
+)
 def test_flower_deployment_matches_the_simulation(
-    isolation, tiny_config, synthetic_csv, tiny_model_dir, tmp_path
+    isolation, recipe, tiny_config, synthetic_csv, tiny_model_dir, tmp_path
 ) -> None:
     """Stock isolation (a flwr-clientapp per message) and the warm one (lorafed.engine.flower.warm_exec).
 
     Both run secure, as the default ``lorafed flower run`` does: TLS and SuperNode authentication.
+    The warm one also with record-level DP of the head on mean pooling (seeded noise).
     """
-    over = _overrides(synthetic_csv, tiny_model_dir)
+    over = [*_overrides(synthetic_csv, tiny_model_dir), *recipe]
     out = tmp_path / "flower"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "lorafed", "flower", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
@@ -86,4 +91,6 @@ def test_flower_deployment_matches_the_simulation(
         assert set(a) == set(b)  # one metrics.jsonl schema in every engine
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
         assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
+    if recipe:  # each client's spent epsilon, as the simulator's clients spent it
+        assert fl_rows[-1]["record_epsilon"] and fl_rows[-1]["record_epsilon"] == sim_rows[-1]["record_epsilon"]
     print(f"flower run wall {wall:.1f} s")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -373,6 +376,15 @@ def test_dp_record_accuracy_levels_and_merge(tmp_path: Path) -> None:
     other = [*common, "--levels", "none", "--set", "train.learning_rate=0.002", "--merge"]
     with pytest.raises(SystemExit):
         mod.main(other)
+    # So is another round cap or patience: runs stopped at another cap do not share a table.
+    for key in ("rounds", "patience"):
+        before = mod.TINY["a"][key]
+        mod.TINY["a"][key] = before + 1
+        try:
+            with pytest.raises(SystemExit):
+                mod.main([*common, "--levels", "none", "--merge"])
+        finally:
+            mod.TINY["a"][key] = before
     assert mod.main([*other, "--replace"]) == 0
     replaced = json.loads(out.with_suffix(".json").read_text())
     s = replaced["settings"]["a"]
@@ -472,3 +484,18 @@ def test_dp_signal_mean_norm_counts_only_what_rows_share() -> None:
     g = np.array([[2.0, 1.0], [2.0, -1.0], [2.0, 0.0]])
     # pairs: 4 - 1 = 3, 4, 4 -> mean 11 / 3
     assert mod.mean_norm(g) == pytest.approx(math.sqrt(11 / 3))
+
+
+def test_importing_opacus_leaves_the_root_logger_alone() -> None:
+    """Opacus' import-time ``logging.basicConfig`` doubled every log line of a Flower node; not any more."""
+    code = (
+        "import logging\n"
+        "from lorafed.client.dp import calibrate_noise\n"
+        "calibrate_noise(8.0, 1e-5, 0.01, 100)\n"
+        "import opacus.utils.module_utils\n"  # the module that calls basicConfig: it ran inside lorafed
+        "print(len(logging.getLogger().handlers))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0"

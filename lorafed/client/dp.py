@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import secrets
 import time
@@ -218,12 +219,32 @@ RDP_ORDERS: tuple[float, ...] = (
 )
 
 
+def _import_opacus() -> None:
+    """Import Opacus without the root log handler its import installs.
+
+    ``opacus.utils.module_utils`` calls ``logging.basicConfig`` when it is imported, which gives a
+    process whose root logger had no handler one on stderr: a Flower node or a user's script then
+    printed every log line twice once record-level DP ran. A root logger that already has a
+    handler makes ``basicConfig`` do nothing, so one is held there for the import.
+    """
+    root = logging.getLogger()
+    guard = None if root.handlers else logging.NullHandler()
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        import opacus  # noqa: F401
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+
+
 def _accountant_kwargs(accountant: str) -> dict[str, Any]:
     return {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
 
 
 @functools.lru_cache(maxsize=1024)
 def _epsilon_cached(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    _import_opacus()
     from opacus.accountants import create_accountant
 
     acc = create_accountant(accountant)
@@ -236,6 +257,7 @@ def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
     """The smallest z (within Opacus' tolerance) whose epsilon after ``steps`` is at most ``target_epsilon``."""
+    _import_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(
@@ -298,6 +320,7 @@ def make_private(
     Returns:
         ``(GradSampleModule, DPOptimizer)``; ``loss_reduction="mean"``: pass a batch-mean loss.
     """
+    _import_opacus()
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
