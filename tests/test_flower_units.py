@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from lorafed.config import parse_config
 from lorafed.engine.flower.app_dir import DEFAULT_RUN_CONFIG, GLUE_MODULE, write_app_dir, write_run_config
 from lorafed.engine.flower.client_app import node_identity
 from lorafed.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_node_identity_from_partition_or_own_file() -> None:
@@ -46,3 +54,43 @@ def test_flower_run_refuses_bad_node_counts_before_starting_anything(capsys) -> 
     assert "--nodes: required with partition.scheme natural" in capsys.readouterr().err
     assert main(["flower", "run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--nodes", "0"]) == 2
     assert "--nodes: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_deployment_process_dies_with_a_killed_parent(tmp_path) -> None:
+    """``kill -9`` of the process that started a deployment: its processes get SIGTERM (Linux), none keeps running.
+
+    A timed-out test once left a SuperLink, three SuperNodes and their executors polling for half an hour.
+    """
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from lorafed.engine.flower.deploy import LocalDeployment\n"
+        f"dep = LocalDeployment(Path({str(tmp_path)!r}), [])\n"
+        "(dep.workdir / 'logs').mkdir(parents=True, exist_ok=True)\n"
+        "proc, _ = dep._start('child', [sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print(proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert _running(child)
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child), "the deployment's process outlived the killed parent"
+    finally:
+        if _running(child):
+            psutil.Process(child).kill()

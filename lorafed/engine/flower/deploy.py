@@ -3,7 +3,9 @@
 Each process starts in its own session (process group); :meth:`LocalDeployment.stop` terminates
 the whole tree of every process it started (SuperExec, the per-message ``flwr-clientapp``
 children and, with ``isolation="process"``, the warm executors included), then kills what is left
-after a grace period. Nothing else is touched.
+after a grace period. Nothing else is touched. If the process that started them dies without
+stopping them (``kill -9``, a killed test), Linux sends each of them SIGTERM
+(:func:`die_with_parent`), so no SuperLink, SuperNode or executor outlives it and keeps polling.
 All listeners bind 127.0.0.1; SuperLink serves its Control, Fleet and ServerAppIo APIs on one
 port. Runtime dependency installation is disabled everywhere (no registry access, no torch pull).
 
@@ -21,12 +23,15 @@ stays plaintext on 127.0.0.1, as in stock Flower.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +45,34 @@ CONNECTION = "lorafed-local"
 
 class DeploymentError(LorafedError):
     """A Flower process did not start, a run failed, or a wait timed out."""
+
+
+#: ``prctl`` option: the signal a child gets when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when the process starting it dies; Linux only.
+
+    ``prctl`` is looked up here, in the parent, so the child between fork and exec only calls it.
+    If the parent died before the call, the child terminates itself. The signal follows the
+    *thread* that started the child, so :class:`LocalDeployment` starts its processes from the
+    thread that owns it (the CLI's main thread). ``None`` elsewhere (no ``prctl``).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def free_port() -> int:
@@ -117,8 +150,9 @@ class LocalDeployment:
         log = self.workdir / "logs" / f"{name}.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(
-                args, stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=self.workdir, start_new_session=True
-            )
+                args, stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=self.workdir, start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )  # fmt: skip
         self.procs.append(proc)
         return proc, log
 
