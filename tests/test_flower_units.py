@@ -7,18 +7,16 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
+from conftest import ROOT
 
 from lorafed.config import parse_config
 from lorafed.engine.flower.app_dir import DEFAULT_RUN_CONFIG, GLUE_MODULE, write_app_dir, write_run_config
 from lorafed.engine.flower.client_app import node_identity
 from lorafed.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_node_identity_from_partition_or_own_file() -> None:
@@ -46,7 +44,6 @@ def test_app_dir_and_run_config_round_trip_the_yaml(tmp_path) -> None:
 
 
 def test_flower_run_refuses_bad_node_counts_before_starting_anything(capsys) -> None:
-    from conftest import ROOT
 
     from lorafed.cli import main
 
