@@ -157,6 +157,13 @@ class ModelConfig:
             exports stay plain ``BertForSequenceClassification`` models
             (:mod:`lorafed.model.pooling`); BERT-family backbones with the ``lorafed`` int8
             backend or without int8. It travels in every payload header (``lora.pooling``).
+        num_layers: Keep only the backbone's first N transformer layers (``null``: all); the
+            pooling reads the N-th layer's token states. Middle layers of a sentence encoder can
+            be the better frozen feature: on clothing reviews (int8 MiniLM, 6 layers, 128
+            tokens) a logistic regression on the mean after layer 4 scores 0.830 test macro-F1
+            against 0.804 after layer 6 (``scripts/_dp_recipe.py``), and the dropped layers cost
+            no time. BERT-family backbones; exports stay plain models with N layers (N + 1 with
+            ``pooling: mean``). It travels in every payload header (``lora.num_layers``).
     """
 
     name_or_path: str = PACKAGED_BACKBONE
@@ -165,6 +172,7 @@ class ModelConfig:
     int8_backend: Int8Backend = "lorafed"
     quantize_embeddings: bool = True
     pooling: Literal["cls", "mean"] = "cls"
+    num_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -994,6 +1002,12 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(
         m.lora.layers is None or (len(m.lora.layers) > 0 and min(m.lora.layers) >= 0),
         f"model.lora.layers: must be null or a non-empty list of layer indices >= 0, got {m.lora.layers}",
+    )
+    need(m.num_layers is None or m.num_layers >= 1, f"model.num_layers: must be null or >= 1, got {m.num_layers}")
+    need(
+        m.num_layers is None or m.num_layers < 1 or not m.lora.layers or max(m.lora.layers) < m.num_layers,
+        f"model.lora.layers {sorted(m.lora.layers or [])}: with model.num_layers {m.num_layers} the layers are 0-"
+        f"{(m.num_layers or 1) - 1}",
     )
     need(t.batch_size >= 1, f"train.batch_size: must be >= 1, got {t.batch_size}")
     need(t.learning_rate > 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")

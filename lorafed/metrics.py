@@ -10,6 +10,7 @@ import torch
 
 from lorafed.autocast import autocast_context
 from lorafed.data.tokens import TokenizedRows
+from lorafed.model.features import feature_cache, head_logits
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,18 @@ def predict_logits(
     The rows are run shortest first and the logits put back in the order of ``positions``: a
     batch is padded to its longest row, so sorted batches carry few pad tokens (800 clothing
     reviews in batches of 64: mean padded width about 82 tokens instead of about 130).
+
+    A model with a feature cache (:mod:`lorafed.model.features`) scores its head on the kept
+    input of each row, computed the same way (sorted, in batches of ``batch_size``) when missing.
     """
     model.eval()
     pos = np.asarray(positions, dtype=np.int64)
+    cache = feature_cache(model)
+    if cache is not None:  # a model whose head trained on kept features: score the head on them
+        feats = cache.features(model, rows, pos, batch_size, autocast)
+        if feats is not None:
+            with torch.no_grad():
+                return head_logits(model, feats, autocast).float().cpu().numpy()
     order = np.argsort([len(rows.input_ids[int(i)]) for i in pos], kind="stable")
     chunks = []
     for batch in rows.batches(pos[order], batch_size):

@@ -1,5 +1,41 @@
 """The overrides the DP scripts add on clothing, for every privacy level, the no-DP baseline included.
 
+The current recipe (session 10): the head alone, on the mean of the token states after layer 4
+of the frozen int8 MiniLM (``model.num_layers=4``), reviews up to 128 tokens, SGD with momentum
+0.9 at learning rate 10, expected batch 256 x 6 steps per round. Why each change, measured on
+features cached from the int8 MiniLM (clothing (a), the DP benchmark's splits, 2,000 validation
+and 2,000 test rows; scikit-learn logistic regression on every training row, no DP, test
+macro-F1):
+
+* which layer's mean, max_length 64 / 128: layer 6 (the last) 0.790 / 0.804, layer 5 0.799 /
+  0.820, layer 4 0.800 / 0.830, layer 3 0.779 / 0.818; every layer's mean concatenated (2,304
+  features, not a plain BERT head) 0.820 / 0.831. So layer 4 at 128 tokens holds what the six
+  layers together hold, in a model that stays a plain ``BertForSequenceClassification``;
+* the federated head was far from that ceiling: the previous recipe (AdamW at 3e-3, 10 rounds x 6
+  steps) moves each coordinate at most 0.18 in the whole run, where the features are about 0.05
+  a coordinate. A numpy simulation of the federated DP-SGD of the head (Opacus' calibrated z,
+  Poisson sampling, the clipping and weights below; the benchmark's round cap 10 and patience 3
+  on the validation rows; seeds 0-2, validation / test macro-F1 at the best round):
+
+  | features, optimizer | no DP | epsilon 8 | epsilon 3 |
+  |---|---|---|---|
+  | layer 6 at 64 tokens, AdamW 3e-3 (previous) | 75.55 test | 75.63 | 75.34 |
+  | layer 6 at 128, SGD 10 | 77.99 / 78.91 | 76.97 / 78.21 | 76.38 / 77.09 |
+  | layer 4 at 128, AdamW 3e-3 | 77.57 / 79.03 | 76.71 / 77.34 | 66.58 / 66.35 |
+  | layer 4 at 128, SGD 5 | 80.27 / 79.61 | 77.71 / 77.88 | 77.41 / 77.70 |
+  | **layer 4 at 128, SGD 10** | 80.76 / 80.12 | **81.03 / 80.37** | **80.86 / 79.95** |
+  | layer 4 at 128, SGD 20 | 80.70 / 80.02 | 79.04 / 78.24 | 78.65 / 77.92 |
+  | layer 4 at 128, SGD 10, 12 steps | 82.28 / 80.42 | 81.00 / 79.68 | 79.69 / 79.70 |
+
+  Chosen on validation. Also tried, each worse at epsilon 8 on 5 seeds: clip norm 0.5, the bias at
+  1/20 of the learning rate, features scaled 4-20x (with the learning rate scaled down),
+  features centred on the training mean.
+
+Each step now reads features the cache keeps (:mod:`lorafed.model.features`): a run computes
+each row's feature once, not at every step of every round.
+
+What follows is the history of the recipes before it.
+
 ``train.class_weights`` from the public prior (82 % of the reviews recommend; about 1 / prior:
 4.5 for "0", 1 for "1"). Clipping gives every row the same force whatever its loss, so
 unweighted DP-SGD settles on the majority class: measured with 5 rounds x 12 steps x batch 16,
@@ -79,9 +115,14 @@ CLOTHING_CLASS_WEIGHTS: list[str] = ['train.class_weights={"0": 4.5, "1": 1.0}']
 CLOTHING_DP_RECIPE: list[str] = [
     *CLOTHING_CLASS_WEIGHTS,
     "model.pooling=mean",
+    "model.num_layers=4",
+    "data.max_length=128",
     "federation.aggregation=head",
     "train.batch_size=256",
     "train.max_steps=6",
+    "train.optimizer=sgd",
+    "train.momentum=0.9",
+    "train.learning_rate=10.0",
 ]
 #: ``--tiny``: synthetic labels, no public prior: nothing to add.
 TINY_DP_RECIPE: list[str] = []

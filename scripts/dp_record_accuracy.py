@@ -452,14 +452,27 @@ def main(argv: list[str] | None = None) -> int:
                 if budget is not None and time.perf_counter() - t0 > budget:
                     s["skipped"] += [f"{k}/seed{seed}/{name}" for name, _, _ in levels]
                     continue
-                fed = prepare_cohort(load([]))
-                val = val_positions(fed)
-                s.update(clients=len(fed.partition.client_ids), test_rows=len(fed.test_positions), val_rows=len(val))
+                # One cohort per recipe: the plain reference may read other tokens or another model
+                # (the DP recipe's max_length, pooling and layers); each keeps its model's features.
+                feds: dict[str, Cohort] = {}
                 runs = s["seeds"].setdefault(str(seed), {})
                 for name, target, recipe in levels:
                     if budget is not None and time.perf_counter() - t0 > budget:
                         s["skipped"].append(f"{k}/seed{seed}/{name}")
                         continue
+                    if recipe not in feds:
+                        feds[recipe] = prepare_cohort(load([], recipe))
+                    fed = feds[recipe]
+                    val = val_positions(fed)
+                    first = next(iter(feds.values()))
+                    if not (
+                        np.array_equal(fed.test_positions, first.test_positions)
+                        and np.array_equal(val, val_positions(first))
+                    ):
+                        raise RuntimeError(f"{k} seed {seed}: the {recipe} cohort has other test or validation rows")
+                    s.update(
+                        clients=len(fed.partition.client_ids), test_rows=len(fed.test_positions), val_rows=len(val)
+                    )
                     cfg = load(dp_overrides(target, seed), recipe)
                     run_dir = work / f"{k}-{seed}-{name.replace(' ', '_')}"
                     runs[name] = run_one(fed, cfg, val, p["rounds"], p["patience"], run_dir)

@@ -155,3 +155,49 @@ def test_record_dp_head_on_mean_pooling_runs_and_exports(tiny_config, tmp_path) 
     assert report.max_abs_diff <= 1e-4
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export")
     assert plain.config.num_hidden_layers == 3
+
+
+def test_num_layers_pools_an_earlier_layer_and_exports_plainly(tiny_model_dir, tmp_path) -> None:
+    """model.num_layers 1 of 2: the head reads the mean after layer 1 (oracle: the full base's hidden_states[1])."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from lorafed.serve.export import export_adapter
+
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
+    cm = load_client_model(ModelConfig(str(tiny_model_dir), "fp32", lora, pooling="mean", num_layers=1), LABELS, 0)
+    names = {n.split(".layer.")[1].split(".")[0] for n, _ in cm.model.named_modules() if n.endswith("lora_A.default")}
+    assert names == {"0"}  # layer 0 kept with LoRA, layer 1 is now the pooling layer
+    g = torch.Generator().manual_seed(1)
+    tensors = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in get_adapter_state(cm.model).items()}
+    for k, v in tensors.items():
+        if "lora_B" in k:
+            v.zero_()  # LoRA off: the oracle is the plain base's layer-1 states
+    head = {k.rsplit(".", 1)[-1]: v.double().numpy() for k, v in tensors.items() if "classifier" in k}
+    meta = PayloadMeta(cm.fingerprint, lora_config_dict(lora, "mean", 1), LABELS, 10, 3, "c1", kind="global")
+    assert meta.lora["num_layers"] == 1 and "num_layers" not in lora_config_dict(lora, "mean")
+    export_adapter(Payload(tensors, meta), tmp_path / "out", str(tiny_model_dir), with_onnx=False)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert plain.config.num_hidden_layers == 2
+    batch = _batch()
+    base = AutoModel.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        hidden = base(**batch, output_hidden_states=True).hidden_states[1].double().numpy()
+        logits = plain(**batch).logits.double().numpy()
+        feature = plain.bert(**batch).pooler_output.double().numpy()
+    pooled = _pooled_oracle(hidden, batch["attention_mask"].numpy())
+    here = np.abs(feature - pooled).max()
+    assert here < 2e-4
+    assert np.abs(logits - (pooled @ head["weight"].T + head["bias"])).max() < 2e-3
+    pooled_last = _pooled_oracle(_base_hidden(tiny_model_dir, batch), batch["attention_mask"].numpy())
+    assert np.abs(feature - pooled_last).max() > 5 * here  # not the last layer's mean
+
+
+def test_num_layers_is_checked(tiny_config, tiny_model_dir) -> None:
+    from lorafed.errors import ModelError
+
+    with pytest.raises(ConfigError, match="model.num_layers: must be null or >= 1"):
+        tiny_config("model.num_layers=0")
+    with pytest.raises(ConfigError, match=r"model.lora.layers \[1\]: with model.num_layers 1 the layers are 0-0"):
+        tiny_config("model.num_layers=1", "model.lora.layers=[1]")
+    with pytest.raises(ModelError, match="model.num_layers 5: the backbone has 2 layers"):
+        load_client_model(ModelConfig(str(tiny_model_dir), "fp32", num_layers=5), LABELS, 0)

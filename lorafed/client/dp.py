@@ -118,6 +118,7 @@ from lorafed.client.train import (
     client_loss,
     fixed_class_weights,
     frozen_dropout_off,
+    head_feature_cache,
     make_optimizer,
     planned_steps,
 )
@@ -447,7 +448,10 @@ def train_local_dp(
     stack = contextlib.ExitStack()
     if not cfg.backbone_dropout:
         stack.enter_context(frozen_dropout_off(model))
-    gsm, dp_opt = make_private(model, opt, plan.noise_multiplier, plan.clip_norm, plan.expected_batch_size, noise_gen)
+    # Only the head trains: its per-sample gradients need only its input, kept across steps and rounds.
+    cache, head = head_feature_cache(model, rows, positions, cfg)
+    private = model if head is None else head
+    gsm, dp_opt = make_private(private, opt, plan.noise_multiplier, plan.clip_norm, plan.expected_batch_size, noise_gen)
     if anchors or cfg.max_grad_norm is not None:
         dp_opt.attach_step_hook(functools.partial(_after_noise, anchors=anchors, cfg=cfg))
     # Fixed public class weights act on the clipped rows (clip_and_weight_rows), scaled to at most 1.
@@ -463,12 +467,16 @@ def train_local_dp(
         for _ in range(total):
             chosen = pos[sampler.random(len(pos)) < plan.sample_rate]
             if len(chosen):
-                batch = rows.batch(chosen)
-                labels = batch.pop("labels")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Opacus' notes on backward hooks, once per call
                     with autocast(model, cfg.autocast):
-                        logits = gsm(**batch).logits
+                        if cache is not None:
+                            labels = rows.labels[torch.from_numpy(chosen)]
+                            logits = gsm(cache.features(model, rows, chosen, cfg.eval_batch_size, cfg.autocast))
+                        else:
+                            batch = rows.batch(chosen)
+                            labels = batch.pop("labels")
+                            logits = gsm(**batch).logits
                     loss = client_loss(logits, labels, None)
                     loss.backward()
                 if row_weights is not None or groups is not None:

@@ -66,7 +66,8 @@ def set_threads(num_threads: int) -> int:
 
 def identity_of(model: ClientModel, config: RunConfig, labels: tuple[str, ...]) -> ModelIdentity:
     """The federation identity of a client model: its base fingerprint, the LoRA config, the labels."""
-    return ModelIdentity(model.fingerprint, lora_config_dict(config.model.lora, config.model.pooling), tuple(labels))
+    m = config.model
+    return ModelIdentity(model.fingerprint, lora_config_dict(m.lora, m.pooling, m.num_layers), tuple(labels))
 
 
 def update_meta(

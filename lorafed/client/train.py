@@ -35,6 +35,7 @@ from lorafed.config import TrainConfig
 from lorafed.data.tokens import TokenizedRows
 from lorafed.errors import ConfigError
 from lorafed.model.backbone import enable_gradient_checkpointing
+from lorafed.model.features import FeatureCache, enable_feature_cache, trainable_head
 from lorafed.progress import progress_bar
 
 #: Batches per length-sorted window with ``train.length_bucketing`` (16 x 16 = 256 rows).
@@ -184,16 +185,19 @@ def frozen_dropout_off(model: Any) -> Iterator[int]:
 
     Every ``torch.nn.Dropout`` outside LoRA's own ``lora_dropout`` is set to p = 0 (BERT's
     attention reads its rate from the same module, so attention dropout is off too) and
-    restored on exit. A frozen pretrained backbone gains nothing from its dropout's
-    regularisation, while the dropout noise makes every client's gradient noisier.
+    restored on exit; ``lora_dropout`` too when no LoRA tensor trains (a head-only round: LoRA
+    is then part of the frozen network, and its features can be cached,
+    :mod:`lorafed.model.features`). A frozen pretrained backbone gains nothing from its
+    dropout's regularisation, while the dropout noise makes every client's gradient noisier.
 
     Yields:
         How many dropout layers were switched off.
     """
+    trains_lora = any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     touched = [
         (m, m.p)
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name and m.p > 0
+        if isinstance(m, torch.nn.Dropout) and (not trains_lora or "lora_dropout" not in name) and m.p > 0
     ]
     try:
         for m, _ in touched:
@@ -253,11 +257,17 @@ def train_local(
     bar = progress_bar(total=total, desc=desc or "train", unit="step", leave=False, enabled=progress)
     dropout = contextlib.nullcontext() if cfg.backbone_dropout else frozen_dropout_off(model)
     with dropout:
+        cache, head = head_feature_cache(model, rows, positions, cfg)
         while len(losses) < total:
-            for batch in epoch_batches(rows, positions, cfg, seed * 1000 + epoch):
-                labels = batch.pop("labels")
+            for chosen in epoch_positions(rows, positions, cfg, seed * 1000 + epoch):
+                labels = rows.labels[torch.from_numpy(chosen)]
                 with autocast(model, cfg.autocast):
-                    logits = model(**batch).logits
+                    if cache is not None:  # only the head trains: it reads the kept features
+                        logits = head(cache.features(model, rows, chosen, cfg.eval_batch_size, cfg.autocast))
+                    else:
+                        batch = rows.batch(chosen)
+                        batch.pop("labels")
+                        logits = model(**batch).logits
                 task_loss = client_loss(logits, labels, class_weights, adjustment)
                 loss = task_loss + proximal_term(params, anchors, cfg.prox_mu) if anchors else task_loss
                 loss.backward()
@@ -291,13 +301,29 @@ def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def epoch_batches(
-    rows: TokenizedRows, positions: np.ndarray, cfg: TrainConfig, seed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over ``positions`` in batches: shuffled, or length-bucketed (``cfg.length_bucketing``)."""
+def epoch_positions(rows: TokenizedRows, positions: np.ndarray, cfg: TrainConfig, seed: int) -> Iterator[np.ndarray]:
+    """One pass over ``positions`` in batches of positions: shuffled, or length-bucketed (``cfg.length_bucketing``)."""
+    pos = np.asarray(positions, dtype=np.int64)
     if not cfg.length_bucketing:
-        yield from rows.batches(positions, cfg.batch_size, shuffle_seed=seed)
+        pos = np.random.default_rng(seed).permutation(pos)
+        for start in range(0, len(pos), cfg.batch_size):
+            yield pos[start : start + cfg.batch_size]
         return
-    lengths = np.array([len(rows.input_ids[int(i)]) for i in positions])
-    for batch in length_bucketed_batches(positions, lengths, cfg.batch_size, seed, BUCKET_WINDOW):
-        yield rows.batch(batch)
+    lengths = np.array([len(rows.input_ids[int(i)]) for i in pos])
+    yield from length_bucketed_batches(pos, lengths, cfg.batch_size, seed, BUCKET_WINDOW)
+
+
+def head_feature_cache(
+    model: Any, rows: TokenizedRows, positions: np.ndarray, cfg: TrainConfig
+) -> tuple[FeatureCache | None, torch.nn.Module | None]:
+    """The model's feature cache, filled for ``positions``, and its head, when only the head trains.
+
+    ``(None, None)`` otherwise: the round runs the whole model (:mod:`lorafed.model.features`).
+    """
+    head = trainable_head(model, cfg.backbone_dropout)
+    if head is None:
+        return None, None
+    cache = enable_feature_cache(model)
+    if cache.features(model, rows, positions, cfg.eval_batch_size, cfg.autocast) is None:
+        return None, None
+    return cache, head

@@ -103,7 +103,10 @@ class Cohort:
         if r == lora.r:
             return self.identity
         return dataclasses.replace(
-            self.identity, lora=lora_config_dict(dataclasses.replace(lora, r=r), self.config.model.pooling)
+            self.identity,
+            lora=lora_config_dict(
+                dataclasses.replace(lora, r=r), self.config.model.pooling, self.config.model.num_layers
+            ),
         )
 
     def model_of_rank(self, r: int) -> tuple[ClientModel, dict[str, torch.Tensor]]:

@@ -129,8 +129,8 @@ def _fingerprint_cached(model_dir: str, stats: tuple[tuple[str, int, int], ...])
     return "sha256:" + digest.hexdigest()
 
 
-def lora_config_dict(lora: LoraSettings, pooling: str = "cls") -> dict[str, Any]:
-    """How the adapter attaches to the base, as it travels in payload headers: LoRA and ``model.pooling``."""
+def lora_config_dict(lora: LoraSettings, pooling: str = "cls", num_layers: int | None = None) -> dict[str, Any]:
+    """How the adapter attaches to the base, in payload headers: LoRA, ``model.pooling`` and ``num_layers``."""
     out: dict[str, Any] = {
         "r": lora.r,
         "alpha": lora.alpha,
@@ -141,6 +141,8 @@ def lora_config_dict(lora: LoraSettings, pooling: str = "cls") -> dict[str, Any]
         out["layers"] = sorted(lora.layers)
     if pooling != "cls":  # likewise: a [CLS] model's header is unchanged
         out["pooling"] = pooling
+    if num_layers is not None:  # likewise: a model of all the base's layers
+        out["num_layers"] = num_layers
     return out
 
 
@@ -247,6 +249,10 @@ def load_client_model(
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: cannot load as a sequence classifier: {exc}") from exc
     base_layers = None
+    if cfg.num_layers is not None:
+        from lorafed.model.pooling import keep_first_layers
+
+        keep_first_layers(model, cfg.num_layers)
     if cfg.pooling == "mean":
         from lorafed.model.pooling import append_mean_pooling_layer
 

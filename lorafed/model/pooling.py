@@ -61,6 +61,23 @@ def _bert_parts(model: Any) -> tuple[Any, Any, Any]:
     return layers, pooler, model.config
 
 
+def keep_first_layers(model: Any, n: int) -> None:
+    """Drop every transformer layer of ``model`` above the first ``n`` (``model.num_layers``).
+
+    Raises:
+        ModelError: The model has no BERT-style encoder layer list, or fewer than ``n`` layers.
+    """
+    base = getattr(model, "base_model", None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ModelError(f"model.num_layers: needs a BERT-style encoder; {type(model).__name__} has none")
+    if not 1 <= n <= len(layers):
+        raise ModelError(f"model.num_layers {n}: the backbone has {len(layers)} layers")
+    del layers[n:]
+    model.config.num_hidden_layers = n
+    logger.debug("kept the backbone's first %d layers", n)
+
+
 def _fill(linear: torch.nn.Linear, weight: torch.Tensor) -> None:
     with torch.no_grad():
         linear.weight.copy_(weight)

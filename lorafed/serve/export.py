@@ -175,8 +175,14 @@ def load_adapter_model(payload: Payload, base: str, source: str = "adapter") -> 
     pooling = m.lora.get("pooling", "cls")
     if pooling not in ("cls", "mean"):
         raise ExportError(f"{source}: header lora.pooling {pooling!r}: expected 'cls' or 'mean'")
+    num_layers = m.lora.get("num_layers")
+    if num_layers is not None and (not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1):
+        raise ExportError(f"{source}: header lora.num_layers {num_layers!r}: expected an integer >= 1")
     client = load_client_model(
-        ModelConfig(name_or_path=base, precision="fp32", lora=lora, pooling=pooling), m.labels, 0, precision="fp32"
+        ModelConfig(name_or_path=base, precision="fp32", lora=lora, pooling=pooling, num_layers=num_layers),
+        m.labels,
+        0,
+        precision="fp32",
     )
     if client.fingerprint != m.base_fingerprint:
         raise ModelError(

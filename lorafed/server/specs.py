@@ -103,7 +103,9 @@ def federation_base(config: RunConfig, labels: Sequence[str]) -> tuple[ModelIden
     """
     client = load_client_model(config.model, labels, config.seed, precision="fp32")
     identity = ModelIdentity(
-        client.fingerprint, lora_config_dict(config.model.lora, config.model.pooling), tuple(labels)
+        client.fingerprint,
+        lora_config_dict(config.model.lora, config.model.pooling, config.model.num_layers),
+        tuple(labels),
     )
     return identity, get_adapter_state(client.model)
 
