@@ -367,7 +367,8 @@ class FederationConfig:
             ``ffa`` (FFA-LoRA: A frozen at the shared seeded init, B and head trained and sent;
             exact), ``rolora`` (RoLoRA: odd rounds B and head, even rounds A and head; exact),
             ``head`` (only the classifier head; LoRA stays at its init: a linear probe with the
-            fewest coordinates, for record-level DP).
+            fewest coordinates, for record-level DP; each row's feature is computed once and kept
+            for every later step, round and evaluation, :mod:`lorafed.model.features`).
         weighting: ``samples`` weights client i by n_i / n; ``uniform`` by 1 / K.
         max_test_rows: Evaluate the global model on at most this many test rows (seeded sample).
         max_num_examples: An update claiming more training examples than this is refused.

@@ -19,16 +19,21 @@ def _two_rounds(cfg, monkeypatch, cached: bool):
         monkeypatch.setattr("lorafed.client.train.trainable_head", lambda model, dropout: None)
     fed = prepare_cohort(cfg)
     state, out = fed.initial_state, []
+    through = [0]  # rows the backbone ran while training
+    embeddings = fed.client.model.get_base_model().bert.embeddings
+    embeddings.register_forward_hook(lambda _m, _a, output: through.__setitem__(0, through[0] + output.shape[0]))
     for round_ in (1, 2):
         update = fed.client_update(state, 0, round_, progress=False)
         state = {**state, **update.tensors}
         from lorafed.wire.adapter import set_adapter_state
 
         set_adapter_state(fed.client.model, state)
+        before = through[0]
         logits = predict_logits(fed.client.model, fed.rows, fed.test_positions, 16, cfg.train.autocast)
+        through[0] = before
         out.append((update.tensors, logits))
     monkeypatch.undo()
-    return fed, out
+    return fed, out, through[0]
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "record-dp"])
@@ -37,8 +42,8 @@ def test_head_rounds_on_kept_features_equal_the_full_model(tiny_config, monkeypa
     from lorafed.model.features import feature_cache
 
     cfg = tiny_config(*(DP_MEAN_HEAD if dp else HEAD_ONLY), "train.max_steps=3", "train.batch_size=8")
-    fed, cached = _two_rounds(cfg, monkeypatch, cached=True)
-    _, full = _two_rounds(cfg, monkeypatch, cached=False)
+    fed, cached, ran_cached = _two_rounds(cfg, monkeypatch, cached=True)
+    _, full, ran_full = _two_rounds(cfg, monkeypatch, cached=False)
     for (t_c, l_c), (t_f, l_f) in zip(cached, full, strict=True):
         assert t_c.keys() == t_f.keys() and t_c
         for k in t_c:
@@ -46,10 +51,11 @@ def test_head_rounds_on_kept_features_equal_the_full_model(tiny_config, monkeypa
         np.testing.assert_allclose(l_c, l_f, atol=1e-5)
     assert not torch.equal(cached[0][0][next(iter(cached[0][0]))], fed.initial_state[next(iter(cached[0][0]))])
     cache = feature_cache(fed.client.model)
-    # Each training row of client 0 and each test row was run once, over both rounds.
-    assert cache is not None
-    assert cache.computed == len(fed.splits[0].train) + len(np.setdiff1d(fed.test_positions, fed.splits[0].train))
-    assert cache.reused > 0
+    assert cache is not None and cache.reused > 0
+    # Training ran no more rows through the backbone than without the cache, and no row twice.
+    assert 0 < ran_cached <= ran_full + 1  # + the one row that learns whether the head input can be kept
+    train_rows = len(fed.splits[0].train)
+    assert cache.computed <= train_rows + len(np.setdiff1d(fed.test_positions, fed.splits[0].train))
 
 
 def test_kept_features_follow_the_lora_tensors(tiny_config) -> None:
@@ -75,3 +81,7 @@ def test_kept_features_follow_the_lora_tensors(tiny_config) -> None:
         oracle = model(**batch).logits.numpy()
     np.testing.assert_allclose(second, oracle, atol=1e-5)
     assert np.abs(second - first).max() > 1e-3
+    # Back to the first LoRA values: that entry is still kept, nothing runs again.
+    set_adapter_state(model, fed.initial_state)
+    np.testing.assert_array_equal(predict_logits(model, fed.rows, pos, 4), first)
+    assert cache.computed == 2 * len(pos)

@@ -195,9 +195,9 @@ def test_num_layers_pools_an_earlier_layer_and_exports_plainly(tiny_model_dir, t
 def test_num_layers_is_checked(tiny_config, tiny_model_dir) -> None:
     from lorafed.errors import ModelError
 
-    with pytest.raises(ConfigError, match="model.num_layers: must be null or >= 1"):
+    with pytest.raises(ConfigError, match=r"model\.num_layers: must be null or >= 1"):
         tiny_config("model.num_layers=0")
     with pytest.raises(ConfigError, match=r"model.lora.layers \[1\]: with model.num_layers 1 the layers are 0-0"):
         tiny_config("model.num_layers=1", "model.lora.layers=[1]")
-    with pytest.raises(ModelError, match="model.num_layers 5: the backbone has 2 layers"):
+    with pytest.raises(ModelError, match=r"model\.num_layers 5: the backbone has 2 layers"):
         load_client_model(ModelConfig(str(tiny_model_dir), "fp32", num_layers=5), LABELS, 0)

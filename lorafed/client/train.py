@@ -316,14 +316,18 @@ def epoch_positions(rows: TokenizedRows, positions: np.ndarray, cfg: TrainConfig
 def head_feature_cache(
     model: Any, rows: TokenizedRows, positions: np.ndarray, cfg: TrainConfig
 ) -> tuple[FeatureCache | None, torch.nn.Module | None]:
-    """The model's feature cache, filled for ``positions``, and its head, when only the head trains.
+    """The model's feature cache and its head, when only the head trains and its input can be kept.
 
     ``(None, None)`` otherwise: the round runs the whole model (:mod:`lorafed.model.features`).
+    The cache fills lazily, with the rows each step draws, so a round never runs more rows
+    through the backbone than it would without it (a one-round process, such as ``lorafed client
+    train``, runs the same rows; a long-lived one skips every row it has seen). One row of
+    ``positions`` is run here to learn whether the head's input can be kept.
     """
     head = trainable_head(model, cfg.backbone_dropout)
-    if head is None:
+    if head is None or not len(positions):
         return None, None
     cache = enable_feature_cache(model)
-    if cache.features(model, rows, positions, cfg.eval_batch_size, cfg.autocast) is None:
+    if cache.features(model, rows, np.asarray(positions)[:1], cfg.eval_batch_size, cfg.autocast) is None:
         return None, None
     return cache, head

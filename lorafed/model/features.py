@@ -82,16 +82,20 @@ def below_head_digest(model: Any) -> str:
 class _Entry:
     feats: torch.Tensor
     have: np.ndarray = field(repr=False)
+    rows: Callable[[], TokenizedRows | None] = field(repr=False, default=lambda: None)
 
 
 class FeatureCache:
-    """Per-row head inputs of one model, reused while the network below the head is unchanged."""
+    """Per-row head inputs of one model, reused while the network below the head is unchanged.
 
-    def __init__(self, max_bytes: int = MAX_CACHE_BYTES) -> None:
+    Holds up to ``max_entries`` keys (rows, LoRA digest, autocast), the least recently used
+    dropped first, within ``max_bytes`` together.
+    """
+
+    def __init__(self, max_bytes: int = MAX_CACHE_BYTES, max_entries: int = 4) -> None:
         self.max_bytes = max_bytes
-        self._key: tuple[int, str, str] | None = None
-        self._entry: _Entry | None = None
-        self._rows: Callable[[], TokenizedRows | None] = lambda: None
+        self.max_entries = max_entries
+        self._entries: dict[tuple[int, str, str], _Entry] = {}  # least recently used first
         self.computed = 0
         self.reused = 0
 
@@ -101,34 +105,44 @@ class FeatureCache:
         """The head's input for ``rows[positions]``, in order; ``None`` when it cannot be cached.
 
         Rows not yet kept for the current key are run through the model (eval mode, no grad,
-        shortest first) with a hook that records the head's input instead of its output.
+        shortest first) with a hook that records the head's input.
         """
         head = head_module(model)
         pos = np.asarray(positions, dtype=np.int64)
         if head is None or not len(pos):
             return None
         key = (id(rows), below_head_digest(model), autocast)
-        if key != self._key or self._rows() is not rows:  # an id can be reused once its rows are gone
-            self._key, self._entry, self._rows = key, None, weakref.ref(rows)
-        missing = pos if self._entry is None else pos[~self._entry.have[pos]]
-        missing = np.unique(missing)
+        entry = self._entries.pop(key, None)
+        if entry is not None and entry.rows() is not rows:  # an id can be reused once its rows are gone
+            entry = None
+        missing = np.unique(pos if entry is None else pos[~entry.have[pos]])
         if len(missing):
             got = _run_below_head(model, head, rows, missing, batch_size, autocast)
             if got is None:
-                self._key, self._entry, self._rows = None, None, lambda: None
                 return None
-            if self._entry is None:
-                width = got.shape[1]
-                if len(rows) * width * got.element_size() > self.max_bytes:
-                    logger.debug("feature cache: %d rows x %d too large; computed, not kept", len(rows), width)
+            if entry is None:
+                size = len(rows) * got.shape[1] * got.element_size()
+                if size > self.max_bytes:
+                    logger.debug("feature cache: %d rows x %d too large; computed, not kept", len(rows), got.shape[1])
                     return got[torch.from_numpy(np.searchsorted(missing, pos))]
-                self._entry = _Entry(torch.zeros((len(rows), width), dtype=got.dtype), np.zeros(len(rows), bool))
-            self._entry.feats[torch.from_numpy(missing)] = got
-            self._entry.have[missing] = True
+                feats = torch.zeros((len(rows), got.shape[1]), dtype=got.dtype)
+                entry = _Entry(feats, np.zeros(len(rows), bool), weakref.ref(rows))
+            entry.feats[torch.from_numpy(missing)] = got
+            entry.have[missing] = True
             self.computed += len(missing)
         self.reused += len(pos) - len(missing)
-        assert self._entry is not None
-        return self._entry.feats[torch.from_numpy(pos)]
+        self._entries[key] = entry
+        self._evict()
+        return entry.feats[torch.from_numpy(pos)]
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries beyond ``max_entries`` or ``max_bytes``."""
+
+        def size() -> int:
+            return sum(e.feats.numel() * e.feats.element_size() for e in self._entries.values())
+
+        while len(self._entries) > 1 and (len(self._entries) > self.max_entries or size() > self.max_bytes):
+            del self._entries[next(iter(self._entries))]
 
 
 @contextmanager
