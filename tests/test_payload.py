@@ -125,3 +125,27 @@ def test_pickles_and_junk_are_refused_before_parsing(tmp_path: Path) -> None:
     save_file({"x": torch.ones(1)}, plain)
     with pytest.raises(PayloadError, match="not a lorafed payload"):
         load_payload(plain)
+
+
+def test_an_honest_payload_whose_header_length_starts_like_a_pickle_loads(tmp_path: Path) -> None:
+    """A 640-byte header is stored as 80 02 00 ..., a pickle's first two bytes: it is still safetensors."""
+    from safetensors.torch import load_file
+
+    t = {"m.q.lora_A.weight": torch.arange(32.0).reshape(4, 8)}
+    hits = []
+    for n in range(1, 700, 3):  # a longer label name, a longer header: 480 bytes and up, in steps of 8
+        labels = ("neg", "pos", "l" * n)
+        path = save_payload(tmp_path / f"u{n}.safetensors", t, _meta(labels=labels))
+        first = path.read_bytes()[:2]
+        if first in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+            hits.append(first)
+            got = load_payload(path)
+            assert got.meta.labels == labels
+            torch.testing.assert_close(got.tensors["m.q.lora_A.weight"], load_file(path)["m.q.lora_A.weight"])
+    assert {b"\x80\x02", b"\x80\x03"} <= set(hits)  # 640- and 896-byte headers
+    # A pickle still is refused, whatever its protocol.
+    for protocol in (2, 3, 4, 5):
+        pk = tmp_path / f"p{protocol}.safetensors"
+        pk.write_bytes(pickle.dumps({"x": list(range(100))}, protocol=protocol))
+        with pytest.raises(PayloadError, match="Python pickle, not safetensors"):
+            load_payload(pk)

@@ -180,8 +180,17 @@ def _tensors_from_buffer(header: dict[str, Any], buf: bytearray, start: int, sou
 
 
 def _check_container(data: bytes | bytearray, source: str, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
-    """Recognise non-safetensors files by their first bytes, before anything is parsed; return the header."""
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+    """Recognise non-safetensors files by their first bytes, before anything is parsed; return the header.
+
+    A safetensors file is recognised first (a header length that fits the file, then ``{``): its
+    length's first two bytes can look like a pickle's start (a 640-byte header is ``80 02 ...``),
+    and an honest update must not be refused as one.
+    """
+    looks_safetensors = len(data) >= 9 and data[8:9] == b"{"
+    if looks_safetensors:
+        (n,) = struct.unpack("<Q", data[:8])
+        looks_safetensors = n <= max_header_bytes and 8 + n <= len(data)
+    if not looks_safetensors and data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
         raise PayloadError("this is a Python pickle, not safetensors; refused without loading it", path=source)
     if data[:4] == b"PK\x03\x04":
         raise PayloadError(
