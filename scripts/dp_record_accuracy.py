@@ -19,7 +19,9 @@ Same settings for the baseline, plus on clothing the DP recipe of ``scripts/_dp_
 (applied to every level, no DP included; its docstring has what each candidate measured): fixed
 class weights from the public prior, which DP-SGD applies to each row's clipped gradient
 (without them clipped DP-SGD stays on the majority class), the head alone on the mean after
-layer 4 of reviews up to 128 tokens, and the batch, steps and optimizer. ``--levels plain`` adds
+layer 4 of reviews up to 128 tokens, and the batch, steps and optimizer; on intents the same
+head-only recipe on the last layer's mean at the config's 64 tokens, without class weights
+(``INTENTS_DP_RECIPE``). ``--levels plain`` adds
 the non-private reference without the recipe (the public class weights only: plain LoRA on the
 config's [CLS] model at 64 tokens, batch 16 x 12 steps, AdamW), so the report shows what DP with
 its recipe costs against the federation a user runs without DP; ``--levels plain_tokens`` the
@@ -78,7 +80,7 @@ from lorafed.wire.reader import load_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from _dp_recipe import CLOTHING_CLASS_WEIGHTS, CLOTHING_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
+from _dp_recipe import CLOTHING_CLASS_WEIGHTS, CLOTHING_DP_RECIPE, INTENTS_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
 
 #: Per setting: title, config, overrides, round cap, patience ((a): bench_quality's full profile).
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -96,7 +98,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "title": "(b) retail intents, Dirichlet alpha=0.1 over 10 clients",
         "config": "retail_intents_dirichlet.yaml",
         "overrides": ["federation.max_test_rows=800"],
-        "recipe": [],
+        "recipe": INTENTS_DP_RECIPE,
         "plain": [],
         "plain_tokens": [],
         "rounds": 8,
@@ -113,7 +115,12 @@ TINY: dict[str, dict[str, Any]] = {
         "rounds": 2,
         "patience": 1,
     },
-    "b": {"overrides": ["partition.scheme=dirichlet", "partition.num_clients=2"], "rounds": 2, "patience": 1},
+    "b": {
+        "overrides": ["partition.scheme=dirichlet", "partition.num_clients=2"],
+        "recipe": TINY_DP_RECIPE,
+        "rounds": 2,
+        "patience": 1,
+    },
 }
 #: Every run, the baseline included: what record-level DP requires (see the module docstring).
 SAME_FOR_ALL = ["train.class_weighting=none", "train.length_bucketing=false"]
