@@ -96,7 +96,7 @@ def predict_logits(
         if feats is not None:
             with torch.no_grad():
                 return head_logits(model, feats, autocast).float().cpu().numpy()
-    order = np.argsort([len(rows.input_ids[int(i)]) for i in pos], kind="stable")
+    order = np.argsort(rows.lengths(pos), kind="stable")
     chunks = []
     for batch in rows.batches(pos[order], batch_size):
         batch = {k: v for k, v in batch.items() if k != "labels"}

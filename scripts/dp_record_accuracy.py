@@ -143,6 +143,8 @@ PLAIN = LEVEL_KEYS["plain"]
 #: clothing the recipe reads reviews up to 128 tokens, the quality protocol 64, so this one sees
 #: the same text as the DP runs. Opt-in (``--levels ...,plain_tokens``).
 PLAIN_TOKENS = LEVEL_KEYS["plain_tokens"]
+#: The non-private references: level -> the setting's key of the overrides it runs instead of the recipe.
+REFERENCE_RECIPES: dict[str, str] = {PLAIN: "plain", PLAIN_TOKENS: "plain_tokens"}
 #: Each reference: (level, summary key of the cost against it, phrase in the targets).
 REFERENCES = (
     ("no DP", "cost_points", ""),
@@ -197,7 +199,7 @@ def run_one(fed: Cohort, cfg: RunConfig, val: np.ndarray, rounds: int, patience:
 def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per level: macro-F1 and rounds over seeds, epsilon spent, and the cost against no DP on the same seeds."""
     out: dict[str, Any] = {}
-    for name in [*(n for n, _ in LEVELS), PLAIN, PLAIN_TOKENS]:
+    for name in [*(n for n, _ in LEVELS), *REFERENCE_RECIPES]:
         seeds = [s for s, r in per_seed.items() if name in r]
         if not seeds:
             continue
@@ -213,7 +215,7 @@ def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 min(r["noise_multiplier_min"] for r in runs),
                 max(r["noise_multiplier_max"] for r in runs),
             ]
-        if name not in ("no DP", PLAIN, PLAIN_TOKENS):
+        if name != "no DP" and name not in REFERENCE_RECIPES:
             for reference, key, _ in REFERENCES:
                 paired = [s for s in seeds if reference in per_seed[s]]
                 if paired:
@@ -299,7 +301,7 @@ def render(report: dict[str, Any]) -> list[str]:
                 f"{v['rounds_run']['mean']:.1f} | {v['seconds']['mean']:.0f} |"
             )
         summ = s["summary"]
-        for ref, over in ((PLAIN, "plain"), (PLAIN_TOKENS, "plain_tokens")):
+        for ref, over in REFERENCE_RECIPES.items():
             if ref in summ and "no DP" in summ:
                 gap = 100 * (summ[ref]["macro_f1"]["mean"] - summ["no DP"]["macro_f1"]["mean"])
                 lines += [
@@ -357,7 +359,7 @@ def plot(settings: dict[str, Any], path: Path) -> Path:
     """Test macro-F1 (mean ± std over seeds) per privacy level, one panel per setting."""
     fig, axes = figure(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
     for ax, s in zip(axes[0], settings.values(), strict=True):
-        names = [n for n in s["summary"] if n not in (PLAIN, PLAIN_TOKENS)]
+        names = [n for n in s["summary"] if n not in REFERENCE_RECIPES]
         mean = [100 * s["summary"][n]["macro_f1"]["mean"] for n in names]
         std = [100 * s["summary"][n]["macro_f1"]["std"] for n in names]
         ax.errorbar(range(len(names)), mean, yerr=std, fmt="o-", capsize=4, label="DP recipe")
@@ -421,8 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown levels {unknown}; expected some of {','.join(LEVEL_KEYS)}")
     want = {LEVEL_KEYS[x] for x in args.levels.split(",")}
     levels = [(name, eps, "recipe") for name, eps in LEVELS if name in want]
-    levels += [(PLAIN, None, "plain")] if PLAIN in want else []
-    levels += [(PLAIN_TOKENS, None, "plain_tokens")] if PLAIN_TOKENS in want else []
+    levels += [(ref, None, recipe) for ref, recipe in REFERENCE_RECIPES.items() if ref in want]
     out = Path(args.out)
     budget = args.time_budget_s or None
     t0 = time.perf_counter()
@@ -458,8 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 "config": str(p["path"].relative_to(ROOT)),
                 "overrides": [*p["overrides"], *SAME_FOR_ALL, *p["recipe"]],
                 "recipe": list(p["recipe"]),
-                "plain": list(p["plain"]),
-                "plain_tokens": list(p["plain_tokens"]),
+                **{recipe: list(p[recipe]) for recipe in REFERENCE_RECIPES.values()},
                 "rounds_cap": p["rounds"],
                 "patience": p["patience"],
                 "seeds": {},
@@ -493,22 +493,24 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 # One cohort per recipe: the plain reference may read other tokens or another model
                 # (the DP recipe's max_length, pooling and layers); each keeps its model's features.
-                feds: dict[str, Cohort] = {}
+                feds: dict[str, tuple[Cohort, np.ndarray]] = {}  # recipe -> (cohort, validation rows)
                 runs = s["seeds"].setdefault(str(seed), {})
                 for name, target, recipe in levels:
                     if budget is not None and time.perf_counter() - t0 > budget:
                         s["skipped"].append(f"{k}/seed{seed}/{name}")
                         continue
                     if recipe not in feds:
-                        feds[recipe] = prepare_cohort(load([], recipe))
-                    fed = feds[recipe]
-                    val = val_positions(fed)
-                    first = next(iter(feds.values()))
-                    if not (
-                        np.array_equal(fed.test_positions, first.test_positions)
-                        and np.array_equal(val, val_positions(first))
-                    ):
-                        raise RuntimeError(f"{k} seed {seed}: the {recipe} cohort has other test or validation rows")
+                        fed = prepare_cohort(load([], recipe))
+                        val = val_positions(fed)
+                        if feds:
+                            first, first_val = next(iter(feds.values()))
+                            same = np.array_equal(fed.test_positions, first.test_positions)
+                            if not (same and np.array_equal(val, first_val)):
+                                raise RuntimeError(
+                                    f"{k} seed {seed}: the {recipe} cohort has other test or validation rows"
+                                )
+                        feds[recipe] = (fed, val)
+                    fed, val = feds[recipe]
                     s.update(
                         clients=len(fed.partition.client_ids), test_rows=len(fed.test_positions), val_rows=len(val)
                     )

@@ -303,14 +303,11 @@ def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.
 
 def epoch_positions(rows: TokenizedRows, positions: np.ndarray, cfg: TrainConfig, seed: int) -> Iterator[np.ndarray]:
     """One pass over ``positions`` in batches of positions: shuffled, or length-bucketed (``cfg.length_bucketing``)."""
-    pos = np.asarray(positions, dtype=np.int64)
     if not cfg.length_bucketing:
-        pos = np.random.default_rng(seed).permutation(pos)
-        for start in range(0, len(pos), cfg.batch_size):
-            yield pos[start : start + cfg.batch_size]
+        yield from rows.position_batches(positions, cfg.batch_size, shuffle_seed=seed)
         return
-    lengths = np.array([len(rows.input_ids[int(i)]) for i in pos])
-    yield from length_bucketed_batches(pos, lengths, cfg.batch_size, seed, BUCKET_WINDOW)
+    pos = np.asarray(positions, dtype=np.int64)
+    yield from length_bucketed_batches(pos, rows.lengths(pos), cfg.batch_size, seed, BUCKET_WINDOW)
 
 
 def head_feature_cache(

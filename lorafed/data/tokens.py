@@ -98,12 +98,23 @@ class TokenizedRows:
             out["token_type_ids"] = types
         return out
 
-    def batches(
+    def lengths(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The token count of each row at ``positions``."""
+        return np.array([len(self.input_ids[int(i)]) for i in positions], dtype=np.int64)
+
+    def position_batches(
         self, positions: np.ndarray, batch_size: int, shuffle_seed: int | None = None
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield padded batches over ``positions``, shuffled by ``shuffle_seed`` if given."""
+    ) -> Iterator[np.ndarray]:
+        """Yield ``positions`` in batches of ``batch_size``, shuffled by ``shuffle_seed`` if given."""
         pos = np.asarray(positions, dtype=np.int64)
         if shuffle_seed is not None:
             pos = np.random.default_rng(shuffle_seed).permutation(pos)
         for start in range(0, len(pos), batch_size):
-            yield self.batch(pos[start : start + batch_size])
+            yield pos[start : start + batch_size]
+
+    def batches(
+        self, positions: np.ndarray, batch_size: int, shuffle_seed: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield padded batches over ``positions``, shuffled by ``shuffle_seed`` if given."""
+        for chosen in self.position_batches(positions, batch_size, shuffle_seed):
+            yield self.batch(chosen)

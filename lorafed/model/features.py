@@ -82,7 +82,7 @@ def below_head_digest(model: Any) -> str:
 class _Entry:
     feats: torch.Tensor
     have: np.ndarray = field(repr=False)
-    rows: Callable[[], TokenizedRows | None] = field(repr=False, default=lambda: None)
+    rows: Callable[[], TokenizedRows | None] = field(repr=False)
 
 
 class FeatureCache:
@@ -166,7 +166,7 @@ def _run_below_head(
     """The head's input for ``rows[positions]`` (in order), or ``None`` if it is not one vector per row."""
     was_training = model.training
     model.eval()
-    order = np.argsort([len(rows.input_ids[int(i)]) for i in positions], kind="stable")
+    order = np.argsort(rows.lengths(positions), kind="stable")
     chunks: list[torch.Tensor] = []
     try:
         with _capture_input(head) as seen:

@@ -186,19 +186,16 @@ def _check_container(data: bytes | bytearray, source: str, max_header_bytes: int
     length's first two bytes can look like a pickle's start (a 640-byte header is ``80 02 ...``),
     and an honest update must not be refused as one.
     """
-    looks_safetensors = len(data) >= 9 and data[8:9] == b"{"
-    if looks_safetensors:
-        (n,) = struct.unpack("<Q", data[:8])
-        looks_safetensors = n <= max_header_bytes and 8 + n <= len(data)
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else None
+    looks_safetensors = n is not None and n <= max_header_bytes and 8 + n <= len(data) and data[8:9] == b"{"
     if not looks_safetensors and data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
         raise PayloadError("this is a Python pickle, not safetensors; refused without loading it", path=source)
     if data[:4] == b"PK\x03\x04":
         raise PayloadError(
             "this is a zip archive (torch.save format), not safetensors; refused without loading it", path=source
         )
-    if len(data) < 8:
+    if n is None:
         raise PayloadError(f"truncated: {len(data)} bytes, not even a safetensors header length", path=source)
-    (n,) = struct.unpack("<Q", data[:8])
     if n > max_header_bytes:
         raise PayloadError(f"header of {n} bytes exceeds the bound of {max_header_bytes}", path=source)
     if 8 + n > len(data):
