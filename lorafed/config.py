@@ -164,6 +164,15 @@ class ModelConfig:
             against 0.804 after layer 6 (``scripts/_dp_recipe.py``), and the dropped layers cost
             no time. BERT-family backbones; exports stay plain models with N layers (N + 1 with
             ``pooling: mean``). It travels in every payload header (``lora.num_layers``).
+        whitening: With ``pooling: mean``: a whitening file (``lorafed whiten``) written into the
+            pooler, so the head reads ``tanh(T (z - mu))``, the same feature decorrelated and
+            scaled (:mod:`lorafed.model.whitening`); ``null``: none. The head can represent the same
+            functions, but trains much faster on it, and DP-SGD's noise no longer drowns the
+            directions that separate the classes: on clothing reviews (head only, round cap 10, 3
+            seeds) no DP rose from 79.6 to 83.1 test macro-F1 and epsilon 8 from 78.9 to 83.6
+            (``results/dp_record_accuracy.md``). Every client must load the same file: its digest
+            travels in every payload header (``lora.whitening``). Fit it on public or server-held
+            text, not on a client's training rows.
     """
 
     name_or_path: str = PACKAGED_BACKBONE
@@ -173,6 +182,7 @@ class ModelConfig:
     quantize_embeddings: bool = True
     pooling: Literal["cls", "mean"] = "cls"
     num_layers: int | None = None
+    whitening: str | None = None
 
 
 @dataclass(frozen=True)
@@ -231,7 +241,12 @@ class TrainConfig:
         warmup_ratio: Share of the round's steps with linear warm-up.
         max_grad_norm: Gradient clipping norm; ``null`` disables clipping. Under ``record_dp`` it
             clips the noisy mean gradient after the noise (``record_dp.clip_norm`` bounds each
-            row's gradient before it).
+            row's gradient before it). The noise alone has norm about z C sqrt(d) / B (d
+            trainable coordinates, B the expected batch), so where that is above
+            ``max_grad_norm`` every step shrinks by about their ratio, more the smaller the
+            epsilon (a warning says so): on intents (27 classes, head only, d = 10,395) it cut
+            epsilon 3 from 93.3 to 75.6 and epsilon 1 from 74.1 to 41.7 macro-F1 in the numpy
+            simulation of ``scripts/_dp_recipe.py``. ``null`` gives textbook DP-SGD.
         eval_batch_size: Batch size for evaluation.
         num_threads: Torch intra-op threads; 0 (auto) gives each lorafed process on the machine
             an equal share of the cores (cores // live lorafed processes, recomputed every
@@ -1003,6 +1018,10 @@ def _check_ranges(c: RunConfig) -> list[str]:
     need(
         m.lora.layers is None or (len(m.lora.layers) > 0 and min(m.lora.layers) >= 0),
         f"model.lora.layers: must be null or a non-empty list of layer indices >= 0, got {m.lora.layers}",
+    )
+    need(
+        m.whitening is None or m.pooling == "mean",
+        f"model.whitening: is written into the mean pooling's pooler; needs model.pooling mean, got {m.pooling}",
     )
     need(m.num_layers is None or m.num_layers >= 1, f"model.num_layers: must be null or >= 1, got {m.num_layers}")
     need(

@@ -16,9 +16,10 @@ epsilon the client reported in its header, in ``<out>.json``, ``<out>.md`` and `
 Real mode: women's clothing reviews, ``configs/clothing_recommend.yaml`` (6 departments, 5
 rounds), with, in every setting, what record-level DP requires (``train.class_weighting=none``,
 ``train.length_bucketing=false``), the DP recipe (``scripts/_dp_recipe.py``: fixed class weights
-from the public prior, the head alone on the mean after layer 4 of reviews up to 128 tokens
-(the recipe's ``data.max_length``), SGD, batch 256 x 6 steps) and
-``federation.max_test_rows=500``::
+from the public prior, the head alone on the whitened mean after layer 4 of reviews up to 128
+tokens (the recipe's ``data.max_length``), SGD, batch 256 x 6 steps) and
+``federation.max_test_rows=500``. The whitening (``model.whitening``) is fitted on up to 2,000
+validation rows of the other clients, never on the attacked client's rows::
 
     flock /tmp/lorafed-heavy.lock env PYTHONPATH=. python scripts/audit_privacy.py   # -> results/privacy_audit.*
 
@@ -57,7 +58,12 @@ from lorafed.wire.adapter import set_adapter_state  # noqa: E402
 from lorafed.wire.reader import load_payload  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from _dp_recipe import CLOTHING_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
+from _dp_recipe import (  # noqa: E402
+    CLOTHING_DP_RECIPE,
+    CLOTHING_WHITENING_SHRINKAGE,
+    TINY_DP_RECIPE,
+    fit_validation_whitening,
+)
 
 #: Real mode, every setting: what record-level DP requires (the baseline too), the size cuts, and
 #: the DP recipe (scripts/_dp_recipe.py: public class weights, the head on layer 4's mean, its batch), so the no-DP
@@ -70,6 +76,9 @@ REAL_OVERRIDES = [
 ]
 #: Members and non-members per attack, at most.
 MAX_ROWS = 1000
+#: Real mode: the recipe's whitening is fitted on up to this many validation rows of the *other*
+#: clients, so neither the attacked client's members nor its non-members shape the feature.
+WHITENING_ROWS = 2000
 #: (name, target epsilon or None for no DP).
 SETTINGS: tuple[tuple[str, float | None], ...] = (
     ("no DP", None),
@@ -226,6 +235,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result.update(config=str(path.relative_to(ROOT)), overrides=list(base))
         base.append(f"output_dir={work}")
         fed = prepare_cohort(load_config(path, base))
+        if not args.tiny:
+            others = np.concatenate([sp.val for i, sp in enumerate(fed.splits) if i != args.client])
+            rng = np.random.default_rng(args.seed)
+            fit_rows = np.sort(rng.choice(others, size=min(len(others), WHITENING_ROWS), replace=False))
+            whitening = work / "whitening.safetensors"
+            base.insert(-1, fit_validation_whitening(fed, fit_rows, whitening, CLOTHING_WHITENING_SHRINKAGE))
+            result["overrides"].append(
+                f"model.whitening=<fitted on {len(fit_rows)} validation rows of the other clients, "
+                f"shrinkage {CLOTHING_WHITENING_SHRINKAGE}>"
+            )
+            fed = prepare_cohort(load_config(path, base))
         rows = result["rows"]
         for name, target in SETTINGS:
             if args.time_budget_s and time.perf_counter() - t0 > args.time_budget_s:

@@ -18,8 +18,10 @@ seeded by the run seed
 Same settings for the baseline, plus on clothing the DP recipe of ``scripts/_dp_recipe.py``
 (applied to every level, no DP included; its docstring has what each candidate measured): fixed
 class weights from the public prior, which DP-SGD applies to each row's clipped gradient
-(without them clipped DP-SGD stays on the majority class), the head alone on the mean after
-layer 4 of reviews up to 128 tokens, and the batch, steps and optimizer; on intents the same
+(without them clipped DP-SGD stays on the majority class), the head alone on the whitened mean
+after layer 4 of reviews up to 128 tokens (``model.whitening``, fitted for each seed on the text
+of the validation rows the server early-stops on: no client's training row, no test row), and
+the batch, steps and optimizer; on intents the same
 head-only recipe on the last layer's mean at the config's 64 tokens, without class weights
 (``INTENTS_DP_RECIPE``). ``--levels plain`` adds
 the non-private reference without the recipe (the public class weights only: plain LoRA on the
@@ -41,9 +43,10 @@ after every run, so a partial run keeps what it measured. ``--levels`` runs a su
 ``--replace`` a setting whose recipe changed starts over), so each level can be its own locked
 command under the 15 minutes a command may hold the lock.
 
-Measured on 2 cores here, setting (a), round cap 10 (int8 MiniLM, bf16 autocast): the recipe's
+Measured on 2 cores here, setting (a), round cap 10 (int8 MiniLM, bf16 autocast): fitting the
+whitening and preparing the cohorts about 40 s a seed, the recipe's
 first level of a seed about 100 s, most of it computing the features of the rows its steps draw
-(:mod:`lorafed.model.features`), each later level 1-12 s on the kept features; the plain-LoRA
+(:mod:`lorafed.model.features`), each later level 1-15 s on the kept features; the plain-LoRA
 references about 220 s (64 tokens) and 480 s (128 tokens). Setting (b), round cap 8: no DP
 128-143 s, a DP run 120-184 s.
 
@@ -80,7 +83,16 @@ from lorafed.wire.reader import load_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from _dp_recipe import CLOTHING_CLASS_WEIGHTS, CLOTHING_DP_RECIPE, INTENTS_DP_RECIPE, TINY_DP_RECIPE  # noqa: E402
+from _dp_recipe import (  # noqa: E402
+    CLOTHING_CLASS_WEIGHTS,
+    CLOTHING_DP_RECIPE,
+    CLOTHING_WHITENING_SHRINKAGE,
+    INTENTS_DP_RECIPE,
+    INTENTS_WHITENING_SHRINKAGE,
+    TINY_DP_RECIPE,
+    fit_validation_whitening,
+    whitening_mark,
+)
 
 #: Per setting: title, config, overrides, round cap, patience ((a): bench_quality's full profile).
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -89,6 +101,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "config": "clothing_recommend.yaml",
         "overrides": ["data.max_length=64", "federation.max_test_rows=2000"],
         "recipe": CLOTHING_DP_RECIPE,
+        "whiten": CLOTHING_WHITENING_SHRINKAGE,
         "plain": CLOTHING_CLASS_WEIGHTS,
         "plain_tokens": [*CLOTHING_CLASS_WEIGHTS, "data.max_length=128"],
         "rounds": 10,
@@ -99,6 +112,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "config": "retail_intents_dirichlet.yaml",
         "overrides": ["federation.max_test_rows=800"],
         "recipe": INTENTS_DP_RECIPE,
+        "whiten": INTENTS_WHITENING_SHRINKAGE,
         "plain": [],
         "plain_tokens": [],
         "rounds": 8,
@@ -109,7 +123,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 TINY: dict[str, dict[str, Any]] = {
     "a": {
         "overrides": ["partition.scheme=natural", "partition.column=shop"],
-        "recipe": TINY_DP_RECIPE,
+        "recipe": [*TINY_DP_RECIPE, "model.pooling=mean"],  # and the whitening on the validation rows, as (a)
         "plain": [],
         "plain_tokens": [],
         "rounds": 2,
@@ -118,6 +132,7 @@ TINY: dict[str, dict[str, Any]] = {
     "b": {
         "overrides": ["partition.scheme=dirichlet", "partition.num_clients=2"],
         "recipe": TINY_DP_RECIPE,
+        "whiten": None,
         "rounds": 2,
         "patience": 1,
     },
@@ -346,12 +361,40 @@ def merged_into(report: dict[str, Any], prior: dict[str, Any]) -> None:
     report["targets"] = check_targets(report["settings"])
 
 
-def dropped(prior: dict[str, Any], keys: list[str]) -> dict[str, Any]:
-    """``prior`` without settings ``keys`` (``--replace``): their runs and the commands that ran only them."""
+def reference_protocol(setting: dict[str, Any]) -> tuple[Any, ...]:
+    """What the non-private references of a setting depend on: its overrides without the recipe, the
+    references' own overrides, round cap and patience (not the DP recipe)."""
+    base = setting["overrides"][: len(setting["overrides"]) - len(setting.get("recipe", []))]
+    refs = tuple(tuple(setting.get(r, [])) for r in REFERENCE_RECIPES.values())
+    return (tuple(base), refs, setting.get("rounds_cap"), setting.get("patience"))
+
+
+def dropped(prior: dict[str, Any], keys: list[str], now: dict[str, Any]) -> dict[str, Any]:
+    """``prior`` without the recipe's runs of settings ``keys`` (``--replace``), and the commands that ran only them.
+
+    A setting whose references (``plain``, ``plain_tokens``) would run exactly as before (same
+    :func:`reference_protocol` in ``now``) keeps their runs, and the commands that ran them.
+    """
     if not keys:
         return prior
-    out = {**prior, "settings": {k: v for k, v in prior["settings"].items() if k not in keys}}
-    out["command"] = [c for c in measure.commands(prior) if not measure.command_settings(c, SETTINGS) <= set(keys)]
+    settings = {}
+    kept_refs: set[str] = set()
+    for k, v in prior["settings"].items():
+        if k not in keys:
+            settings[k] = v
+        elif reference_protocol(v) == reference_protocol(now[k]):
+            seeds = {s: {n: r for n, r in runs.items() if n in REFERENCE_RECIPES} for s, runs in v["seeds"].items()}
+            settings[k] = {**now[k], "seeds": {s: runs for s, runs in seeds.items() if runs}, "skipped": []}
+            settings[k].update({x: v[x] for x in ("clients", "test_rows", "val_rows") if x in v})
+            kept_refs.add(k)
+    out = {**prior, "settings": settings}
+
+    def keeps(c: str) -> bool:
+        ran = measure.command_settings(c, SETTINGS)
+        levels = c.split("--levels ")[1].split()[0].split(",") if "--levels " in c else []
+        return not ran <= set(keys) or (bool(ran & kept_refs) and bool({"plain", "plain_tokens"} & set(levels)))
+
+    out["command"] = [c for c in measure.commands(prior) if keeps(c)]
     return out
 
 
@@ -453,12 +496,13 @@ def main(argv: list[str] | None = None) -> int:
         plans = {k: {**SETTINGS[k], **(TINY[k] if args.tiny else {})} for k in keys}
         for k, p in plans.items():
             p["recipe"] = [*p["recipe"], *args.sets]
+            shown = [*p["recipe"], *([whitening_mark(p["whiten"])] if p.get("whiten") else [])]
             p["path"] = ROOT / "configs" / ("tiny.yaml" if args.tiny else p["config"])
             report["settings"][k] = {
                 "title": f"tiny BERT, synthetic rows, as {p['title']}" if args.tiny else p["title"],
                 "config": str(p["path"].relative_to(ROOT)),
-                "overrides": [*p["overrides"], *SAME_FOR_ALL, *p["recipe"]],
-                "recipe": list(p["recipe"]),
+                "overrides": [*p["overrides"], *SAME_FOR_ALL, *shown],
+                "recipe": shown,
                 **{recipe: list(p[recipe]) for recipe in REFERENCE_RECIPES.values()},
                 "rounds_cap": p["rounds"],
                 "patience": p["patience"],
@@ -476,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"settings {changed}; "
                     "--replace drops their earlier runs"
                 )
-            merged_into(report, dropped(prior, changed))
+            merged_into(report, dropped(prior, changed, report["settings"]))
         for seed in range(args.first_seed, args.seeds):
             for k, p in plans.items():
                 s = report["settings"][k]
@@ -493,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 # One cohort per recipe: the plain reference may read other tokens or another model
                 # (the DP recipe's max_length, pooling and layers); each keeps its model's features.
-                feds: dict[str, tuple[Cohort, np.ndarray]] = {}  # recipe -> (cohort, validation rows)
+                # recipe -> (cohort, validation rows, the overrides its whitening adds)
+                feds: dict[str, tuple[Cohort, np.ndarray, list[str]]] = {}
                 runs = s["seeds"].setdefault(str(seed), {})
                 for name, target, recipe in levels:
                     if budget is not None and time.perf_counter() - t0 > budget:
@@ -502,19 +547,27 @@ def main(argv: list[str] | None = None) -> int:
                     if recipe not in feds:
                         fed = prepare_cohort(load([], recipe))
                         val = val_positions(fed)
+                        whiten: list[str] = []
+                        if recipe == "recipe" and p.get("whiten"):
+                            # fitted on the validation rows' text, then the cohort with it (same rows)
+                            path = work / f"whitening-{k}-{seed}.safetensors"
+                            whiten = [fit_validation_whitening(fed, val, path, p["whiten"])]
+                            fed = prepare_cohort(load(whiten, recipe))
+                            if not np.array_equal(val_positions(fed), val):
+                                raise RuntimeError(f"{k} seed {seed}: whitening changed the validation rows")
                         if feds:
-                            first, first_val = next(iter(feds.values()))
+                            first, first_val, _ = next(iter(feds.values()))
                             same = np.array_equal(fed.test_positions, first.test_positions)
                             if not (same and np.array_equal(val, first_val)):
                                 raise RuntimeError(
                                     f"{k} seed {seed}: the {recipe} cohort has other test or validation rows"
                                 )
-                        feds[recipe] = (fed, val)
-                    fed, val = feds[recipe]
+                        feds[recipe] = (fed, val, whiten)
+                    fed, val, whiten = feds[recipe]
                     s.update(
                         clients=len(fed.partition.client_ids), test_rows=len(fed.test_positions), val_rows=len(val)
                     )
-                    cfg = load(dp_overrides(target, seed), recipe)
+                    cfg = load([*whiten, *dp_overrides(target, seed)], recipe)
                     run_dir = work / f"{k}-{seed}-{name.replace(' ', '_')}"
                     runs[name] = run_one(fed, cfg, val, p["rounds"], p["patience"], run_dir)
                     r = runs[name]

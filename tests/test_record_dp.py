@@ -218,6 +218,36 @@ def test_max_grad_norm_clips_the_noisy_gradient(tiny_config) -> None:
     np.testing.assert_allclose(u, -lr * cap * g / np.linalg.norm(g), rtol=1e-3, atol=1e-8)
 
 
+def test_max_grad_norm_below_the_noise_warns(tiny_config, caplog) -> None:
+    """The noise alone (z C sqrt(d) / B) above train.max_grad_norm: a warning with its norm; none with null."""
+    import dataclasses
+    import logging
+
+    from lorafed.client.dp import RecordDPPlan, _warn_clipped_noise, train_local_dp
+    from lorafed.engine.cohort import prepare_cohort
+
+    fed = prepare_cohort(tiny_config(*DP, "train.record_dp.noise_multiplier=1.0", "train.max_grad_norm=0.5"))
+    model, cfg = fed.client.model, fed.config.train
+    pos = fed.splits[0].train[:10]
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    z = 2.0
+    plan = RecordDPPlan(z, 1.0, 1.0, 1, 1e-5, math.inf, noise_seed=0, num_rows=len(pos))  # q = 1: B = 10
+    expected = z * 1.0 * math.sqrt(d) / len(pos)
+    assert expected > 0.5
+    _warn_clipped_noise.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="lorafed.client.dp"):
+        train_local_dp(model, fed.rows, pos, cfg, 0, plan, progress=False)
+    assert f"norm ~{expected:.2f}" in caplog.text and "train.max_grad_norm=null" in caplog.text
+    caplog.clear()
+    _warn_clipped_noise.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="lorafed.client.dp"):
+        train_local_dp(model, fed.rows, pos, dataclasses.replace(cfg, max_grad_norm=None), 0, plan, progress=False)
+        train_local_dp(
+            model, fed.rows, pos, dataclasses.replace(cfg, max_grad_norm=expected * 1.01), 0, plan, progress=False
+        )
+    assert "the noise alone" not in caplog.text
+
+
 def test_plan_calibrates_to_target_and_stops_at_budget(tiny_config) -> None:
     """A target epsilon is met after federation.rounds rounds; the next round is refused."""
     cfg = tiny_config(*DP, "train.record_dp.target_epsilon=4.0", "federation.rounds=3")
@@ -322,6 +352,7 @@ def test_dp_record_accuracy_script_tiny(tmp_path: Path) -> None:
     assert mod.main(["--tiny", "--seeds", "1", "--out", str(tmp_path / "dprec")]) == 0
     result = json.loads((tmp_path / "dprec.json").read_text())
     assert list(result["settings"]) == ["a", "b"]
+    assert result["settings"]["a"]["recipe"][-1].startswith("model.whitening=<fitted on the validation rows")
     for s in result["settings"].values():
         assert "train.length_bucketing=false" in s["overrides"] and "train.class_weighting=none" in s["overrides"]
         assert list(s["summary"]) == ["no DP", "eps 8", "eps 3", "eps 1"]
@@ -388,8 +419,13 @@ def test_dp_record_accuracy_levels_and_merge(tmp_path: Path) -> None:
     assert mod.main([*other, "--replace"]) == 0
     replaced = json.loads(out.with_suffix(".json").read_text())
     s = replaced["settings"]["a"]
-    assert list(s["summary"]) == ["no DP"] and s["recipe"][-1] == "train.learning_rate=0.002"
-    assert len(replaced["command"]) == 1 and "--replace" in replaced["command"][0]  # both earlier ran only (a)
+    # The recipe's runs start over; the plain reference does not depend on the recipe and is kept,
+    # with the command that ran it.
+    assert list(s["summary"]) == ["no DP", "no DP, plain LoRA"] and "train.learning_rate=0.002" in s["recipe"]
+    assert s["seeds"]["0"]["no DP, plain LoRA"] == runs["no DP, plain LoRA"]
+    assert s["seeds"]["0"]["no DP"] != runs["no DP"]
+    assert len(replaced["command"]) == 2 and "3,plain" in replaced["command"][0]
+    assert "--replace" in replaced["command"][1]
     # --first-seed adds seed 1 to seed 0's runs; the mean is then over both seeds.
     seed1 = [a if a != "1" else "2" for a in other[:-1]] + ["--first-seed", "1", "--merge"]
     assert seed1[seed1.index("--seeds") + 1] == "2"

@@ -115,6 +115,11 @@ def add_parsers(sub: Any) -> None:
     export.add_argument("--config", help="run config: gives the base (model.name_or_path) and the text columns")
     add_overrides(export)
     export.add_argument("--base", help="base model directory or name (default: the config's, else the packaged MiniLM)")
+    export.add_argument(
+        "--whitening",
+        help="the whitening file an adapter trained with model.whitening names in its header (default: the "
+        "config's); it is written into the exported pooler",
+    )
     export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved weight dtype (merged)")
     export.add_argument(
         "--format",
@@ -246,6 +251,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         config.data if config else None,
         args.adapter,
         with_onnx=args.with_onnx,
+        whitening=args.whitening or (config.model.whitening if config else None),
     )
     print(
         f"parity ({report.sample_rows} sequences): max |{report.format} - adapter| logit difference "

@@ -54,7 +54,14 @@ of the reviews recommend; the numbers are in ``results/dp_record_accuracy.md``):
   after layer 4 of reviews up to 128 tokens (``model.num_layers: 4``, ``data.max_length: 128``)
   is better still (0.830 on 2,000 test rows, against 0.790 for the last layer's at 64 tokens),
   and a head-only round reads features computed once per row (:mod:`lorafed.model.features`),
-  so long reviews cost one pass, not one per step.
+  so long reviews cost one pass, not one per step. Whitening that feature
+  (``model.whitening``, :mod:`lorafed.model.whitening`) lifts the head most: the noise is
+  isotropic, and on the raw feature the directions that separate the classes are the
+  low-variance ones it drowns first (clothing, 3 seeds: epsilon 8 from 78.9 to 83.6, no DP from
+  79.6 to 83.1).
+* ``train.max_grad_norm`` clips the noisy mean gradient, whose noise alone has norm about
+  z C sqrt(d) / B; above the bound every step shrinks by their ratio (intents, 27 classes: 1.2-3.4x
+  at epsilon 3), so the DP recipes set it to ``null`` and a client warns when it binds.
 * Unequal clients: q = B / n differs per client (the smallest clothing department has ~80 rows,
   so its q is 1 and its z is large); FedAvg weights by rows, so their noise is down-weighted.
 * Clipping swings the federation between the classes: with the public class weights, DP-SGD
@@ -131,6 +138,8 @@ from lorafed.data.tokens import TokenizedRows
 from lorafed.errors import PrivacyBudgetError
 from lorafed.progress import progress_bar
 from lorafed.wire.roles import tensor_role
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -410,6 +419,20 @@ def _empty_step(dp_opt: Any) -> None:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
+@functools.lru_cache(maxsize=32)
+def _warn_clipped_noise(noise: float, max_grad_norm: float, coords: int) -> None:
+    """Say once per (noise, bound, size) that ``max_grad_norm`` shrinks every DP step (see ``train.max_grad_norm``)."""
+    logger.warning(
+        "record_dp: the noise alone has norm ~%.2f on the mean gradient (z C sqrt(%d) / B), above "
+        "train.max_grad_norm %g, so every step shrinks about %.1fx; train.max_grad_norm=null gives "
+        "textbook DP-SGD",
+        noise,
+        coords,
+        max_grad_norm,
+        noise / max_grad_norm,
+    )
+
+
 def train_local_dp(
     model: Any,
     rows: TokenizedRows,
@@ -456,6 +479,11 @@ def train_local_dp(
     cache, head = head_feature_cache(model, rows, positions, cfg)
     private = model if head is None else head
     gsm, dp_opt = make_private(private, opt, plan.noise_multiplier, plan.clip_norm, plan.expected_batch_size, noise_gen)
+    if cfg.max_grad_norm is not None:
+        coords = sum(p.numel() for p in params)
+        noise = plan.noise_multiplier * plan.clip_norm * math.sqrt(coords) / plan.expected_batch_size
+        if noise > cfg.max_grad_norm:
+            _warn_clipped_noise(round(noise, 2), cfg.max_grad_norm, coords)
     if anchors or cfg.max_grad_norm is not None:
         dp_opt.attach_step_hook(functools.partial(_after_noise, anchors=anchors, cfg=cfg))
     # Fixed public class weights act on the clipped rows (clip_and_weight_rows), scaled to at most 1.

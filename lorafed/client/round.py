@@ -26,7 +26,7 @@ from lorafed.config import RunConfig
 from lorafed.data.tokens import Split, TokenizedRows
 from lorafed.errors import ConfigError
 from lorafed.metrics import EvalResult, evaluate
-from lorafed.model.backbone import ClientModel, lora_config_dict
+from lorafed.model.backbone import ClientModel, model_header
 from lorafed.seeds import client_seed
 from lorafed.threads import use_threads
 from lorafed.wire.adapter import get_adapter_state, set_adapter_state
@@ -66,8 +66,7 @@ def set_threads(num_threads: int) -> int:
 
 def identity_of(model: ClientModel, config: RunConfig, labels: tuple[str, ...]) -> ModelIdentity:
     """The federation identity of a client model: its base fingerprint, the LoRA config, the labels."""
-    m = config.model
-    return ModelIdentity(model.fingerprint, lora_config_dict(m.lora, m.pooling, m.num_layers), tuple(labels))
+    return ModelIdentity(model.fingerprint, model_header(config.model), tuple(labels))
 
 
 def update_meta(

@@ -24,7 +24,7 @@ from lorafed.data.clean import LabeledData, load_labeled
 from lorafed.data.tokens import Split, TokenizedRows, split_indices
 from lorafed.errors import ConfigError
 from lorafed.metrics import EvalResult, evaluate
-from lorafed.model.backbone import ClientModel, load_client_model, lora_config_dict
+from lorafed.model.backbone import ClientModel, load_client_model, model_header
 from lorafed.partition import Partition, client_table, partition, partition_columns
 from lorafed.seeds import split_seed
 from lorafed.server.hetero import start_for_client
@@ -104,9 +104,7 @@ class Cohort:
             return self.identity
         return dataclasses.replace(
             self.identity,
-            lora=lora_config_dict(
-                dataclasses.replace(lora, r=r), self.config.model.pooling, self.config.model.num_layers
-            ),
+            lora=model_header(dataclasses.replace(self.config.model, lora=dataclasses.replace(lora, r=r))),
         )
 
     def model_of_rank(self, r: int) -> tuple[ClientModel, dict[str, torch.Tensor]]:

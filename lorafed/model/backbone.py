@@ -129,8 +129,11 @@ def _fingerprint_cached(model_dir: str, stats: tuple[tuple[str, int, int], ...])
     return "sha256:" + digest.hexdigest()
 
 
-def lora_config_dict(lora: LoraSettings, pooling: str = "cls", num_layers: int | None = None) -> dict[str, Any]:
-    """How the adapter attaches to the base, in payload headers: LoRA, ``model.pooling`` and ``num_layers``."""
+def lora_config_dict(
+    lora: LoraSettings, pooling: str = "cls", num_layers: int | None = None, whitening: str | None = None
+) -> dict[str, Any]:
+    """How the adapter attaches to the base, in payload headers: LoRA, ``model.pooling``, ``num_layers``
+    and the whitening's digest."""
     out: dict[str, Any] = {
         "r": lora.r,
         "alpha": lora.alpha,
@@ -143,7 +146,16 @@ def lora_config_dict(lora: LoraSettings, pooling: str = "cls", num_layers: int |
         out["pooling"] = pooling
     if num_layers is not None:  # likewise: a model of all the base's layers
         out["num_layers"] = num_layers
+    if whitening is not None:  # likewise: a model without whitening
+        out["whitening"] = whitening
     return out
+
+
+def model_header(cfg: ModelConfig) -> dict[str, Any]:
+    """:func:`lora_config_dict` of a model section (the whitening file read for its digest)."""
+    from lorafed.model.whitening import whitening_digest
+
+    return lora_config_dict(cfg.lora, cfg.pooling, cfg.num_layers, whitening_digest(cfg.whitening))
 
 
 @contextlib.contextmanager
@@ -259,6 +271,14 @@ def load_client_model(
         if prec == "int8" and cfg.int8_backend != "lorafed":
             raise ModelError("model.pooling: mean needs int8_backend lorafed (its layer is built from float weights)")
         base_layers = append_mean_pooling_layer(model)
+        if cfg.whitening is not None:
+            from lorafed.model.whitening import apply_whitening, check_whitening, load_whitening
+
+            whitening = load_whitening(cfg.whitening)
+            check_whitening(
+                whitening, cfg.whitening, base_fingerprint(model_dir), cfg.num_layers, model.config.hidden_size
+            )
+            apply_whitening(model, whitening)
     if prec == "int8":
         _quantize(model, cfg)
     for p in model.parameters():

@@ -52,6 +52,7 @@ from lorafed.config import PACKAGED_BACKBONE, DataConfig, LoraSettings, ModelCon
 from lorafed.errors import LorafedError, ModelError, PayloadValidationError
 from lorafed.files import atomic_write_json
 from lorafed.model.backbone import ClientModel, _quiet_loading, load_client_model
+from lorafed.model.whitening import whitening_digest
 from lorafed.serve import card
 from lorafed.serve.onnx import ONNX_FILE, ONNX_INSTALL, OnnxError, export_onnx, missing_onnx_packages
 from lorafed.wire.adapter import adapter_spec, get_adapter_state, set_adapter_state
@@ -154,10 +155,20 @@ def federation_summary(payload: Payload, source: str) -> dict[str, Any]:
     return out
 
 
-def load_adapter_model(payload: Payload, base: str, source: str = "adapter") -> ClientModel:
+def load_adapter_model(
+    payload: Payload, base: str, source: str = "adapter", whitening: str | None = None
+) -> ClientModel:
     """Load the base in fp32, add LoRA as the header describes, and load the adapter tensors.
 
+    Args:
+        payload: The adapter.
+        base: The base model it was trained on.
+        source: Name of the adapter, for messages.
+        whitening: The whitening file (``model.whitening``), needed when the header names one
+            (``lora.whitening``); it must have that digest.
+
     Raises:
+        ExportError: The header is incomplete, or names a whitening that is not given or differs.
         ModelError: The base cannot be loaded or is not the one the adapter was trained on.
         PayloadValidationError: The adapter's tensors do not fit the model it describes.
     """
@@ -178,8 +189,29 @@ def load_adapter_model(payload: Payload, base: str, source: str = "adapter") -> 
     num_layers = m.lora.get("num_layers")
     if num_layers is not None and (not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1):
         raise ExportError(f"{source}: header lora.num_layers {num_layers!r}: expected an integer >= 1")
+    want_whitening = m.lora.get("whitening")
+    if want_whitening is not None:
+        if whitening is None:
+            raise ExportError(
+                f"{source} was trained with the whitening {str(want_whitening)[:23]}... (header lora.whitening); "
+                "pass its file with --whitening, or a --config whose model.whitening is that file"
+            )
+        if whitening_digest(whitening) != want_whitening:
+            raise ExportError(
+                f"{source} was trained with the whitening {str(want_whitening)[:23]}..., but {whitening} is "
+                f"{str(whitening_digest(whitening))[:23]}..."
+            )
+    elif whitening is not None:
+        logger.info("%s has no whitening in its header; %s is not used", source, whitening)
     client = load_client_model(
-        ModelConfig(name_or_path=base, precision="fp32", lora=lora, pooling=pooling, num_layers=num_layers),
+        ModelConfig(
+            name_or_path=base,
+            precision="fp32",
+            lora=lora,
+            pooling=pooling,
+            num_layers=num_layers,
+            whitening=whitening if want_whitening is not None else None,
+        ),
         m.labels,
         0,
         precision="fp32",
@@ -239,6 +271,7 @@ def export_adapter(
     source: str = "adapter",
     tolerance: float = PARITY_TOLERANCE,
     with_onnx: bool = True,
+    whitening: str | None = None,
 ) -> ExportReport:
     """Export ``payload`` (an adapter) as a merged model or a peft directory at ``out``.
 
@@ -256,6 +289,8 @@ def export_adapter(
         with_onnx: For ``merged`` in fp32: also write ``model.onnx`` when ``onnx`` and ``onnxruntime`` import
             and its logits pass the check; otherwise the export is torch-only and a warning says why.
             ``False`` skips it. Ignored by ``onnx`` (always written) and ``peft`` (never).
+        whitening: The whitening file the header names, if any (see :func:`load_adapter_model`); it is
+            written into the exported pooler, so the export needs nothing else.
 
     Raises:
         ExportError: The parity check fails, ``out`` is a foreign non-empty folder, or peft/onnx + non-fp32.
@@ -271,7 +306,7 @@ def export_adapter(
     if fmt == "onnx" and missing_onnx_packages():
         raise OnnxError(f"--format onnx needs {' and '.join(missing_onnx_packages())}; {ONNX_INSTALL}")
     onnx_skipped = _onnx_skip_reason(fmt, dtype, with_onnx)
-    client = load_adapter_model(payload, base, source)
+    client = load_adapter_model(payload, base, source, whitening)
     model, tok = client.model, client.tokenizer
     max_length = data.max_length if data is not None else 128
     batches = [parity_inputs(model.config.vocab_size, tok)]

@@ -21,7 +21,7 @@ import torch
 
 from lorafed.config import RunConfig
 from lorafed.errors import ConfigError
-from lorafed.model.backbone import load_client_model, lora_config_dict
+from lorafed.model.backbone import load_client_model, model_header
 from lorafed.server.validate import UpdateSpec
 from lorafed.wire.adapter import adapter_spec, get_adapter_state
 from lorafed.wire.payload import ModelIdentity, PayloadMeta
@@ -104,7 +104,7 @@ def federation_base(config: RunConfig, labels: Sequence[str]) -> tuple[ModelIden
     client = load_client_model(config.model, labels, config.seed, precision="fp32")
     identity = ModelIdentity(
         client.fingerprint,
-        lora_config_dict(config.model.lora, config.model.pooling, config.model.num_layers),
+        model_header(config.model),
         tuple(labels),
     )
     return identity, get_adapter_state(client.model)
