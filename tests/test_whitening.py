@@ -183,6 +183,11 @@ def test_cli_whiten_then_simulate_and_export_plainly(tiny_config, synthetic_csv,
     glob = load_payload(run / "rounds" / "global_r1.safetensors")
     with pytest.raises(ExportError, match="pass its file with --whitening"):
         export_adapter(glob, tmp_path / "x", cfg.model.name_or_path, with_onnx=False)
+    with pytest.raises(ExportError, match="use --format merged"):
+        export_adapter(glob, tmp_path / "x", cfg.model.name_or_path, "peft", whitening=str(out))
+    cls = Payload(glob.decoded(), dataclasses.replace(glob.meta, lora={**glob.meta.lora, "pooling": "cls"}))
+    with pytest.raises(ExportError, match=r"lora\.whitening without lora\.pooling 'mean'"):
+        export_adapter(cls, tmp_path / "x", cfg.model.name_or_path, with_onnx=False, whitening=str(out))
     report = export_adapter(glob, tmp_path / "export", cfg.model.name_or_path, with_onnx=False, whitening=str(out))
     assert report.max_abs_diff <= 1e-4
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()

@@ -190,6 +190,8 @@ def load_adapter_model(
     if num_layers is not None and (not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1):
         raise ExportError(f"{source}: header lora.num_layers {num_layers!r}: expected an integer >= 1")
     want_whitening = m.lora.get("whitening")
+    if want_whitening is not None and pooling != "mean":
+        raise ExportError(f"{source}: header lora.whitening without lora.pooling 'mean' (got {pooling!r})")
     if want_whitening is not None:
         if whitening is None:
             raise ExportError(
@@ -306,6 +308,12 @@ def export_adapter(
     if fmt == "onnx" and missing_onnx_packages():
         raise OnnxError(f"--format onnx needs {' and '.join(missing_onnx_packages())}; {ONNX_INSTALL}")
     onnx_skipped = _onnx_skip_reason(fmt, dtype, with_onnx)
+    built = [k for k in ("pooling", "num_layers", "whitening") if k in payload.meta.lora]
+    if fmt == "peft" and built:
+        raise ExportError(
+            f"{source}: header lora.{', lora.'.join(built)}: a peft adapter loads onto the plain base, which lacks "
+            "what these build (the pooling layer, the kept layers, the whitened pooler); use --format merged"
+        )
     client = load_adapter_model(payload, base, source, whitening)
     model, tok = client.model, client.tokenizer
     max_length = data.max_length if data is not None else 128
