@@ -198,10 +198,11 @@ def load_adapter_model(
                 f"{source} was trained with the whitening {str(want_whitening)[:23]}... (header lora.whitening); "
                 "pass its file with --whitening, or a --config whose model.whitening is that file"
             )
-        if whitening_digest(whitening) != want_whitening:
+        got = whitening_digest(whitening)
+        if got != want_whitening:
             raise ExportError(
                 f"{source} was trained with the whitening {str(want_whitening)[:23]}..., but {whitening} is "
-                f"{str(whitening_digest(whitening))[:23]}..."
+                f"{str(got)[:23]}..."
             )
     elif whitening is not None:
         logger.info("%s has no whitening in its header; %s is not used", source, whitening)
