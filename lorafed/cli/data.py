@@ -99,7 +99,7 @@ def _cmd_whiten(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if config.model.pooling != "mean":
-        raise LorafedError(f"lorafed whiten: needs model.pooling=mean (the config has {config.model.pooling})")
+        raise LorafedError(f"needs model.pooling=mean (the config has {config.model.pooling}); add model.pooling=mean")
     if args.max_rows is not None and args.max_rows < 2:
         raise LorafedError(f"--max-rows {args.max_rows}: needs at least 2 rows")
     d = config.data
