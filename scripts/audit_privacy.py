@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rng = np.random.default_rng(args.seed)
             fit_rows = np.sort(rng.choice(others, size=min(len(others), WHITENING_ROWS), replace=False))
             whitening = work / "whitening.safetensors"
-            base.insert(-1, fit_validation_whitening(fed, fit_rows, whitening, CLOTHING_WHITENING_SHRINKAGE))
+            base.append(fit_validation_whitening(fed, fit_rows, whitening, CLOTHING_WHITENING_SHRINKAGE))
             result["overrides"].append(
                 f"model.whitening=<fitted on {len(fit_rows)} validation rows of the other clients, "
                 f"shrinkage {CLOTHING_WHITENING_SHRINKAGE}>"

@@ -193,3 +193,20 @@ def test_cli_whiten_then_simulate_and_export_plainly(tiny_config, synthetic_csv,
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
     w = load_whitening(out)
     assert torch.equal(plain.bert.pooler.dense.weight, w.transform)
+
+
+def test_unlabeled_texts_clean_as_training_does() -> None:
+    """Blank or missing texts left out and counted, text stripped, a missing pair "", non-strings refused."""
+    import pandas as pd
+
+    from lorafed.data.clean import unlabeled_texts
+    from lorafed.errors import DataError
+
+    frame = pd.DataFrame({"t": [" soft dress ", None, "  ", "torn"], "p": ["a", "b", "c", None]})
+    texts, pairs, skipped = unlabeled_texts(frame, "f.csv", "t", "p")
+    assert (texts, pairs, skipped) == (["soft dress", "torn"], ["a", ""], 2)
+    assert unlabeled_texts(frame, "f.csv", "t")[1] is None
+    with pytest.raises(DataError, match="column not found"):
+        unlabeled_texts(frame, "f.csv", "text")
+    with pytest.raises(DataError, match="must hold strings"):
+        unlabeled_texts(pd.DataFrame({"t": ["ok", ["a", "list"]]}), "f.parquet", "t")

@@ -94,8 +94,9 @@ def _add_whiten(sub: Any) -> None:
 
 
 def _cmd_whiten(args: argparse.Namespace) -> int:
+    from lorafed.data.clean import unlabeled_texts
     from lorafed.data.read import read_table
-    from lorafed.model.whitening import fit_from_texts, texts_of
+    from lorafed.model.whitening import fit_from_texts
 
     config = load_config(args.config, args.overrides)
     if config.model.pooling != "mean":
@@ -103,7 +104,7 @@ def _cmd_whiten(args: argparse.Namespace) -> int:
     if args.max_rows is not None and args.max_rows < 2:
         raise LorafedError(f"--max-rows {args.max_rows}: needs at least 2 rows")
     d = config.data
-    texts, pairs, skipped = texts_of(read_table(args.data), d.text_column, d.text_pair_column, args.data)
+    texts, pairs, skipped = unlabeled_texts(read_table(args.data), args.data, d.text_column, d.text_pair_column)
     if args.max_rows is not None:
         texts = texts[: args.max_rows]
         pairs = None if pairs is None else pairs[: args.max_rows]

@@ -85,11 +85,7 @@ def load_labeled(cfg: DataConfig, seed: int, extra_columns: Sequence[str] = ()) 
         *([cfg.text_pair_column] if cfg.text_pair_column else []),
         *extra_columns,
     ]
-    for col in wanted:
-        if col not in frame.columns:
-            raise DataError(
-                f"column not found; the file has: {', '.join(map(str, frame.columns))}", path=path, field=col
-            )
+    _require_columns(frame, path, wanted)
     for col in (cfg.text_column, *([cfg.text_pair_column] if cfg.text_pair_column else [])):
         _require_scalar_text(frame[col], path, col)
     texts = _as_text(frame[cfg.text_column])
@@ -179,6 +175,41 @@ def load_labeled(cfg: DataConfig, seed: int, extra_columns: Sequence[str] = ()) 
         dropped=dropped,
         path=path,
     )
+
+
+def unlabeled_texts(
+    frame: pd.DataFrame, path: str, text_column: str, pair_column: str | None = None
+) -> tuple[list[str], list[str] | None, int]:
+    """The texts of a table without labels, cleaned as :func:`load_labeled` cleans them.
+
+    Rows whose text is missing or blank are left out (and counted); a missing second text is "".
+
+    Returns:
+        The texts, their second texts (``None`` without ``pair_column``), and the rows left out.
+
+    Raises:
+        DataError: A column is missing, or holds something other than strings.
+    """
+    columns = [text_column, *([pair_column] if pair_column else [])]
+    _require_columns(frame, path, columns)
+    for col in columns:
+        _require_scalar_text(frame[col], path, col)
+    texts = _as_text(frame[text_column])
+    keep = [i for i, t in enumerate(texts) if t is not None]
+    pairs = None
+    if pair_column:
+        raw_pairs = _as_text(frame[pair_column])
+        pairs = [raw_pairs[i] or "" for i in keep]
+    return [texts[i] for i in keep], pairs, len(texts) - len(keep)  # type: ignore[misc]
+
+
+def _require_columns(frame: pd.DataFrame, path: str, columns: Sequence[str]) -> None:
+    """Refuse a table without one of ``columns``, naming it and the columns the file has."""
+    for col in columns:
+        if col not in frame.columns:
+            raise DataError(
+                f"column not found; the file has: {', '.join(map(str, frame.columns))}", path=path, field=col
+            )
 
 
 def _require_scalar_text(series: pd.Series, path: str, col: str) -> None:

@@ -41,7 +41,7 @@ MEAN_WEIGHT = 1000.0
 POOLER_GAIN = 0.05
 
 
-def _bert_parts(model: Any) -> tuple[Any, Any, Any]:
+def bert_parts(model: Any) -> tuple[Any, Any, Any]:
     """The encoder layer list, the pooler and the config of a BERT-family sequence classifier."""
     base = getattr(model, "base_model", None)
     encoder = getattr(base, "encoder", None)
@@ -97,7 +97,7 @@ def append_mean_pooling_layer(model: Any) -> int:
     Raises:
         ModelError: The model has no BERT-style encoder layers or [CLS] pooler.
     """
-    layers, pooler, config = _bert_parts(model)
+    layers, pooler, config = bert_parts(model)
     hidden = config.hidden_size
     layer = copy.deepcopy(layers[-1])
     eye = torch.eye(hidden)

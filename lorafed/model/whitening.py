@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from lorafed.errors import ModelError
+from lorafed.model.pooling import bert_parts
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Whitening:
     transform: torch.Tensor
     meta: dict[str, str]
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """``sha256:`` over the two tensors' float32 bytes (what identifies the whitening in headers)."""
         return tensor_digest(self.mean, self.transform)
@@ -122,13 +123,8 @@ def fit_whitening(features: np.ndarray, shrinkage: float = DEFAULT_SHRINKAGE) ->
 
 
 def _pooler(model: Any) -> Any:
-    base = getattr(model, "base_model", None)
-    base = getattr(base, "model", base)  # a peft wrapper's inner model
-    base = getattr(base, "base_model", base)
-    pooler = getattr(base, "pooler", None)
-    if pooler is None or not hasattr(pooler, "dense"):
-        raise ModelError(f"whitening: {type(model).__name__} has no BERT [CLS] pooler to write the whitening into")
-    return pooler
+    """BERT's [CLS] pooler of ``model`` (a peft wrapper or the plain classifier); see :func:`bert_parts`."""
+    return bert_parts(model.get_base_model() if hasattr(model, "get_base_model") else model)[1]
 
 
 def pooled_features(model: Any, batches: Iterator[dict[str, torch.Tensor]]) -> np.ndarray:
@@ -250,32 +246,6 @@ def apply_whitening(model: Any, w: Whitening) -> None:
 def whitening_digest(path: str | None) -> str | None:
     """The digest of the whitening file at ``path`` (``None`` for none)."""
     return None if path is None else load_whitening(path).digest
-
-
-def texts_of(frame: Any, column: str, pair_column: str | None, source: str) -> tuple[list[str], list[str] | None, int]:
-    """The non-blank texts of ``frame[column]`` (and their pairs): rows without text are left out and counted.
-
-    Raises:
-        DataError: A column is missing.
-    """
-    from lorafed.errors import DataError
-
-    for col in (column, pair_column):
-        if col is not None and col not in frame.columns:
-            raise DataError(f"column not found (columns: {', '.join(map(str, frame.columns))})", path=source, field=col)
-    texts: list[str] = []
-    pairs: list[str] | None = [] if pair_column else None
-    skipped = 0
-    seconds: Sequence[Any] = frame[pair_column].tolist() if pair_column else []
-    for i, v in enumerate(frame[column].tolist()):
-        if v is None or (isinstance(v, float) and np.isnan(v)) or not str(v).strip():
-            skipped += 1
-            continue
-        texts.append(str(v))
-        if pairs is not None:
-            w = seconds[i]
-            pairs.append("" if w is None or (isinstance(w, float) and np.isnan(w)) else str(w))
-    return texts, pairs, skipped
 
 
 def fit_on_batches(
