@@ -76,6 +76,19 @@ DP_MEAN_HEAD: list[str] = [
 ]
 
 
+def whitened(recipe: list[str], model_dir: Path, out: Path) -> list[str]:
+    """``recipe`` plus ``model.whitening`` (fitted on synthetic reviews) when it pools the mean."""
+    if "model.pooling=mean" not in recipe:
+        return list(recipe)
+    from lorafed.config import LoraSettings, ModelConfig
+    from lorafed.model.whitening import fit_from_texts
+
+    texts = [f"{a} {b} dress" for a in _WORDS["good"] for b in _WORDS["bad"] + _WORDS["meh"]]
+    cfg = ModelConfig(str(model_dir), "fp32", LoraSettings(), pooling="mean")
+    fit_from_texts(cfg, texts, None, "pair", 32, out, progress=False)
+    return [*recipe, f"model.whitening={out}"]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random BertModel (hidden 32, 2 layers) saved with the packaged tokenizer."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DP_MEAN_HEAD, ROOT, tiny_overrides
+from conftest import DP_MEAN_HEAD, ROOT, tiny_overrides, whitened
 
 from lorafed.engine.cohort import prepare_cohort, train_client
 from lorafed.engine.filedrop import coordinate, global_name
@@ -43,7 +43,8 @@ def _over(csv: Path, model_dir: Path, tmp_path: Path) -> list[str]:
 def test_three_client_processes_and_the_coordinator_match_the_simulation(
     recipe, tiny_config, synthetic_csv, tiny_model_dir, tmp_path
 ) -> None:
-    """Also with record-level DP of the head on mean pooling: seeded noise, pooling in every header."""
+    """Also with record-level DP of the head on whitened mean pooling: seeded noise, both in every header."""
+    recipe = whitened(recipe, tiny_model_dir, tmp_path / "whitening.safetensors")
     over = [*_over(synthetic_csv, tiny_model_dir, tmp_path), *recipe]
     drop, record = tmp_path / "drop", tmp_path / "record"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -86,6 +87,7 @@ def test_three_client_processes_and_the_coordinator_match_the_simulation(
         if recipe:  # only the head travels; every header says mean pooling and the epsilon spent
             assert all("lora_" not in k for u in ups for k in u.tensors)
             assert all(u.meta.lora["pooling"] == "mean" and float(u.meta.metrics["epsilon"]) > 0 for u in ups)
+            assert all(u.meta.lora["whitening"].startswith("sha256:") for u in ups)
 
 
 def test_deadline_aggregates_the_valid_updates_that_arrived(tiny_config, tmp_path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import DP_MEAN_HEAD, ROOT, tiny_overrides
+from conftest import DP_MEAN_HEAD, ROOT, tiny_overrides, whitened
 
 from lorafed.engine.inprocess import simulate
 from lorafed.wire.reader import load_payload
@@ -43,8 +43,9 @@ def test_flower_deployment_matches_the_simulation(
     """Stock isolation (a flwr-clientapp per message) and the warm one (lorafed.engine.flower.warm_exec).
 
     Both run secure, as the default ``lorafed flower run`` does: TLS and SuperNode authentication.
-    The warm one also with record-level DP of the head on mean pooling (seeded noise).
+    The warm one also with record-level DP of the head on whitened mean pooling (seeded noise).
     """
+    recipe = whitened(recipe, tiny_model_dir, tmp_path / "whitening.safetensors")
     over = [*_overrides(synthetic_csv, tiny_model_dir), *recipe]
     out = tmp_path / "flower"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -93,4 +94,6 @@ def test_flower_deployment_matches_the_simulation(
         assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
     if recipe:  # each client's spent epsilon, as the simulator's clients spent it
         assert fl_rows[-1]["record_epsilon"] and fl_rows[-1]["record_epsilon"] == sim_rows[-1]["record_epsilon"]
+        ups = [load_payload(p) for p in (out / "rounds" / "r2").glob("*.safetensors")]
+        assert ups and all(u.meta.lora["whitening"].startswith("sha256:") for u in ups)  # whitened in Flower too
     print(f"flower run wall {wall:.1f} s")
